@@ -1,0 +1,39 @@
+# One-command entry points. Each target creates .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck protos bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,codegen]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/demo.py
+
+test: $(BIN)/.installed
+	$(BIN)/ruff check trio_raft tests bench examples
+	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check trio_raft tests bench examples
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+# Regenerate the betterproto2/grpclib code under trio_raft/transport/_proto from protos/.
+protos: $(BIN)/.installed
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_betterproto2_out=trio_raft/transport/_proto \
+	  --python_betterproto2_opt=client_generation=async,server_generation=async \
+	  protos/transport.proto
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/core_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

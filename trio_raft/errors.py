@@ -1,0 +1,362 @@
+"""The trio_raft exception hierarchy.
+
+Every error trio_raft raises on purpose is a subclass of :class:`RaftError`. Where the seed engine
+(elastickv's etcd-raft engine) has a sentinel error, this module has a class with the same meaning;
+the message text is the seed's where callers may log or match it.
+"""
+
+from __future__ import annotations
+
+from trio_raft.core.errors import (
+    CompactedError,
+    ConfChangeError,
+    CoreConfigError,
+    ProposalDroppedError,
+    RaftError,
+    SnapOutOfDateError,
+    SnapshotTemporarilyUnavailableError,
+    StepLocalMsgError,
+    StepPeerNotFoundError,
+    StorageLogError,
+    UnavailableError,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine-level sentinels (the seed's raftengine package)
+# --------------------------------------------------------------------------------------------
+
+
+class NotLeaderError(RaftError):
+    """This node is not the leader; the request certainly was not applied."""
+    default_message = "raft engine: not leader"
+
+
+class LeadershipLostError(NotLeaderError):
+    """Leadership was lost while the request waited: its outcome is unknown, it may still commit."""
+    default_message = "raft engine: leadership lost"
+
+
+class LeadershipTransferInProgressError(RaftError):
+    """A leadership transfer is in flight; proposals and reads fail fast until it ends."""
+    default_message = "raft engine: leadership transfer in progress"
+
+
+class LeadershipTransferNoHealthyTargetError(RaftError):
+    """No candidate passed the transfer gates (progress, voter, recently active)."""
+    default_message = "raft engine: leadership transfer has no healthy target"
+
+
+class LeadershipTransferTargetNotCaughtUpError(RaftError):
+    """The transfer target's match index lags more than allowed."""
+    default_message = "raft engine: leadership transfer target is not caught up"
+
+
+class LeadershipTransferConfChangePendingError(RaftError):
+    """A configuration change is pending; transfers wait until it is applied."""
+    default_message = "raft engine: leadership transfer blocked by pending config change"
+
+
+class LeadershipTransferRejectedError(RaftError):
+    """Raft refused the transfer (the target is not a voter)."""
+    default_message = "raft engine: leadership transfer rejected by raft (target is not a voter)"
+
+
+class LeadershipTransferTargetError(RaftError):
+    """No usable transfer target was given (or the target is this node)."""
+    default_message = "raft engine: leadership transfer target is required"
+
+
+class LeadershipTransferNotReadyError(RaftError):
+    """The configuration is empty or has no default transfer target."""
+    default_message = "raft engine: leadership transfer is not ready"
+
+
+class LeadershipTransferAbortedError(RaftError):
+    """The transfer timed out or another node became leader."""
+    default_message = "raft engine: leadership transfer aborted"
+
+
+class LeadershipTransferNotLeaderError(NotLeaderError):
+    """A transfer was requested on a node that is not the leader."""
+    default_message = "raft engine: leadership transfer requires leader"
+
+
+class MembershipChangePendingError(RaftError):
+    """At most one configuration change may be pending."""
+    default_message = "raft engine: membership change blocked by pending config change"
+
+
+class EnvelopeCutoverInProgressError(RaftError):
+    """The envelope cutover barrier is up; retry the proposal shortly."""
+    default_message = "raft engine: envelope cutover in progress"
+
+
+class EngineClosedError(RaftError):
+    """The engine was closed while the request waited, or before it was made."""
+    default_message = "raft engine is closed"
+
+
+class StepQueueFullError(RaftError):
+    """The engine's inbound step queue is full; the sender retries."""
+    default_message = "raft engine: inbound step queue is full"
+
+
+class ConfigIndexMismatchError(RaftError):
+    """``prev_index`` did not equal the current configuration index."""
+    default_message = "raft engine: configuration index does not match"
+
+
+class FailedPreconditionError(RaftError):
+    """A membership precondition does not hold."""
+    default_message = "raft engine: failed precondition"
+
+
+class PromoteLearnerMinAppliedZeroError(FailedPreconditionError):
+    default_message = "raft engine: promote learner requires a non-zero min applied index"
+
+
+class PromoteLearnerNotLearnerError(FailedPreconditionError):
+    default_message = "raft engine: promote target is not a learner"
+
+
+class PromoteLearnerNoProgressError(FailedPreconditionError):
+    default_message = "raft engine: promote target has no progress"
+
+
+class PromoteLearnerNotCaughtUpError(FailedPreconditionError):
+    default_message = "raft engine: promote target is not caught up"
+
+
+class TooManyPendingConfigsError(RaftError):
+    default_message = "raft engine: too many pending configuration changes"
+
+
+class ConfChangeContextTooLargeError(RaftError):
+    default_message = "raft engine: configuration change context too large"
+
+
+class TransportPeerUnknownError(RaftError):
+    """The named peer is unknown to the engine or transport."""
+    default_message = "raft engine: peer is not configured"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration (open_engine validation)
+# --------------------------------------------------------------------------------------------
+
+
+class ConfigError(RaftError, ValueError):
+    """An invalid engine configuration; raised by ``open_engine`` before anything starts."""
+
+
+class NodeIDRequiredError(ConfigError):
+    default_message = "raft node id is required"
+
+
+class DataDirRequiredError(ConfigError):
+    default_message = "raft data dir is required"
+
+
+class StateMachineUnsetError(ConfigError):
+    default_message = "raft state machine is not set"
+
+
+class NoPeersConfiguredError(ConfigError):
+    default_message = (
+        "raft refuses to self-bootstrap: no persisted peers and no peer list was supplied; "
+    "pass peers or bootstrap=True to start a fresh cluster"
+    )
+
+
+class PeerIDRequiredError(ConfigError):
+    default_message = "raft peer id is required"
+
+
+class PeerAddressRequiredError(ConfigError):
+    default_message = "raft peer address is required"
+
+
+class LocalPeerMissingError(ConfigError):
+    default_message = "raft local peer is missing from the peer list"
+
+
+class PeerNodeIDConflictError(ConfigError):
+    default_message = "raft peer node id conflict"
+
+
+class PeerFormatInvalidError(ConfigError):
+    default_message = "raft peer format is invalid (want id=host:port)"
+
+
+class ClusterMismatchError(ConfigError):
+    default_message = "raft persisted cluster does not match configured peers"
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+class StorageError(RaftError):
+    """Base of on-disk storage errors. Messages name the file involved."""
+
+
+class WALError(StorageError):
+    pass
+
+
+class WALCorruptError(WALError):
+    """A WAL record in the middle of a segment fails its CRC or is impossible. Fatal."""
+
+
+class WALUnrepairableError(WALError):
+    """A torn WAL tail could not be repaired."""
+
+
+class SnapshotFileError(StorageError):
+    """A snapshot metadata file is corrupt or unreadable."""
+
+
+class PeersFileError(StorageError):
+    """The peers file is corrupt, of an unknown version, or out of limits."""
+
+
+class SnapshotRequiredError(StorageError):
+    default_message = "raft snapshot data is required"
+
+
+class MigrationDestinationExistsError(StorageError):
+    default_message = "migration: destination already exists"
+
+
+class FSMSnapshotError(StorageError):
+    """Base of the ``.fsm`` payload file errors (spec e.2)."""
+
+
+class FSMSnapshotFileCRCError(FSMSnapshotError):
+    default_message = "fsm snapshot: file CRC32C mismatch (file corrupt)"
+
+
+class FSMSnapshotTokenCRCError(FSMSnapshotError):
+    default_message = "fsm snapshot: token CRC32C mismatch (metadata corrupt)"
+
+
+class FSMSnapshotNotFoundError(FSMSnapshotError):
+    default_message = "fsm snapshot: file not found"
+
+
+class FSMSnapshotTooSmallError(FSMSnapshotError):
+    default_message = "fsm snapshot: file too small to contain footer"
+
+
+class FSMSnapshotTokenInvalidError(FSMSnapshotError):
+    default_message = "fsm snapshot: token format invalid"
+
+
+class FSMSnapshotTooLargeError(FSMSnapshotError):
+    default_message = "fsm snapshot: payload exceeds maximum in-memory size limit"
+
+
+# --------------------------------------------------------------------------------------------
+# Transport
+# --------------------------------------------------------------------------------------------
+
+
+class TransportError(RaftError):
+    """Base of transport errors."""
+
+
+class CodecError(TransportError, ValueError):
+    """Bytes from the wire do not decode as a raft message."""
+
+
+class TransportHandlerNilError(TransportError):
+    default_message = "raft transport handler is not set"
+
+
+class SnapshotStreamError(TransportError):
+    """Base of snapshot stream protocol violations."""
+
+
+class SnapshotMetadataNilError(SnapshotStreamError):
+    default_message = "raft snapshot stream metadata is missing"
+
+
+class SnapshotMetadataDuplicateError(SnapshotStreamError):
+    default_message = "raft snapshot stream metadata is duplicated"
+
+
+class SnapshotStreamShortError(SnapshotStreamError):
+    default_message = "raft snapshot stream closed before final chunk"
+
+
+class SnapshotPayloadTooLargeError(SnapshotStreamError):
+    default_message = "raft snapshot payload exceeds limit"
+
+
+class ReceivedFSMSnapshotStaleError(SnapshotStreamError):
+    default_message = "raft received fsm snapshot is stale"
+
+
+class PeerStreamClosedError(TransportError):
+    default_message = "raft peer stream closed"
+
+
+class SendStreamDisabledError(TransportError):
+    default_message = "raft send stream disabled"
+
+
+# --------------------------------------------------------------------------------------------
+# Envelope encryption and apply halts
+# --------------------------------------------------------------------------------------------
+
+
+class EnvelopeError(RaftError):
+    """Base of envelope (AES-256-GCM entry encryption) errors."""
+
+
+class EnvelopeShortError(EnvelopeError):
+    default_message = "envelope: too short"
+
+
+class EnvelopeVersionError(EnvelopeError):
+    default_message = "envelope: unsupported version"
+
+
+class UnknownKeyIDError(EnvelopeError):
+    default_message = "envelope: unknown key id"
+
+
+class ReservedKeyIDError(EnvelopeError):
+    default_message = "envelope: key id 0 is reserved"
+
+
+class BadNonceSizeError(EnvelopeError):
+    default_message = "envelope: bad nonce size"
+
+
+class IntegrityError(EnvelopeError):
+    default_message = "envelope: integrity check failed"
+
+
+class NilKeystoreError(EnvelopeError):
+    default_message = "envelope: no keystore"
+
+
+class RaftUnwrapFailedError(RaftError):
+    """An entry above the cutover could not be unwrapped. Fatal: apply halts on that entry."""
+    default_message = "raft envelope unwrap failed; halting apply"
+
+
+class FSMApplyHaltError(RaftError):
+    """The state machine asked apply to halt (a response whose ``halt_apply()`` returned an error)."""
+    default_message = "FSM-requested apply halt"
+
+
+__all__ = [name for name, obj in list(globals().items()) if isinstance(obj, type)
+           and issubclass(obj, RaftError)]
+__all__ += ["CompactedError", "ConfChangeError", "CoreConfigError", "ProposalDroppedError",
+            "SnapOutOfDateError", "SnapshotTemporarilyUnavailableError", "StepLocalMsgError",
+            "StepPeerNotFoundError", "StorageLogError", "UnavailableError"]
+__all__ = sorted(set(__all__))

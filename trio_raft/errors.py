@@ -11,6 +11,7 @@ from trio_raft.core.errors import (
     CompactedError,
     ConfChangeError,
     CoreConfigError,
+    DecodeError,
     ProposalDroppedError,
     RaftError,
     SnapOutOfDateError,
@@ -267,7 +268,7 @@ class TransportError(RaftError):
     """Base of transport errors."""
 
 
-class CodecError(TransportError, ValueError):
+class CodecError(TransportError, DecodeError):
     """Bytes from the wire do not decode as a raft message."""
 
 
@@ -356,7 +357,7 @@ class FSMApplyHaltError(RaftError):
 
 __all__ = [name for name, obj in list(globals().items()) if isinstance(obj, type)
            and issubclass(obj, RaftError)]
-__all__ += ["CompactedError", "ConfChangeError", "CoreConfigError", "ProposalDroppedError",
+__all__ += ["CompactedError", "ConfChangeError", "CoreConfigError", "DecodeError", "ProposalDroppedError",
             "SnapOutOfDateError", "SnapshotTemporarilyUnavailableError", "StepLocalMsgError",
             "StepPeerNotFoundError", "StorageLogError", "UnavailableError"]
 __all__ = sorted(set(__all__))

@@ -81,3 +81,7 @@ class ConfChangeError(RaftError):
 
 class CoreConfigError(RaftError):
     """The core's :class:`~trio_raft.core.raft.Config` is invalid."""
+
+
+class DecodeError(RaftError, ValueError):
+    """Bytes do not decode as the expected value (truncated, out of limits, unknown type)."""

@@ -94,7 +94,7 @@ class MemoryStorage:
         if lo <= offset:
             raise CompactedError()
         if hi > self.last_index() + 1:
-            raise UnavailableError(f"entries hi({hi}) is out of bound lastindex({self.last_index()})")
+            raise UnavailableError(f"entries hi({hi}) beyond last index {self.last_index()}")
         if len(self._ents) == 1:  # only the dummy entry
             raise UnavailableError()
         return limit_size(self._ents[lo - offset : hi - offset], max_size)
@@ -121,7 +121,7 @@ class MemoryStorage:
             raise SnapOutOfDateError()
         offset = self._ents[0].index
         if index > self.last_index():
-            raise UnavailableError(f"snapshot {index} is out of bound lastindex({self.last_index()})")
+            raise UnavailableError(f"snapshot {index} beyond last index {self.last_index()}")
         cs = conf_state if conf_state is not None else self._snapshot.metadata.conf_state
         self._snapshot = Snapshot(
             SnapshotMetadata(conf_state=cs, index=index, term=self._ents[index - offset].term),
@@ -135,7 +135,7 @@ class MemoryStorage:
         if compact_index <= offset:
             raise CompactedError()
         if compact_index > self.last_index():
-            raise UnavailableError(f"compact {compact_index} is out of bound lastindex({self.last_index()})")
+            raise UnavailableError(f"compact {compact_index} beyond last index {self.last_index()}")
         i = compact_index - offset
         dummy = Entry(term=self._ents[i].term, index=self._ents[i].index)
         self._ents = [dummy, *self._ents[i + 1 :]]

@@ -1,0 +1,42 @@
+"""The trio driver around the sans-IO core: open_engine, Engine and the public value types."""
+
+from trio_raft.engine.config import OpenConfig, derive_node_id, parse_peers
+from trio_raft.engine.engine import Engine, join_role_violation_count, open_engine
+from trio_raft.engine.factory import Factory, FactoryConfig
+from trio_raft.engine.types import (
+    SUFFRAGE_LEARNER,
+    SUFFRAGE_VOTER,
+    Configuration,
+    LeaderInfo,
+    Peer,
+    ProposalResult,
+    Server,
+    Snapshot,
+    State,
+    StateMachine,
+    Status,
+    TransferTarget,
+)
+
+__all__ = [
+    "SUFFRAGE_LEARNER",
+    "SUFFRAGE_VOTER",
+    "Configuration",
+    "Engine",
+    "Factory",
+    "FactoryConfig",
+    "LeaderInfo",
+    "OpenConfig",
+    "Peer",
+    "ProposalResult",
+    "Server",
+    "Snapshot",
+    "State",
+    "StateMachine",
+    "Status",
+    "TransferTarget",
+    "derive_node_id",
+    "join_role_violation_count",
+    "open_engine",
+    "parse_peers",
+]

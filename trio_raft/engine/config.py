@@ -1,0 +1,204 @@
+"""Engine configuration: OpenConfig, defaults, peer normalisation and validation (spec a.3)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer, StateMachine
+from trio_raft.errors import (
+    ConfigError,
+    DataDirRequiredError,
+    LocalPeerMissingError,
+    NodeIDRequiredError,
+    NoPeersConfiguredError,
+    PeerAddressRequiredError,
+    PeerFormatInvalidError,
+    PeerIDRequiredError,
+    PeerNodeIDConflictError,
+    StateMachineUnsetError,
+)
+
+DEFAULT_TICK_INTERVAL = 0.010
+DEFAULT_HEARTBEAT_TICK = 10
+DEFAULT_ELECTION_TICK = 100
+DEFAULT_MAX_SIZE_PER_MSG = 1 << 20
+DEFAULT_MAX_INFLIGHT_MSG = 1024
+DEFAULT_SNAPSHOT_EVERY = 10_000
+LEASE_SAFETY_MARGIN = 0.300
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_MASK64 = (1 << 64) - 1
+
+
+def derive_node_id(node: str) -> int:
+    """64-bit FNV-1a of the UTF-8 id; 0 for "", and 1 where the hash happens to be 0."""
+    if not node:
+        return 0
+    h = _FNV_OFFSET
+    for b in node.encode("utf-8"):
+        h ^= b
+        h = (h * _FNV_PRIME) & _MASK64
+    return h or 1
+
+
+def parse_peers(text: str) -> list[Peer]:
+    """Parse ``"n1=host:port,n2=host:port"`` into peers (node ids derived)."""
+    peers: list[Peer] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise PeerFormatInvalidError(f"{item!r}")
+        pid, _, addr = item.partition("=")
+        pid, addr = pid.strip(), addr.strip()
+        if not pid or not addr:
+            raise PeerFormatInvalidError(f"{item!r}")
+        peers.append(Peer(id=pid, address=addr, node_id=derive_node_id(pid)))
+    return peers
+
+
+@attrs.frozen
+class OpenConfig:
+    local_id: str = ""
+    local_address: str = ""
+    data_dir: str | os.PathLike[str] = ""
+    peers: Sequence[Peer] = ()
+    bootstrap: bool = False
+    state_machine: StateMachine | None = None
+    #: None: no network for a single voter; with several peers the engine builds a
+    #: GRPCTransport serving on ``local_address``. Otherwise any Transport implementation.
+    transport: Any = None
+    node_id: int = 0
+    bootstrap_seed: Sequence[Peer] = ()
+    tick_interval: float = DEFAULT_TICK_INTERVAL
+    heartbeat_tick: int = DEFAULT_HEARTBEAT_TICK
+    election_tick: int = DEFAULT_ELECTION_TICK
+    max_size_per_msg: int = DEFAULT_MAX_SIZE_PER_MSG
+    max_inflight_msg: int = DEFAULT_MAX_INFLIGHT_MSG
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    raft_cipher: Any = None
+    raft_cutover_index: Callable[[], int] | None = None
+    join_as_learner: bool = False
+    pre_vote: bool = True
+    #: Seed for the core's election-timeout RNG (None: from the OS).
+    rng_seed: int | None = None
+    #: Run file I/O on the trio thread instead of worker threads. Real files and real fsync
+    #: either way; this keeps multi-node tests under ``MockClock`` deterministic (with worker
+    #: threads, an autojumping clock races ahead while a thread fsyncs).
+    blocking_io: bool = False
+    #: Entries kept in the log behind a periodic snapshot so slightly lagging followers catch
+    #: up from the log instead of a snapshot.
+    snapshot_catchup_entries: int = 5_000
+
+
+def with_defaults(cfg: OpenConfig) -> OpenConfig:
+    """Fill zero/negative tunables with defaults and derive the identity (spec a.3 steps 1, 4)."""
+    node_id = cfg.node_id or derive_node_id(cfg.local_id)
+    local_id = cfg.local_id or (str(cfg.node_id) if cfg.node_id else "")
+    return attrs.evolve(
+        cfg,
+        node_id=node_id,
+        local_id=local_id,
+        tick_interval=cfg.tick_interval if cfg.tick_interval > 0 else DEFAULT_TICK_INTERVAL,
+        heartbeat_tick=cfg.heartbeat_tick if cfg.heartbeat_tick > 0 else DEFAULT_HEARTBEAT_TICK,
+        election_tick=cfg.election_tick if cfg.election_tick > 0 else DEFAULT_ELECTION_TICK,
+        max_size_per_msg=cfg.max_size_per_msg
+        if cfg.max_size_per_msg > 0
+        else DEFAULT_MAX_SIZE_PER_MSG,
+        max_inflight_msg=cfg.max_inflight_msg
+        if cfg.max_inflight_msg > 0
+        else DEFAULT_MAX_INFLIGHT_MSG,
+        snapshot_every=max(1, cfg.snapshot_every),
+    )
+
+
+def validate(cfg: OpenConfig) -> None:
+    """Spec a.3 step 5, in order."""
+    if cfg.node_id == 0:
+        raise NodeIDRequiredError()
+    if not cfg.data_dir:
+        raise DataDirRequiredError()
+    if cfg.state_machine is None:
+        raise StateMachineUnsetError()
+    if cfg.election_tick <= cfg.heartbeat_tick:
+        raise ConfigError("election tick must be greater than heartbeat tick")
+
+
+def lease_duration(cfg: OpenConfig) -> float:
+    tick = cfg.tick_interval if cfg.tick_interval > 0 else DEFAULT_TICK_INTERVAL
+    et = cfg.election_tick if cfg.election_tick > 0 else DEFAULT_ELECTION_TICK
+    return max(0.0, et * tick - LEASE_SAFETY_MARGIN)
+
+
+def _normalize_one(p: Peer, *, persisted: bool) -> Peer:
+    if persisted:
+        pid = p.id or p.address or (str(p.node_id) if p.node_id else "")
+        if not pid:
+            raise PeerIDRequiredError()
+        nid = p.node_id or derive_node_id(pid)
+        return Peer(pid, p.address, nid, p.suffrage or SUFFRAGE_VOTER)
+    if not p.id and not p.node_id:
+        raise PeerIDRequiredError()
+    if not p.address:
+        raise PeerAddressRequiredError(f"id={p.id!r}")
+    pid = p.id or p.address
+    nid = p.node_id or derive_node_id(pid)
+    return Peer(pid, p.address, nid, p.suffrage or SUFFRAGE_VOTER)
+
+
+def normalize_peers(
+    local: Peer,
+    peers: Sequence[Peer],
+    *,
+    allow_incomplete: bool,
+    allow_self_bootstrap: bool,
+) -> list[Peer]:
+    """Spec a.3 step 6: normalise, merge the local identity, reject conflicts, sort by node id."""
+    if not peers:
+        if not (allow_incomplete or allow_self_bootstrap):
+            raise NoPeersConfiguredError()
+        if not local.id:
+            raise PeerIDRequiredError()
+        if not local.address:
+            raise PeerAddressRequiredError("local peer")
+        peers = [local]
+    out = [_normalize_one(p, persisted=allow_incomplete) for p in peers]
+    idx = next((i for i, p in enumerate(out) if local.node_id and p.node_id == local.node_id),
+               None)
+    if idx is None:
+        idx = next((i for i, p in enumerate(out) if local.id and p.id == local.id), None)
+    if idx is None:
+        idx = next(
+            (i for i, p in enumerate(out) if local.address and p.address == local.address), None
+        )
+    if idx is None:
+        raise LocalPeerMissingError(f"id={local.id!r}")
+    cur = out[idx]
+    out[idx] = Peer(
+        local.id or cur.id,
+        local.address or cur.address,
+        local.node_id or cur.node_id,
+        cur.suffrage or SUFFRAGE_VOTER,
+    )
+    by_nid: dict[int, str] = {}
+    ids: set[str] = set()
+    for p in out:
+        other = by_nid.get(p.node_id)
+        if other is not None and other != p.id:
+            raise PeerNodeIDConflictError(f"{other!r} and {p.id!r} map to {p.node_id}")
+        if p.id in ids:
+            raise PeerNodeIDConflictError(f"duplicate peer id {p.id!r}")
+        by_nid[p.node_id] = p.id
+        ids.add(p.id)
+    out.sort(key=lambda p: p.node_id)
+    return out
+
+
+def is_learner(p: Peer) -> bool:
+    return p.suffrage == SUFFRAGE_LEARNER

@@ -1,0 +1,152 @@
+"""Outbound message dispatch: per peer, one bounded lane (and one sender task) for the
+heartbeat/vote traffic and one for replication, so a slow peer never blocks the run loop.
+
+A full lane drops the message and counts it; raft retries through probes and heartbeats. A send
+that fails is counted by error code and reported back to the run loop, which tells raft the peer
+is unreachable (or that a snapshot failed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_LANE_CAPACITY = 512
+
+
+def error_code_name(exc: BaseException) -> str:
+    """A gRPC-status-like name for a dispatch failure (spec b.8)."""
+    code = getattr(exc, "code_name", None)
+    if isinstance(code, str) and code:
+        return code
+    status = getattr(exc, "status", None)
+    name = getattr(status, "name", None)
+    if isinstance(name, str) and name:
+        return "".join(part.capitalize() for part in name.split("_"))
+    if isinstance(exc, TimeoutError | trio.TooSlowError):
+        return "DeadlineExceeded"
+    if isinstance(exc, trio.Cancelled):
+        return "Canceled"
+    return "Unknown"
+
+
+class DispatchStats:
+    __slots__ = ("drop_count", "error_count", "errors_by_code")
+
+    def __init__(self) -> None:
+        self.drop_count = 0
+        self.error_count = 0
+        self.errors_by_code: dict[str, int] = {}
+
+    def record_drop(self) -> None:
+        self.drop_count += 1
+        if self.drop_count == 1 or self.drop_count % 128 == 0:
+            logger.warning("dropped outbound raft message (total %d): lane full", self.drop_count)
+
+    def record_error(self, exc: BaseException) -> None:
+        self.error_count += 1
+        code = error_code_name(exc)
+        self.errors_by_code[code] = self.errors_by_code.get(code, 0) + 1
+        if self.error_count == 1 or self.error_count % 128 == 0:
+            logger.warning("raft dispatch failed (total %d, %s): %s", self.error_count, code, exc)
+
+
+class PeerLanes:
+    """The two lanes of one peer and the cancel scope of their sender tasks."""
+
+    def __init__(self, node_id: int, normal_capacity: int) -> None:
+        self.node_id = node_id
+        self.heartbeat_send, self.heartbeat_recv = trio.open_memory_channel[Message](
+            HEARTBEAT_LANE_CAPACITY
+        )
+        self.normal_send, self.normal_recv = trio.open_memory_channel[Message](normal_capacity)
+        self.scopes: list[trio.CancelScope] = []
+        self.closed = False
+
+    def lane_for(self, m: Message) -> trio.MemorySendChannel[Message]:
+        return self.heartbeat_send if m.type in PRIORITY_MESSAGE_TYPES else self.normal_send
+
+    def close(self) -> None:
+        self.closed = True
+        for scope in self.scopes:
+            scope.cancel()
+        self.heartbeat_send.close()
+        self.normal_send.close()
+
+
+class Dispatcher:
+    """Owns the lanes of every remote peer; sender tasks run in the engine's nursery."""
+
+    def __init__(
+        self,
+        transport: Any,
+        normal_capacity: int,
+        report: Callable[[int, bool], None],
+    ) -> None:
+        self.transport = transport
+        self.normal_capacity = normal_capacity
+        self.stats = DispatchStats()
+        self._report = report  # (node_id, is_snapshot)
+        self._lanes: dict[int, PeerLanes] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def ensure_peer(self, node_id: int) -> None:
+        if node_id in self._lanes or self._nursery is None or self.transport is None:
+            return
+        lanes = PeerLanes(node_id, self.normal_capacity)
+        self._lanes[node_id] = lanes
+        self._nursery.start_soon(self._worker, lanes, lanes.heartbeat_recv)
+        self._nursery.start_soon(self._worker, lanes, lanes.normal_recv)
+
+    def remove_peer(self, node_id: int) -> None:
+        lanes = self._lanes.pop(node_id, None)
+        if lanes is not None:
+            lanes.close()
+
+    def close(self) -> None:
+        for node_id in list(self._lanes):
+            self.remove_peer(node_id)
+
+    def send(self, m: Message) -> None:
+        """Queue ``m`` without blocking; a missing peer or a full lane is a counted drop."""
+        lanes = self._lanes.get(m.to)
+        if lanes is None:
+            self.stats.record_drop()
+            self._report(m.to, m.type is MessageType.SNAP)
+            return
+        try:
+            lanes.lane_for(m).send_nowait(m)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self.stats.record_drop()
+            self._report(m.to, m.type is MessageType.SNAP)
+
+    async def _worker(
+        self, lanes: PeerLanes, recv: trio.MemoryReceiveChannel[Message]
+    ) -> None:
+        scope = trio.CancelScope()
+        if lanes.closed:
+            scope.cancel()
+        lanes.scopes.append(scope)
+        with scope:
+            async with recv:
+                async for m in recv:
+                    try:
+                        if m.type is MessageType.SNAP:
+                            await self.transport.send_snapshot(m)
+                        else:
+                            await self.transport.send(m)
+                    except trio.Cancelled:
+                        raise
+                    except Exception as exc:
+                        self.stats.record_error(exc)
+                        self._report(m.to, m.type is MessageType.SNAP)

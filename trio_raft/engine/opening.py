@@ -1,0 +1,115 @@
+"""Opening an engine's durable state: peers resolution and validation (spec a.3 steps 2-13).
+
+Synchronous (file I/O); the engine runs it in a worker thread before anything starts, so every
+configuration error is raised by ``open_engine`` before a task exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+
+from trio_raft.core.messages import ConfState, EntryType
+from trio_raft.engine.applier import to_persisted
+from trio_raft.engine.config import OpenConfig, normalize_peers, validate
+from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer
+from trio_raft.errors import ClusterMismatchError
+from trio_raft.storage.peers import load_persisted_peers, save_persisted_peers
+from trio_raft.storage.recovery import DiskPersistence, open_disk_state
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen(eq=False)
+class OpenedState:
+    disk: DiskPersistence
+    storage: Any
+    peers: tuple[Peer, ...]
+    conf_state: ConfState
+    config_index: int
+    applied: int
+    fence: int
+
+
+def _from_persisted(pp: Any) -> Peer:
+    return Peer(pp.id, pp.address, pp.node_id, pp.suffrage)
+
+
+def validate_conf_state(cs: ConfState, peers: list[Peer]) -> None:
+    """Spec a.3 step 8: the snapshot's membership must match the peers, voters in order."""
+    if cs.is_joint():
+        raise ClusterMismatchError("joint consensus state is not supported")
+    voters = [p.node_id for p in peers if p.suffrage != SUFFRAGE_LEARNER]
+    if len(voters) != len(cs.voters):
+        raise ClusterMismatchError(f"expected {len(voters)} voters got {len(cs.voters)}")
+    for i, (want, got) in enumerate(zip(voters, sorted(cs.voters))):
+        if want != got:
+            raise ClusterMismatchError(f"voter[{i}]={got} expected {want}")
+    learners = {p.node_id for p in peers if p.suffrage == SUFFRAGE_LEARNER}
+    if len(learners) != len(cs.learners):
+        raise ClusterMismatchError(f"expected {len(learners)} learners got {len(cs.learners)}")
+    for nid in cs.learners:
+        if nid not in learners:
+            raise ClusterMismatchError(f"learner {nid} not present in peers")
+
+
+def open_state(cfg: OpenConfig) -> OpenedState:
+    peers: list[Peer] = list(cfg.peers)
+    persisted = load_persisted_peers(cfg.data_dir) if cfg.data_dir else None
+    if persisted is not None:
+        if persisted.seed_active and cfg.bootstrap_seed:
+            local = Peer(cfg.local_id, cfg.local_address, cfg.node_id)
+            want = normalize_peers(local, cfg.bootstrap_seed, allow_incomplete=False,
+                                   allow_self_bootstrap=cfg.bootstrap)
+            have = [_from_persisted(p) for p in persisted.seed]
+            if [(p.node_id, p.id) for p in want] != [(p.node_id, p.id) for p in have]:
+                raise ClusterMismatchError("bootstrap seed differs from persisted seed")
+        peers = [_from_persisted(p) for p in persisted.peers]
+    if cfg.bootstrap and not peers and cfg.local_address and cfg.local_id:
+        peers = [Peer(cfg.local_id, cfg.local_address, cfg.node_id)]
+    validate(cfg)
+    local = Peer(cfg.local_id, cfg.local_address, cfg.node_id)
+    peers = normalize_peers(
+        local, peers, allow_incomplete=persisted is not None, allow_self_bootstrap=cfg.bootstrap
+    )
+    disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine)
+    try:
+        snap = disk.snapshot
+        cs = snap.metadata.conf_state
+        snap_index = snap.metadata.index
+        if peers and snap_index > 0 and cs.voters and (
+            persisted is None or persisted.index <= snap_index
+        ):
+            validate_conf_state(cs, peers)
+        if snap_index > 0:
+            voters, learners = set(cs.voters), set(cs.learners)
+            peers = [
+                attrs.evolve(
+                    p,
+                    suffrage=SUFFRAGE_LEARNER if p.node_id in learners else SUFFRAGE_VOTER,
+                )
+                if p.node_id in voters or p.node_id in learners
+                else p
+                for p in peers
+            ]
+        pindex = max(snap_index, persisted.index if persisted is not None else 0)
+        save_persisted_peers(cfg.data_dir, pindex, to_persisted(peers),
+                             seed=to_persisted(peers) if persisted is None else None)
+        fence = 0
+        for e in disk.entries:
+            if e.index > disk.applied_index and e.type is not EntryType.NORMAL:
+                fence = e.index
+        return OpenedState(
+            disk=disk.persistence,
+            storage=disk.storage,
+            peers=tuple(peers),
+            conf_state=cs,
+            config_index=snap_index,
+            applied=disk.applied_index,
+            fence=fence,
+        )
+    except BaseException:
+        disk.persistence.close()
+        raise

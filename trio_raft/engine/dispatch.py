@@ -15,6 +15,7 @@ from typing import Any
 import trio
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
+from trio_raft.transport.base import error_code
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +23,10 @@ HEARTBEAT_LANE_CAPACITY = 512
 
 
 def error_code_name(exc: BaseException) -> str:
-    """A gRPC-status-like name for a dispatch failure (spec b.8)."""
-    code = getattr(exc, "code_name", None)
-    if isinstance(code, str) and code:
-        return code
-    status = getattr(exc, "status", None)
-    name = getattr(status, "name", None)
-    if isinstance(name, str) and name:
-        return "".join(part.capitalize() for part in name.split("_"))
-    if isinstance(exc, TimeoutError | trio.TooSlowError):
-        return "DeadlineExceeded"
+    """The gRPC-status-like name a dispatch failure is counted under (spec b.8)."""
     if isinstance(exc, trio.Cancelled):
         return "Canceled"
-    return "Unknown"
+    return error_code(exc)
 
 
 class DispatchStats:

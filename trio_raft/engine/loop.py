@@ -272,6 +272,7 @@ class RunLoop(AdminMixin, ApplyMixin):
         assert self._nursery is not None and self._node is not None
         try:
             await self._start_transport()
+            self._nursery.start_soon(self._tick_loop)
             await self._drain_ready()
             if self._conf_state.voters == (self._node_id,) and self._status.state is not (
                 State.LEADER

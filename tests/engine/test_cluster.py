@@ -1,0 +1,249 @@
+"""Multi-node engine behaviour over a MemoryNetwork under MockClock."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tests.engine.kv import KV
+from trio_raft import State, TransferTarget, errors
+from trio_raft.testing.cluster import open_memory_cluster
+
+
+async def test_failover_after_leader_crash(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        res = await leader.propose(b"set a 1")
+        old = c.leader_name()
+        assert old is not None
+        await c.stop(old)
+        new_leader = await c.wait_for_leader(exclude=old)
+        res2 = await new_leader.propose(b"set b 2")
+        assert res2.commit_index > res.commit_index
+        await c.start(old)
+        await c.wait_applied(res2.commit_index)
+        assert c.nodes[old].fsm.data == {"a": "1", "b": "2"}
+
+
+async def test_minority_partition_cannot_commit_and_loses_lease(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV, election_tick=20) as c:
+        leader = await c.wait_for_leader()
+        await leader.propose(b"set a 1")
+        name = c.leader_name()
+        others = [n for n in c.nodes if n != name]
+        with trio.fail_after(5):
+            while leader.last_quorum_ack() is None:
+                await trio.sleep(0.01)
+        lost: list[int] = []
+        leader.register_leader_loss_callback(lambda: lost.append(1))
+        c.partition([name], others)
+        with pytest.raises(errors.NotLeaderError):
+            with trio.fail_after(30):
+                await leader.propose(b"set never 1")
+        assert leader.state() is not State.LEADER
+        assert leader.last_quorum_ack() is None
+        assert lost == [1]
+        new = await c.wait_for_leader(exclude=name)
+        await new.propose(b"set c 3")
+        c.heal()
+        await c.wait_applied(new.applied_index())
+        assert "never" not in c.nodes[name].fsm.data
+
+
+async def test_follower_rejects_writes_and_reads(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        await c.wait_for_leader()
+        follower = next(h.engine for h in c.running() if h.engine.state() is State.FOLLOWER)
+        with pytest.raises(errors.NotLeaderError):
+            await follower.propose(b"set a 1")
+        with pytest.raises(errors.NotLeaderError):
+            await follower.linearizable_read()
+        with pytest.raises(errors.NotLeaderError):
+            await follower.check_serving()
+        assert follower.leader().id == c.leader_name()
+
+
+async def test_learner_add_catch_up_promote_remove(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, ["n1", "n2", "n3"], KV) as c:
+        leader = await c.wait_for_leader()
+        for i in range(10):
+            await leader.propose(f"set k{i} {i}".encode())
+        st = leader.status()
+        cfg_index = st.configuration_index
+        # n4 joins empty (no bootstrap), with everyone's address.
+        c.nodes.setdefault("n4", None)  # type: ignore[arg-type]
+        del c.nodes["n4"]
+        joiner = await c.start("n4", bootstrap=False, peers=["n1", "n2", "n3", "n4"],
+                               join_as_learner=True)
+        assert (await joiner.configuration()).servers == ()
+        with pytest.raises(errors.ConfigIndexMismatchError):
+            await leader.add_learner("n4", c.nodes["n4"].address, prev_index=cfg_index + 99)
+        idx = await leader.add_learner("n4", c.nodes["n4"].address, prev_index=cfg_index)
+        assert leader.status().configuration_index == idx
+        warm = await leader.propose(b"set warm 1")
+        await c.wait_applied(warm.commit_index, ["n4"])
+        assert c.nodes["n4"].fsm.data["warm"] == "1"
+        servers = (await leader.configuration()).servers
+        assert [s.suffrage for s in servers if s.id == "n4"] == ["learner"]
+        with pytest.raises(errors.PromoteLearnerMinAppliedZeroError):
+            await leader.promote_learner("n4", idx, 0)
+        with pytest.raises(errors.PromoteLearnerNotCaughtUpError):
+            await leader.promote_learner("n4", idx, warm.commit_index + 1000)
+        with pytest.raises(errors.PromoteLearnerNotLearnerError):
+            await leader.promote_learner("n2", idx, 1)
+        idx2 = await leader.promote_learner("n4", idx, warm.commit_index)
+        servers = (await leader.configuration()).servers
+        assert {s.id: s.suffrage for s in servers}["n4"] == "voter"
+        assert c.nodes["n4"].engine is not None
+        assert errors.FailedPreconditionError  # the family exists
+        idx3 = await leader.remove_server("n4", idx2)
+        assert idx3 > idx2
+        with trio.fail_after(10):
+            await c.nodes["n4"].stopped.wait()
+        assert [s.id for s in (await leader.configuration()).servers] == ["n1", "n2", "n3"] or (
+            len((await leader.configuration()).servers) == 3
+        )
+        res = await leader.propose(b"set after 1")
+        await c.wait_applied(res.commit_index, ["n1", "n2", "n3"])
+
+
+async def test_membership_fences(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        cfg_index = leader.status().configuration_index
+        async with trio.open_nursery() as nursery:
+            results: list[object] = []
+
+            async def add(name: str) -> None:
+                try:
+                    results.append(await leader.add_learner(name, f"mem-{name}:1", cfg_index))
+                except errors.RaftError as exc:
+                    results.append(exc)
+
+            nursery.start_soon(add, "x1")
+            nursery.start_soon(add, "x2")
+        kinds = sorted(type(r).__name__ for r in results)
+        assert kinds in (
+            ["MembershipChangePendingError", "int"],
+            ["ConfigIndexMismatchError", "int"],
+        )
+        with pytest.raises(errors.TransportPeerUnknownError):
+            await leader.remove_server("nobody")
+
+
+async def test_transfer_leadership_variants(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        await leader.propose(b"set a 1")
+        acquired: list[str] = []
+        for h in c.running():
+            h.engine.register_leader_acquired_callback(lambda n=h.name: acquired.append(n))
+        target = next(n for n in c.nodes if n != name)
+        with pytest.raises(errors.LeadershipTransferTargetError):
+            await leader.transfer_leadership_to_server(name)
+        with pytest.raises(errors.TransportPeerUnknownError):
+            await leader.transfer_leadership_to_server("nobody")
+        await leader.transfer_leadership_to_server(target)
+        new = await c.wait_for_leader()
+        assert c.leader_name() == target
+        assert acquired == [target]
+        with pytest.raises(errors.NotLeaderError):
+            await leader.transfer_leadership()
+        await new.transfer_leadership()
+        await c.wait_for_leader()
+        assert c.leader_name() != target
+        cur = c.engine(c.leader_name())
+        others = [TransferTarget(n, "") for n in c.nodes if n != c.leader_name()]
+        await cur.transfer_leadership_to_server_if_eligible(others, 0)
+        await c.wait_for_leader()
+        assert c.leader_name() == others[0].id
+
+
+async def test_transfer_if_eligible_gates(tmp_path, clock):
+    # A long election timeout keeps "recently active" from being reset during the test.
+    async with open_memory_cluster(tmp_path, 3, KV, election_tick=1000) as c:
+        leader = await c.wait_for_leader(timeout=120)
+        name = c.leader_name()
+        lagging, healthy = [n for n in c.nodes if n != name]
+        await leader.propose(b"set a 1")
+        c.partition([lagging], [name, healthy])
+        for i in range(5):
+            await leader.propose(f"set b{i} 1".encode())
+        with pytest.raises(errors.LeadershipTransferTargetNotCaughtUpError):
+            await leader.transfer_leadership_to_server_if_eligible([TransferTarget(lagging)], 0)
+        assert leader.state() is State.LEADER
+        # Candidates are tried in order: the lagging one fails its gate, the healthy one wins.
+        await leader.transfer_leadership_to_server_if_eligible(
+            [TransferTarget(lagging), TransferTarget(healthy)], 0
+        )
+        await c.wait_for_leader(timeout=120)
+        assert c.leader_name() == healthy
+
+
+async def test_transfer_to_unreachable_target_aborts_and_fails_fast(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        target = next(n for n in c.nodes if n != name)
+        await leader.propose(b"set a 1")
+        # Cut the target off and make it lag so the leader must wait for catch-up.
+        c.partition([target], [n for n in c.nodes if n != target])
+        for i in range(5):
+            await leader.propose(f"set b{i} 1".encode())
+        async with trio.open_nursery() as nursery:
+            outcome: list[BaseException] = []
+
+            async def transfer() -> None:
+                try:
+                    await leader.transfer_leadership_to_server(target)
+                except errors.RaftError as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(transfer)
+            with trio.fail_after(5):
+                while leader.status().lead_transferee == 0:
+                    await trio.sleep(0.01)
+            with pytest.raises(errors.LeadershipTransferInProgressError):
+                await leader.propose(b"set during 1")
+            with pytest.raises(errors.LeadershipTransferInProgressError):
+                await leader.linearizable_read()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], errors.LeadershipTransferAbortedError)
+        assert leader.state() is State.LEADER
+        c.heal()
+        await leader.propose(b"set after 1")
+
+
+async def test_whole_cluster_restart_keeps_acknowledged_writes(tmp_path, clock):
+    acked: dict[str, str] = {}
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        for i in range(30):
+            await leader.propose(f"set k{i} v{i}".encode())
+            acked[f"k{i}"] = f"v{i}"
+        for n in list(c.nodes):
+            await c.stop(n)
+        for n in list(c.nodes):
+            await c.start(n)
+        leader = await c.wait_for_leader()
+        idx = await leader.linearizable_read()
+        await c.wait_applied(idx)
+        for h in c.running():
+            assert h.fsm.data == acked
+
+
+async def test_step_queue_and_dispatch_counters(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        other = next(n for n in c.nodes if n != name)
+        await c.stop(other)
+        for i in range(3):
+            await leader.propose(f"set k{i} 1".encode())
+        await trio.sleep(1)
+        assert leader.dispatch_error_count() > 0
+        assert leader.dispatch_error_counts_by_code().get("Unavailable", 0) > 0
+        assert sum(leader.dispatch_error_counts_by_code().values()) == leader.dispatch_error_count()
+        assert leader.step_queue_full_count() == 0
+        assert leader.dispatch_drop_count() >= 0

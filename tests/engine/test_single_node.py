@@ -1,0 +1,195 @@
+"""The seed's conformance scenarios on a single node, plus config validation and lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import trio_raft
+from tests.engine.kv import KV
+from trio_raft import OpenConfig, State, errors
+
+
+def cfg(tmp_path, fsm=None, **kw):
+    base = dict(
+        local_id="n1",
+        local_address="127.0.0.1:7001",
+        data_dir=str(tmp_path / "n1"),
+        bootstrap=True,
+        state_machine=fsm if fsm is not None else KV(),
+        tick_interval=0.01,
+        heartbeat_tick=1,
+        election_tick=10,
+    )
+    base.update(kw)
+    return OpenConfig(**base)
+
+
+async def test_single_node_propose_and_read(tmp_path):
+    fsm = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm)) as engine:
+        assert engine.state() is State.LEADER  # usable at once
+        res = await engine.propose(b"set k v1")
+        assert res.response is None
+        res2 = await engine.propose(b"set k v2")
+        assert res2.response == "v1"
+        assert res2.commit_index == res.commit_index + 1
+        idx = await engine.linearizable_read()
+        assert idx >= res2.commit_index
+        assert engine.applied_index() >= idx
+        await engine.verify_leader()
+        await engine.check_serving()
+        assert fsm.data == {"k": "v2"}
+        assert fsm.apply_index == res2.commit_index
+
+
+async def test_status_fields(tmp_path):
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        await engine.propose(b"set a 1")
+        st = engine.status()
+        assert st.state is State.LEADER
+        assert st.leader == trio_raft.LeaderInfo("n1", "127.0.0.1:7001")
+        assert st.term >= 1
+        assert st.commit_index == st.applied_index == st.last_log_index
+        assert st.fsm_pending == 0
+        assert st.num_peers == 0
+        assert st.last_contact == 0
+        assert st.configuration_index == 1
+        assert st.last_snapshot_index == 1
+        assert st.lead_transferee == 0
+        assert not st.pending_conf_change
+        # election timeout 10 x 10 ms is shorter than the 300 ms safety margin: no lease.
+        assert engine.lease_duration() == 0.0
+        assert engine.last_quorum_ack() is not None
+
+
+async def test_configuration(tmp_path):
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        conf = await engine.configuration()
+        assert conf.servers == (trio_raft.Server("n1", "127.0.0.1:7001", "voter"),)
+
+
+async def test_propose_with_cancelled_scope_does_not_enqueue(tmp_path):
+    fsm = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm)) as engine:
+        with trio.CancelScope() as cs:
+            cs.cancel()
+            await engine.propose(b"set never 1")
+        assert cs.cancelled_caught
+        await engine.propose(b"set after 1")
+        assert "never" not in fsm.data
+        assert len(engine._pending_proposals) == 0
+
+
+async def test_cancel_while_waiting_leaves_no_waiter(tmp_path):
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        async with trio.open_nursery() as nursery:
+            async def reader():
+                await engine.propose(b"set x 1")
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        await engine.propose(b"set y 1")
+        assert len(engine._pending_proposals) == 0
+        assert len(engine._pending_reads) == 0
+
+
+async def test_close_and_reopen_keeps_state(tmp_path):
+    fsm = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm)) as engine:
+        for i in range(20):
+            await engine.propose(f"set k{i} {i}".encode())
+        last = engine.applied_index()
+    assert engine.state() is State.SHUTDOWN
+    with pytest.raises(errors.EngineClosedError):
+        await engine.propose(b"set late 1")
+    fsm2 = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm2)) as engine:
+        assert engine.applied_index() >= last
+        assert fsm2.data == fsm.data
+        await engine.propose(b"set k0 again")
+        assert fsm2.data["k0"] == "again"
+
+
+async def test_close_fails_pending_reads_with_engine_closed(tmp_path):
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        await engine.aclose()
+        await engine.aclose()  # idempotent
+        with pytest.raises(errors.EngineClosedError):
+            await engine.linearizable_read()
+    assert engine.state() is State.SHUTDOWN
+
+
+async def test_periodic_snapshot_and_compaction(tmp_path):
+    fsm = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm, snapshot_every=50,
+                                         snapshot_catchup_entries=10)) as engine:
+        for i in range(130):
+            await engine.propose(f"set k{i % 7} {i}".encode())
+        with trio.fail_after(10):
+            while engine.status().last_snapshot_index < 100:
+                await trio.sleep(0.01)
+        assert engine._storage.first_index() > 1
+    fsm2 = KV()
+    async with trio_raft.open_engine(cfg(tmp_path, fsm2, snapshot_every=50)) as engine:
+        assert fsm2.data == fsm.data
+
+
+@pytest.mark.parametrize(
+    ("kw", "exc"),
+    [
+        (dict(local_id="", node_id=0), errors.NodeIDRequiredError),
+        (dict(data_dir=""), errors.DataDirRequiredError),
+        (dict(state_machine=None), errors.StateMachineUnsetError),
+        (dict(election_tick=2, heartbeat_tick=2), errors.ConfigError),
+        (dict(bootstrap=False), errors.NoPeersConfiguredError),
+    ],
+)
+async def test_config_validation(tmp_path, kw, exc):
+    c = cfg(tmp_path, **kw)
+    if "state_machine" in kw:
+        import attrs
+
+        c = attrs.evolve(c, state_machine=None)
+    with pytest.raises(exc):
+        async with trio_raft.open_engine(c):
+            pass
+
+
+async def test_callbacks_fire_and_deregister(tmp_path):
+    events: list[str] = []
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        def boom():
+            raise RuntimeError("callback failure is contained")
+
+        d1 = engine.register_leader_loss_callback(lambda: events.append("lost1"))
+        engine.register_leader_loss_callback(boom)
+        fn = lambda: events.append("lost2")  # noqa: E731
+        d2 = engine.register_leader_loss_callback(fn)
+        engine.register_leader_loss_callback(fn)
+        d2()
+        d2()  # idempotent, removes only that registration
+        d1()
+        assert engine.register_leader_loss_callback(None)() is None
+    assert events == ["lost2"]
+
+
+async def test_default_lease_duration_and_single_node_ack(tmp_path):
+    c = cfg(tmp_path, tick_interval=0, heartbeat_tick=0, election_tick=0)
+    async with trio_raft.open_engine(c) as engine:
+        assert engine.lease_duration() == pytest.approx(0.7)
+        ack = engine.last_quorum_ack()
+        assert ack is not None and ack <= trio.current_time()
+        assert engine.lease_valid()
+
+
+def test_derive_node_id_and_parse_peers():
+    assert trio_raft.derive_node_id("") == 0
+    assert trio_raft.derive_node_id("n1") == trio_raft.derive_node_id("n1") != 0
+    peers = trio_raft.parse_peers(" n1 = h:1 ,, n2=h:2")
+    assert [(p.id, p.address) for p in peers] == [("n1", "h:1"), ("n2", "h:2")]
+    assert trio_raft.parse_peers("") == []
+    for bad in ("n1", "=h:1", "n1="):
+        with pytest.raises(errors.PeerFormatInvalidError):
+            trio_raft.parse_peers(bad)

@@ -171,7 +171,7 @@ class RunLoop(AdminMixin, ApplyMixin):
         if self._transport is None and len(self._peers) > 1:
             from trio_raft.transport.grpc import GRPCTransport
 
-            self._transport = GRPCTransport()
+            self._transport = GRPCTransport(local_address=cfg.local_address)
             self._owns_transport = True
         self._dispatcher.transport = self._transport
 
@@ -310,7 +310,7 @@ class RunLoop(AdminMixin, ApplyMixin):
             t.set_fsm_snap_dir(self._disk.fsm_dir)
         self._configure_snapshot_transport(t)
         if self._owns_transport:
-            await self._nursery.start(t.serve, self._cfg.local_address)
+            await self._nursery.start(t.serve)
         self._dispatcher.start(self._nursery)
         for p in self._peers.values():
             if p.node_id != self._node_id:

@@ -1,0 +1,233 @@
+"""Engine benchmark: a 3-node cluster, one OS process per node, gRPC on loopback, fsync on.
+
+    python bench/engine_bench.py [--duration 5] [--concurrency 1,64,1024] [--size 100]
+
+The orchestrator starts three node processes (this script with ``node``), waits for one to
+report leadership, and tells that node to run the workload: for each concurrency level, that
+many trio tasks propose 100-byte entries back to back for ``--duration`` seconds. The leader
+prints one JSON line per level (proposals/s, p50/p99 latency in ms); the orchestrator echoes them
+with the machine description. Figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO, Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+class CounterFSM:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def apply(self, data: bytes) -> int:
+        self.count += 1
+        return self.count
+
+    def snapshot(self) -> Any:
+        value = self.count
+
+        class Snap:
+            def write_to(self, w: IO[bytes]) -> int:
+                blob = str(value).encode()
+                w.write(blob)
+                return len(blob)
+
+            def close(self) -> None:
+                pass
+
+        return Snap()
+
+    def restore(self, reader: IO[bytes]) -> None:
+        blob = reader.read()
+        self.count = int(blob) if blob else 0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+async def run_workload(engine: Any, concurrency: int, duration: float, size: int) -> dict[str, Any]:
+    import trio
+
+    payload = b"x" * size
+    latencies: list[float] = []
+    errors = 0
+    deadline = trio.current_time() + duration
+
+    async def worker() -> None:
+        nonlocal errors
+        while trio.current_time() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await engine.propose(payload)
+            except Exception:
+                errors += 1
+                await trio.sleep(0.01)
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    t_start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    elapsed = time.perf_counter() - t_start
+    latencies.sort()
+    return {
+        "bench": "engine_propose",
+        "nodes": 3,
+        "transport": "grpc-loopback",
+        "fsync": True,
+        "entry_bytes": size,
+        "concurrency": concurrency,
+        "proposals": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "proposals_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+    }
+
+
+def node_main(args: argparse.Namespace) -> None:
+    import trio
+
+    import trio_raft
+
+    async def main() -> None:
+        peers = trio_raft.parse_peers(args.peers)
+        cfg = trio_raft.OpenConfig(
+            local_id=args.name,
+            local_address=next(p.address for p in peers if p.id == args.name),
+            data_dir=args.data_dir,
+            peers=peers,
+            bootstrap=True,
+            state_machine=CounterFSM(),
+        )
+        async with trio_raft.open_engine(cfg) as engine:
+            announced = False
+            stdin = trio.wrap_file(sys.stdin)
+            while True:
+                if engine.state() is trio_raft.State.LEADER and not announced:
+                    print(json.dumps({"event": "leader", "name": args.name}), flush=True)
+                    announced = True
+                    line = await stdin.readline()
+                    if line.strip() == "run":
+                        # Warm up: one proposal commits the leader's term everywhere.
+                        await engine.propose(b"warmup")
+                        for c in [int(x) for x in args.concurrency.split(",")]:
+                            result = await run_workload(engine, c, args.duration, args.size)
+                            print(json.dumps(result), flush=True)
+                        print(json.dumps({"event": "done"}), flush=True)
+                    return
+                await trio.sleep(0.05)
+
+    trio.run(main)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    names = ["n1", "n2", "n3"]
+    ports = free_ports(3)
+    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(names, ports))
+    base = tempfile.mkdtemp(prefix="trio-raft-bench-", dir=args.dir)
+    procs: dict[str, subprocess.Popen[str]] = {}
+    leader_q: list[str] = []
+    outputs: dict[str, list[str]] = {n: [] for n in names}
+    lock = threading.Condition()
+
+    def reader(name: str, stream: IO[str]) -> None:
+        for line in stream:
+            with lock:
+                outputs[name].append(line.rstrip("\n"))
+                if '"event": "leader"' in line:
+                    leader_q.append(name)
+                lock.notify_all()
+
+    print(json.dumps({
+        "event": "machine", "python": platform.python_version(), "cpus": os.cpu_count(),
+        "platform": platform.platform(), "data_dir": "tmp",
+    }), flush=True)
+    try:
+        for n in names:
+            procs[n] = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "node", "--name", n, "--peers", peers,
+                 "--data-dir", os.path.join(base, n), "--duration", str(args.duration),
+                 "--concurrency", args.concurrency, "--size", str(args.size)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            )
+            threading.Thread(target=reader, args=(n, procs[n].stdout), daemon=True).start()
+        with lock:
+            if not lock.wait_for(lambda: leader_q, timeout=60):
+                raise SystemExit("no leader within 60 s")
+            leader = leader_q[0]
+        proc = procs[leader]
+        assert proc.stdin is not None
+        proc.stdin.write("run\n")
+        proc.stdin.flush()
+        budget = 60 + len(args.concurrency.split(",")) * (args.duration + 30)
+        with lock:
+            ok = lock.wait_for(lambda: any('"event": "done"' in x for x in outputs[leader]),
+                               timeout=budget)
+        for line in outputs[leader]:
+            if line.startswith("{") and '"bench"' in line:
+                print(line, flush=True)
+        if not ok:
+            raise SystemExit("benchmark did not finish in time")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "node"])
+    ap.add_argument("--name")
+    ap.add_argument("--peers")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--dir", default=None, help="parent directory for the nodes' data")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--concurrency", default="1,64,1024")
+    ap.add_argument("--size", type=int, default=100)
+    args = ap.parse_args()
+    if args.mode == "node":
+        node_main(args)
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()

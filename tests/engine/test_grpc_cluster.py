@@ -1,0 +1,95 @@
+"""Key engine scenarios over the real gRPC transport on loopback (real time, bounded)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+import trio_raft
+from tests.engine.kv import KV
+from trio_raft import State, errors
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def node_config(tmp_path, name: str, peers: list[trio_raft.Peer], fsm: KV,
+                **kw) -> trio_raft.OpenConfig:
+    addr = next(p.address for p in peers if p.id == name)
+    return trio_raft.OpenConfig(
+        local_id=name, local_address=addr, data_dir=str(tmp_path / name), peers=peers,
+        bootstrap=True, state_machine=fsm, tick_interval=0.01, heartbeat_tick=2,
+        election_tick=20, **kw)
+
+
+async def run_node(cfg, engines: dict, stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED):
+    async with trio_raft.open_engine(cfg) as engine:
+        engines[cfg.local_id] = engine
+        task_status.started()
+        await stop.wait()
+
+
+async def wait_leader(engines: dict, timeout: float = 20) -> str:
+    with trio.fail_after(timeout):
+        while True:
+            leaders = [n for n, e in engines.items() if e.state() is State.LEADER]
+            if len(leaders) == 1:
+                return leaders[0]
+            await trio.sleep(0.02)
+
+
+async def test_grpc_three_node_cluster(tmp_path):
+    ports = free_ports(3)
+    names = ["n1", "n2", "n3"]
+    peers = [trio_raft.Peer(n, f"127.0.0.1:{p}") for n, p in zip(names, ports)]
+    fsms = {n: KV() for n in names}
+    engines: dict[str, trio_raft.Engine] = {}
+    stops = {n: trio.Event() for n in names}
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for n in names:
+                await nursery.start(run_node, node_config(tmp_path, n, peers, fsms[n]), engines,
+                                    stops[n])
+            leader_name = await wait_leader(engines)
+            leader = engines[leader_name]
+            results = []
+            async with trio.open_nursery() as writers:
+                async def write(i: int) -> None:
+                    results.append(await leader.propose(f"set k{i} v{i}".encode()))
+
+                for i in range(50):
+                    writers.start_soon(write, i)
+            assert len(results) == 50
+            idx = await leader.linearizable_read()
+            with trio.fail_after(10):
+                while min(e.applied_index() for e in engines.values()) < idx:
+                    await trio.sleep(0.02)
+            for n in names:
+                assert fsms[n].data == {f"k{i}": f"v{i}" for i in range(50)}
+            follower = next(n for n in names if n != leader_name)
+            with pytest.raises(errors.NotLeaderError):
+                await engines[follower].propose(b"set x 1")
+            # Transfer leadership over the network, then fail the new leader over.
+            await leader.transfer_leadership_to_server(follower)
+            assert await wait_leader(engines) == follower
+            stops[follower].set()
+            with trio.fail_after(20):
+                while follower in engines and engines[follower].state() is not State.SHUTDOWN:
+                    await trio.sleep(0.02)
+            rest = {n: e for n, e in engines.items() if n != follower}
+            new_leader = await wait_leader(rest)
+            r = await rest[new_leader].propose(b"set after failover")
+            assert r.commit_index > idx
+            for n in names:
+                stops[n].set()

@@ -215,6 +215,16 @@ class WALUnrepairableError(WALError):
     """A torn WAL tail could not be repaired."""
 
 
+class WALSnapshotNotFoundError(WALError):
+    """The WAL holds no marker for the snapshot it was opened at, or was purged past it."""
+    default_message = "wal: snapshot not found"
+
+
+class WALLockedError(WALError):
+    """Another process holds the WAL directory lock."""
+    default_message = "wal: directory is locked by another process"
+
+
 class SnapshotFileError(StorageError):
     """A snapshot metadata file is corrupt or unreadable."""
 
@@ -306,6 +316,25 @@ class PeerStreamClosedError(TransportError):
 
 class SendStreamDisabledError(TransportError):
     default_message = "raft send stream disabled"
+
+
+class TransportClosedError(TransportError):
+    """The transport is closed (or not started): nothing can be sent or received."""
+    default_message = "raft transport is closed"
+
+
+class DispatchError(TransportError):
+    """A message could not be delivered to a peer.
+
+    ``code`` names the failure the way the engine counts it: a gRPC status name in the seed's
+    CamelCase spelling ("Unavailable", "DeadlineExceeded", "ResourceExhausted", ...), or
+    "Unknown" when no status applies.
+    """
+    default_message = "raft transport dispatch failed"
+
+    def __init__(self, *args: object, code: str = "Unknown") -> None:
+        super().__init__(*args)
+        self.code = code
 
 
 # --------------------------------------------------------------------------------------------

@@ -224,17 +224,31 @@ class ApplyMixin(EngineState):
 
     async def _snapshot_worker(self) -> None:
         try:
-            await self._write_local_snapshot(self._applied, self._conf_state, compact=True)
+            await self._write_local_snapshot(None, None, compact=True)
         except Exception as exc:
             self._fail(exc)
         finally:
             self._snapshot_in_flight = False
 
     async def _write_local_snapshot(
-        self, index: int, cs: ConfState, *, compact: bool
+        self, index: int | None, cs: ConfState | None, *, compact: bool
     ) -> None:
         """Snapshot the state machine at ``index`` (== the applied index now), persist it and
-        optionally compact the log behind it."""
+        optionally compact the log behind it. One snapshot write at a time: the periodic worker
+        and configuration-change snapshots share a lock (file retention is not concurrent-safe).
+        """
+        async with self._snapshot_lock:
+            await self._write_local_snapshot_locked(index, cs, compact=compact)
+
+    async def _write_local_snapshot_locked(
+        self, index: int | None, cs: ConfState | None, *, compact: bool
+    ) -> None:
+        # ``None``: the state as of now. Reading the index and taking the state machine's handle
+        # happen with no checkpoint in between, so they describe the same state.
+        if index is None or cs is None:
+            index, cs = self._applied, self._conf_state
+        if index <= self._storage.snapshot().metadata.index:
+            return
         handle = self._fsm.snapshot()
         try:
             token = await self._io(self._disk.write_fsm_snapshot, handle, index)

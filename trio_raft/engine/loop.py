@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -102,7 +103,10 @@ class RunLoop(AdminMixin, ApplyMixin):
         self._applied = 0
         self._conf_state = ConfState()
         self._fence = 0
-        self._request_ids = 0
+        # Request ids travel inside log entries and are matched on apply by whichever node is
+        # leader then; a random 62-bit start keeps ids from different nodes and from earlier
+        # runs of this node from colliding with the ones this run waits on.
+        self._request_ids = secrets.randbits(62)
         # inbox
         self._requests: deque[Any] = deque()
         self._priority_in: deque[Message] = deque()
@@ -136,6 +140,7 @@ class RunLoop(AdminMixin, ApplyMixin):
         self._remove_self = False
         self._snapshot_in_flight = False
         self._join_alarm_fired = False
+        self._snapshot_lock = trio.Lock()
 
     # ---------------------------------------------------------------------------------
     # opening

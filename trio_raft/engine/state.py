@@ -69,6 +69,7 @@ class EngineState:
     _remove_self: bool
     _snapshot_in_flight: bool
     _join_alarm_fired: bool
+    _snapshot_lock: trio.Lock
 
     # Implemented by the mixins; declared here so each mixin type-checks on its own.
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:

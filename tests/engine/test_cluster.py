@@ -247,3 +247,72 @@ async def test_step_queue_and_dispatch_counters(tmp_path, clock):
         assert sum(leader.dispatch_error_counts_by_code().values()) == leader.dispatch_error_count()
         assert leader.step_queue_full_count() == 0
         assert leader.dispatch_drop_count() >= 0
+
+
+async def test_lease_valid_then_invalidated_by_partition(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV, heartbeat_tick=10, election_tick=100) as c:
+        leader = await c.wait_for_leader(timeout=60)
+        name = c.leader_name()
+        assert leader.lease_duration() == pytest.approx(0.7)
+        await leader.propose(b"set a 1")
+        await trio.sleep(0.3)
+        assert leader.lease_valid()
+        ack = leader.last_quorum_ack()
+        assert ack is not None and trio.current_time() - ack < leader.lease_duration()
+        c.partition([name], [n for n in c.nodes if n != name])
+        # No quorum answers any more: the lease runs out before anyone else can be elected.
+        await trio.sleep(leader.lease_duration() + 0.05)
+        assert not leader.lease_valid()
+        new = await c.wait_for_leader(timeout=60, exclude=name)
+        assert new is not leader
+        with trio.fail_after(10):
+            while leader.state() is State.LEADER:
+                await trio.sleep(0.05)
+        assert leader.last_quorum_ack() is None
+
+
+async def test_inbound_queue_full_is_counted_and_refused(tmp_path, clock):
+    from trio_raft.core.messages import Message, MessageType
+
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        await c.wait_for_leader()
+        follower = next(h.engine for h in c.running() if h.engine.state() is State.FOLLOWER)
+        leader_id = next(h.node_id for h in c.running() if h.engine.state() is State.LEADER)
+        me = next(h.node_id for h in c.running() if h.engine is follower)
+        refused = 0
+        # The handler queues without yielding, so the priority queue fills before the loop runs.
+        for _ in range(1100):
+            m = Message(MessageType.HEARTBEAT, to=me, from_=leader_id, term=1)
+            try:
+                await follower._handle_transport_message(m)
+            except errors.StepQueueFullError:
+                refused += 1
+        assert refused == 1100 - 1024
+        assert follower.step_queue_full_count() == refused
+
+
+async def test_wiped_member_rejoins_through_snapshot(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV, snapshot_every=20,
+                                   snapshot_catchup_entries=5) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        victim = next(n for n in c.nodes if n != name)
+        for i in range(60):
+            await leader.propose(f"set k{i} v{i}".encode())
+        assert leader.status().last_snapshot_index >= 40
+        # Fenced replacement: remove, wipe, re-add under the same id as a learner, promote.
+        idx = await leader.remove_server(victim)
+        with trio.fail_after(10):
+            await c.nodes[victim].stopped.wait()
+        c.wipe(victim)
+        joiner = await c.start(victim, bootstrap=False)
+        assert (await joiner.configuration()).servers == ()
+        idx = await leader.add_learner(victim, c.nodes[victim].address, idx)
+        warm = await leader.propose(b"set warm 1")
+        await c.wait_applied(warm.commit_index, [victim])
+        h = c.nodes[victim]
+        assert h.fsm.data == c.nodes[name].fsm.data
+        assert joiner.status().last_snapshot_index >= 40  # installed a snapshot, not a replay
+        await leader.promote_learner(victim, idx, warm.commit_index)
+        voters = [s.id for s in (await leader.configuration()).servers if s.suffrage == "voter"]
+        assert victim in voters

@@ -1,0 +1,452 @@
+"""The client half of the gRPC transport. Everything here runs on the bridge's asyncio loop.
+
+* One grpclib ``Channel`` per peer address, created on first use and cached.
+* Replication traffic goes over one long-lived ``SendStream`` call per address
+  (:class:`PeerStream`). Before the first stream to an address is opened it is probed (an empty
+  stream, closed at once): a peer that answers ``UNIMPLEMENTED`` is marked as not supporting
+  streams and is sent unary ``Send`` calls instead, until the mark expires (30 s) and the next
+  message probes again. Opening is single-flight per address.
+* A watcher task per stream waits for the server to end the call. Whatever ends it (an error
+  status from the peer's handler, a lost connection, a graceful close) makes the stream terminal:
+  it is evicted, the next send finds it terminal and raises that error, the one after that opens
+  a new stream. Any failure or cancellation in the middle of writing to a stream evicts it too,
+  since a half-written message leaves the stream unusable.
+* Snapshots are streamed with ``SendSnapshot``: the metadata frame first, payload chunks after,
+  ``final`` on the last chunk (one chunk with metadata and ``final`` for an empty payload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import AsyncGenerator, Callable
+from typing import IO, Any
+
+import attrs
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError
+
+from trio_raft.errors import PeerStreamClosedError, SendStreamDisabledError, TransportClosedError
+from trio_raft.transport._proto.trio_raft.transport.v1 import (
+    Ack,
+    RaftMessage,
+    RaftTransportStub,
+    SnapshotChunk,
+)
+from trio_raft.transport.base import split_address
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/trio_raft.transport.v1.RaftTransport/"
+SEND_ROUTE = SERVICE + "Send"
+STREAM_ROUTE = SERVICE + "SendStream"
+SNAPSHOT_ROUTE = SERVICE + "SendSnapshot"
+
+
+class CappedCodec(ProtoCodec):
+    """grpclib's protobuf codec with the transport's message size cap on both directions, and
+    undecodable bytes reported as ``INVALID_ARGUMENT`` (not as a server error)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        data = super().encode(message, message_type)
+        if len(data) > self.max_bytes:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"message of {len(data)} bytes exceeds limit {self.max_bytes}")
+        return data
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.max_bytes:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"message of {len(data)} bytes exceeds limit {self.max_bytes}")
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"undecodable protobuf: {exc}") from None
+
+
+@attrs.define(slots=True)
+class ClientCounters:
+    """Counters written on the loop thread only."""
+
+    stream_opens: int = 0
+    stream_reconnects: int = 0
+    stream_messages: int = 0
+    stream_fallbacks: int = 0
+    unary_messages: int = 0
+    snapshots_sent: int = 0
+    snapshot_bytes_sent: int = 0
+
+
+@attrs.define(slots=True)
+class ClientConfig:
+    ssl_context: ssl.SSLContext | None = None
+    server_name: str | None = None
+    max_message_bytes: int = 64 << 20
+    reprobe_after: float = 30.0
+    open_timeout: float = 5.0
+
+
+@attrs.define(slots=True)
+class PayloadSource:
+    """Where a snapshot payload to send comes from (exactly one is set)."""
+
+    inline: bytes | None = None
+    #: Blocking; returns a binary file positioned at the payload start, without the CRC footer.
+    opener: Callable[[], IO[bytes]] | None = None
+    #: Blocking; returns the whole payload (in-memory "bridge" mode).
+    reader: Callable[[], bytes] | None = None
+
+
+class PeerStream:
+    """One long-lived ``SendStream`` call to an address."""
+
+    def __init__(self, client: ClientSide, address: str, channel: Channel) -> None:
+        self.client = client
+        self.address = address
+        self.channel = channel
+        self.lock = asyncio.Lock()
+        self.stream: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+        #: True when the peer (or the connection) ended the call, not a local close.
+        self.remote_end = False
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self.task = loop.create_task(self._run(ready), name=f"raft-stream-{self.address}")
+        try:
+            await ready
+        except BaseException:
+            self.task.cancel()
+            raise
+
+    async def _run(self, ready: asyncio.Future[None]) -> None:
+        try:
+            async with self.channel.request(
+                STREAM_ROUTE, Cardinality.STREAM_UNARY, RaftMessage, Ack
+            ) as stream:
+                await stream.send_request()
+                self.stream = stream
+                ready.set_result(None)
+                await stream.recv_message()  # returns when the server ends the call
+            self.error = PeerStreamClosedError(f"address={self.address}")
+            self.remote_end = True
+        except asyncio.CancelledError:
+            self.error = self.error or PeerStreamClosedError(f"address={self.address} (closed)")
+            if not ready.done():
+                ready.cancel()
+            raise
+        except Exception as exc:
+            self.error = exc
+            self.remote_end = True
+            if not ready.done():
+                ready.set_exception(exc)
+            else:
+                log.debug("send stream to %s ended: %r", self.address, exc)
+        finally:
+            self.closed = True
+            self.client.forget_stream(self)
+
+    def terminal_error(self) -> BaseException:
+        return self.error or PeerStreamClosedError(f"address={self.address}")
+
+    async def send(self, msg: RaftMessage) -> None:
+        async with self.lock:
+            if self.closed:
+                raise self.terminal_error()
+            try:
+                await self.stream.send_message(msg)
+            except asyncio.CancelledError:
+                self.close()
+                raise
+            except Exception as exc:
+                # The peer may have ended the call with a status a moment ago (a refused
+                # message); the watcher is about to read it. Report that status, not the reset.
+                if self.task is not None and not self.task.done():
+                    await asyncio.wait({self.task}, timeout=0.2)
+                self.close()
+                if self.remote_end and isinstance(self.error, GRPCError):
+                    self.client.stream_errors.pop(self.address, None)
+                    raise _fresh(self.error) from exc
+                raise
+            if self.closed:
+                raise self.terminal_error()
+
+    def close(self) -> None:
+        self.closed = True
+        self.client.forget_stream(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class ClientSide:
+    """Channels, streams and snapshot sends (runs on the loop)."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.counters = ClientCounters()
+        self.channels: dict[str, Channel] = {}
+        self.streams: dict[str, PeerStream] = {}
+        self.opening: dict[str, asyncio.Task[PeerStream]] = {}
+        self.unsupported: dict[str, float] = {}
+        self.had_stream: set[str] = set()
+        self.stream_errors: dict[str, BaseException] = {}
+        self.stream_enabled = True
+        self.closed = False
+        self._codec = CappedCodec(config.max_message_bytes)
+        self._materialize: asyncio.Semaphore | None = None
+        self._snapshot_tasks: set[asyncio.Task[Any]] = set()
+
+    # -- channels ---------------------------------------------------------------------------------
+
+    def channel(self, address: str) -> Channel:
+        if self.closed:
+            raise TransportClosedError()
+        ch = self.channels.get(address)
+        if ch is None:
+            host, port = split_address(address)
+            config = None
+            if self.config.ssl_context is not None and self.config.server_name:
+                config = Configuration(ssl_target_name_override=self.config.server_name)
+            ch = Channel(host, port, ssl=self.config.ssl_context, codec=self._codec,
+                         config=config)
+            self.channels[address] = ch
+        return ch
+
+    def close_address(self, address: str) -> None:
+        """Drop the channel, stream, probe state and marks of one address."""
+        ps = self.streams.pop(address, None)
+        if ps is not None:
+            ps.close()
+        opening = self.opening.pop(address, None)
+        if opening is not None:
+            opening.cancel()
+        self.unsupported.pop(address, None)
+        self.had_stream.discard(address)
+        self.stream_errors.pop(address, None)
+        ch = self.channels.pop(address, None)
+        if ch is not None:
+            ch.close()
+
+    def set_stream_enabled(self, enabled: bool) -> None:
+        self.stream_enabled = enabled
+        if not enabled:
+            for address in list(self.streams):
+                self.streams.pop(address).close()
+            for task in list(self.opening.values()):
+                task.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel streams and snapshot sends, close channels. Bounded by the caller."""
+        self.closed = True
+        tasks: list[asyncio.Task[Any]] = []
+        for ps in list(self.streams.values()):
+            ps.close()
+            if ps.task is not None:
+                tasks.append(ps.task)
+        for task in [*self.opening.values(), *self._snapshot_tasks]:
+            task.cancel()
+            tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=0.5)
+        for ch in self.channels.values():
+            ch.close()
+        self.channels.clear()
+        self.streams.clear()
+        self.opening.clear()
+
+    # -- regular messages -------------------------------------------------------------------------
+
+    async def deliver(self, address: str, frame: bytes, use_stream: bool, timeout: float) -> None:
+        msg = RaftMessage(message=frame)
+        async with asyncio.timeout(timeout):
+            if use_stream and self.stream_enabled and not self._marked_unsupported(address):
+                try:
+                    await self._stream_send(address, msg)
+                    return
+                except GRPCError as exc:
+                    if exc.status is not Status.UNIMPLEMENTED:
+                        raise
+                    self._mark_unsupported(address)
+                except SendStreamDisabledError:
+                    pass
+                self.counters.stream_fallbacks += 1
+            await RaftTransportStub(self.channel(address)).send(msg)
+            self.counters.unary_messages += 1
+
+    def _marked_unsupported(self, address: str) -> bool:
+        marked = self.unsupported.get(address)
+        if marked is None:
+            return False
+        if asyncio.get_running_loop().time() - marked >= self.config.reprobe_after:
+            del self.unsupported[address]
+            return False
+        return True
+
+    def _mark_unsupported(self, address: str) -> None:
+        log.info("peer %s does not implement SendStream; using unary Send", address)
+        self.unsupported[address] = asyncio.get_running_loop().time()
+        ps = self.streams.pop(address, None)
+        if ps is not None:
+            ps.close()
+
+    async def _stream_send(self, address: str, msg: RaftMessage) -> None:
+        ps = self.streams.get(address)
+        if ps is None or ps.closed:
+            err = self.stream_errors.pop(address, None)
+            if err is not None:
+                raise _fresh(err)
+            task = self.opening.get(address)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._open_stream(address))
+                self.opening[address] = task
+                task.add_done_callback(lambda t: self._opened(address, t))
+            ps = await asyncio.shield(task)
+        await ps.send(msg)
+        self.counters.stream_messages += 1
+
+    def _opened(self, address: str, task: asyncio.Task[PeerStream]) -> None:
+        if self.opening.get(address) is task:
+            del self.opening[address]
+        if not task.cancelled():
+            task.exception()  # mark retrieved: the waiters got it
+
+    async def _open_stream(self, address: str) -> PeerStream:
+        if not self.stream_enabled:
+            raise SendStreamDisabledError()
+        channel = self.channel(address)
+        async with asyncio.timeout(self.config.open_timeout):
+            # Probe: an empty stream tells whether the peer implements SendStream at all, before
+            # any message is committed to a stream that would be refused.
+            async with channel.request(STREAM_ROUTE, Cardinality.STREAM_UNARY, RaftMessage,
+                                       Ack) as probe:
+                await probe.send_request(end=True)
+                await probe.recv_message()
+            ps = PeerStream(self, address, channel)
+            await ps.open()
+        if not self.stream_enabled or self.closed or self.channels.get(address) is not channel:
+            ps.close()
+            raise SendStreamDisabledError()
+        if address in self.had_stream:
+            self.counters.stream_reconnects += 1
+        self.had_stream.add(address)
+        self.counters.stream_opens += 1
+        self.streams[address] = ps
+        return ps
+
+    def forget_stream(self, ps: PeerStream) -> None:
+        if self.streams.get(ps.address) is ps:
+            del self.streams[ps.address]
+            if ps.remote_end and ps.error is not None and not self.closed:
+                # The peer ended the stream (e.g. its handler refused a message): the next send
+                # to this address reports that error once, so it is counted; the one after
+                # opens a new stream.
+                self.stream_errors[ps.address] = ps.error
+
+    # -- snapshots --------------------------------------------------------------------------------
+
+    async def send_snapshot(self, address: str, header: bytes, source: PayloadSource,
+                            chunk_bytes: int, timeout: float) -> int:
+        """Stream one snapshot; returns the payload bytes sent."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._snapshot_tasks.add(task)
+        try:
+            async with asyncio.timeout(timeout):
+                if source.reader is not None:
+                    if self._materialize is None:
+                        self._materialize = asyncio.Semaphore(1)
+                    async with self._materialize:
+                        loop = asyncio.get_running_loop()
+                        payload = await loop.run_in_executor(None, source.reader)
+                        return await self._stream_snapshot(
+                            address, header, _iter_bytes(payload, chunk_bytes))
+                if source.opener is not None:
+                    return await self._stream_snapshot(
+                        address, header, _iter_file(source.opener, chunk_bytes))
+                return await self._stream_snapshot(
+                    address, header, _iter_bytes(source.inline or b"", chunk_bytes))
+        finally:
+            self._snapshot_tasks.discard(task)
+
+    async def _stream_snapshot(self, address: str, header: bytes,
+                               chunks: AsyncGenerator[bytes, None]) -> int:
+        channel = self.channel(address)
+        sent = 0
+        try:
+            async with channel.request(SNAPSHOT_ROUTE, Cardinality.STREAM_UNARY, SnapshotChunk,
+                                       Ack) as stream:
+                await stream.send_request()
+                # One chunk of look-ahead tells which chunk is the last one, so the final flag
+                # rides on real data (an exact multiple of the chunk size adds no empty chunk).
+                current = await anext(chunks, None)
+                metadata = header
+                while True:
+                    nxt = await anext(chunks, None) if current is not None else None
+                    data = current or b""
+                    final = nxt is None
+                    await stream.send_message(
+                        SnapshotChunk(metadata=metadata, chunk=data, final=final), end=final)
+                    sent += len(data)
+                    metadata = b""
+                    if final:
+                        break
+                    current = nxt
+                await stream.recv_message()
+        finally:
+            await chunks.aclose()
+        self.counters.snapshots_sent += 1
+        self.counters.snapshot_bytes_sent += sent
+        return sent
+
+
+def _fresh(err: BaseException) -> BaseException:
+    """A new exception equal to ``err`` (a stored exception is not raised twice)."""
+    if isinstance(err, GRPCError):
+        return GRPCError(err.status, err.message, err.details)
+    if isinstance(err, PeerStreamClosedError):
+        return PeerStreamClosedError(*err.args)
+    return PeerStreamClosedError(f"{type(err).__name__}: {err}")
+
+
+async def _iter_bytes(payload: bytes, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
+    view = memoryview(payload)
+    for start in range(0, len(view), chunk_bytes):
+        yield bytes(view[start:start + chunk_bytes])
+
+
+def _read_up_to(f: IO[bytes], n: int) -> bytes:
+    parts: list[bytes] = []
+    left = n
+    while left > 0:
+        part = f.read(left)
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+async def _iter_file(opener: Callable[[], IO[bytes]],
+                     chunk_bytes: int) -> AsyncGenerator[bytes, None]:
+    loop = asyncio.get_running_loop()
+    f = await loop.run_in_executor(None, opener)
+    try:
+        while True:
+            data = await loop.run_in_executor(None, _read_up_to, f, chunk_bytes)
+            if not data:
+                return
+            yield data
+            if len(data) < chunk_bytes:
+                return
+    finally:
+        f.close()

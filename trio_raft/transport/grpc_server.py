@@ -1,0 +1,323 @@
+"""The server half of the gRPC transport: the ``RaftTransport`` service, run on the bridge's loop.
+
+Each RPC decodes its frames on the loop, then crosses into trio through the transport's portal to
+run the engine's handler (or, for snapshots, to finalize the spool and then run the handler).
+Every failure becomes a gRPC status; nothing a peer sends can stop the server:
+
+=====================================================  =====================
+error                                                  status
+=====================================================  =====================
+CodecError / DecodeError (bad frame, bad protobuf)      INVALID_ARGUMENT
+payload before metadata, second metadata, EOF before
+final, stale snapshot                                   FAILED_PRECONDITION
+StepQueueFullError, snapshot or message over the cap    RESOURCE_EXHAUSTED
+no handler, transport or engine closed                  UNAVAILABLE
+unknown peer                                            NOT_FOUND
+disk errors while spooling                              INTERNAL
+anything else                                           UNKNOWN
+=====================================================  =====================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import attrs
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from trio_raft.core.errors import DecodeError, StepPeerNotFoundError
+from trio_raft.core.messages import Message
+from trio_raft.errors import (
+    CodecError,
+    EngineClosedError,
+    ReceivedFSMSnapshotStaleError,
+    SnapshotMetadataDuplicateError,
+    SnapshotMetadataNilError,
+    SnapshotPayloadTooLargeError,
+    SnapshotStreamError,
+    SnapshotStreamShortError,
+    StepQueueFullError,
+    TransportClosedError,
+    TransportHandlerNilError,
+    TransportPeerUnknownError,
+)
+from trio_raft.transport._proto.trio_raft.transport.v1 import (
+    Ack,
+    RaftMessage,
+    RaftTransportBase,
+    SnapshotChunk,
+)
+from trio_raft.transport.bridge import TrioPortal
+from trio_raft.transport.codec import decode_message
+from trio_raft.transport.spool import SnapshotSpool
+
+log = logging.getLogger(__name__)
+
+_STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
+    (CodecError, Status.INVALID_ARGUMENT),
+    (DecodeError, Status.INVALID_ARGUMENT),
+    (SnapshotMetadataNilError, Status.FAILED_PRECONDITION),
+    (SnapshotMetadataDuplicateError, Status.FAILED_PRECONDITION),
+    (SnapshotStreamShortError, Status.FAILED_PRECONDITION),
+    (ReceivedFSMSnapshotStaleError, Status.FAILED_PRECONDITION),
+    (SnapshotPayloadTooLargeError, Status.RESOURCE_EXHAUSTED),
+    (SnapshotStreamError, Status.FAILED_PRECONDITION),
+    (StepQueueFullError, Status.RESOURCE_EXHAUSTED),
+    (TransportHandlerNilError, Status.UNAVAILABLE),
+    (TransportClosedError, Status.UNAVAILABLE),
+    (EngineClosedError, Status.UNAVAILABLE),
+    (TransportPeerUnknownError, Status.NOT_FOUND),
+    (StepPeerNotFoundError, Status.NOT_FOUND),
+    (OSError, Status.INTERNAL),
+)
+
+
+def status_for(exc: BaseException) -> Status:
+    """The gRPC status a handler error is reported with."""
+    for cls, status in _STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return Status.UNKNOWN
+
+
+def to_grpc_error(exc: BaseException) -> GRPCError:
+    if isinstance(exc, GRPCError):
+        return exc
+    status = status_for(exc)
+    if status is Status.UNKNOWN:
+        log.warning("raft transport handler failed: %r", exc)
+    return GRPCError(status, f"{type(exc).__name__}: {exc}")
+
+
+@attrs.define(slots=True)
+class ServerCounters:
+    """Counters written on the loop thread only."""
+
+    messages_received: int = 0
+    messages_rejected: int = 0
+    snapshots_received: int = 0
+    snapshots_rejected: int = 0
+    snapshot_bytes_received: int = 0
+
+
+class ServerHost(Protocol):
+    """What the service needs from the transport that owns it."""
+
+    @property
+    def portal(self) -> TrioPortal | None: ...
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+    @property
+    def max_snapshot_bytes(self) -> int: ...
+
+    def spool_directory(self) -> str: ...
+
+    def fsm_mode_for(self, index: int) -> bool: ...
+
+    async def deliver_inbound(self, message: Message) -> None: ...
+
+    async def prepare_snapshot(self, index: int) -> None: ...
+
+    async def dispatch_snapshot_spool(self, message: Message, spool: SnapshotSpool) -> None: ...
+
+
+class RaftTransportService(RaftTransportBase):
+    """grpclib service implementation; register it on any grpclib ``Server`` that runs on the
+    transport's loop."""
+
+    def __init__(self, host: ServerHost) -> None:
+        self._host = host
+        self.counters = ServerCounters()
+
+    def _portal(self) -> TrioPortal:
+        portal = self._host.portal
+        if portal is None:
+            raise GRPCError(Status.UNAVAILABLE, "raft transport is not serving")
+        return portal
+
+    async def _handle_frame(self, portal: TrioPortal, frame: bytes) -> None:
+        try:
+            message = decode_message(frame, max_bytes=self._host.max_message_bytes)
+            await portal.run(self._host.deliver_inbound, message)
+        except GRPCError:
+            self.counters.messages_rejected += 1
+            raise
+        except Exception as exc:
+            self.counters.messages_rejected += 1
+            raise to_grpc_error(exc) from None
+        self.counters.messages_received += 1
+
+    async def send(self, message: RaftMessage) -> Ack:
+        await self._handle_frame(self._portal(), message.message)
+        return Ack()
+
+    async def send_stream(self, messages: AsyncIterator[RaftMessage]) -> Ack:
+        # Pipelined: frames are decoded here and queued (bounded) for one trio task that runs
+        # the handler on them in order, so reading the stream does not wait for a thread round
+        # trip per message. The first handler error ends the stream with its status.
+        portal = self._portal()
+        pipe = _Pipe(asyncio.get_running_loop(), portal)
+        consumer = asyncio.ensure_future(portal.run(self._consume, pipe))
+        consumer.add_done_callback(pipe.consumer_done)
+        try:
+            async for message in messages:
+                if consumer.done():
+                    break
+                try:
+                    decoded = decode_message(message.message,
+                                             max_bytes=self._host.max_message_bytes)
+                except Exception as exc:
+                    self.counters.messages_rejected += 1
+                    raise to_grpc_error(exc) from None
+                await pipe.put(decoded)
+            pipe.close()
+            await consumer
+        except GRPCError:
+            raise
+        except Exception as exc:
+            self.counters.messages_rejected += 1
+            raise to_grpc_error(exc) from None
+        finally:
+            if not consumer.done():
+                consumer.cancel()
+                await asyncio.gather(consumer, return_exceptions=True)
+        return Ack()
+
+    async def _consume(self, pipe: _Pipe) -> None:  # trio side
+        deliver = self._host.deliver_inbound
+        while True:
+            if not pipe.items:
+                if pipe.eof:
+                    return
+                pipe.wake = trio.Event()
+                await pipe.wake.wait()
+                continue
+            batch, pipe.items = pipe.items, collections.deque()
+            for message in batch:
+                await deliver(message)
+                self.counters.messages_received += 1
+            pipe.release_soon(len(batch))
+
+    async def send_snapshot(self, messages: AsyncIterator[SnapshotChunk]) -> Ack:
+        portal = self._portal()
+        loop = asyncio.get_running_loop()
+        spool: SnapshotSpool | None = None
+        try:
+            header: Message | None = None
+            finished = False
+            async for chunk in messages:
+                if chunk.metadata:
+                    if header is not None:
+                        raise SnapshotMetadataDuplicateError()
+                    header = decode_message(chunk.metadata,
+                                            max_bytes=self._host.max_message_bytes)
+                    if header.snapshot is None:
+                        raise SnapshotMetadataNilError("metadata frame carries no snapshot")
+                    index = header.snapshot.metadata.index
+                    if self._host.fsm_mode_for(index):
+                        await portal.run(self._host.prepare_snapshot, index)
+                    spool = await loop.run_in_executor(None, _new_spool,
+                                                       self._host.spool_directory(),
+                                                       self._host.max_snapshot_bytes)
+                elif header is None:
+                    raise SnapshotMetadataNilError(
+                        "final chunk before metadata" if chunk.final
+                        else "payload chunk before metadata")
+                assert spool is not None
+                if chunk.chunk:
+                    await loop.run_in_executor(None, spool.write, chunk.chunk)
+                if chunk.final:
+                    finished = True
+                    break
+            if not finished or header is None:
+                raise SnapshotStreamShortError()
+            assert spool is not None
+            size = spool.size
+            await portal.run(self._host.dispatch_snapshot_spool, header, spool)
+        except GRPCError:
+            self.counters.snapshots_rejected += 1
+            raise
+        except Exception as exc:
+            self.counters.snapshots_rejected += 1
+            raise to_grpc_error(exc) from None
+        finally:
+            if spool is not None:
+                await _close_spool(loop, spool)
+        self.counters.snapshots_received += 1
+        self.counters.snapshot_bytes_received += size
+        return Ack()
+
+
+class _Pipe:
+    """Bounded, ordered hand-off of decoded messages from one stream (asyncio) to its trio
+    consumer. ``items``, ``eof`` and ``wake`` are touched only in the trio thread; ``pending``
+    and ``space`` only on the loop."""
+
+    LIMIT = 256
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, portal: TrioPortal) -> None:
+        self.loop = loop
+        self.portal = portal
+        self.items: collections.deque[Message] = collections.deque()
+        self.eof = False
+        self.wake: trio.Event | None = None
+        self.pending = 0
+        self.space = asyncio.Event()
+        self.dead = False
+
+    def _push(self, message: Message) -> None:  # trio thread
+        self.items.append(message)
+        if self.wake is not None:
+            self.wake.set()
+
+    def _finish(self) -> None:  # trio thread
+        self.eof = True
+        if self.wake is not None:
+            self.wake.set()
+
+    def consumer_done(self, fut: asyncio.Future[None]) -> None:  # loop
+        self.dead = True
+        self.space.set()
+        if not fut.cancelled():
+            fut.exception()  # retrieved here; send_stream re-raises it when it is still reading
+
+    async def put(self, message: Message) -> None:  # loop
+        while self.pending >= self.LIMIT and not self.dead:
+            self.space.clear()
+            await self.space.wait()
+        if self.dead:
+            return
+        self.pending += 1
+        self.portal.call_soon(self._push, message)
+
+    def close(self) -> None:  # loop
+        self.portal.call_soon(self._finish)
+
+    def _release(self, n: int) -> None:  # loop
+        self.pending -= n
+        self.space.set()
+
+    def release_soon(self, n: int) -> None:  # trio thread
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._release, n)
+
+
+def _new_spool(directory: str, max_bytes: int) -> SnapshotSpool:
+    return SnapshotSpool(directory, max_bytes=max_bytes)
+
+
+async def _close_spool(loop: asyncio.AbstractEventLoop, spool: SnapshotSpool) -> None:
+    try:
+        await asyncio.shield(loop.run_in_executor(None, spool.close))
+    except asyncio.CancelledError:
+        # The close keeps running in the executor; shutdown waits for the executor.
+        raise

@@ -316,3 +316,33 @@ async def test_wiped_member_rejoins_through_snapshot(tmp_path, clock):
         await leader.promote_learner(victim, idx, warm.commit_index)
         voters = [s.id for s in (await leader.configuration()).servers if s.suffrage == "voter"]
         assert victim in voters
+
+
+async def test_join_as_learner_alarm_when_added_as_voter(tmp_path, clock):
+    import trio_raft
+
+    before = trio_raft.join_role_violation_count()
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        idx = leader.status().configuration_index
+        joiner = await c.start("n4", bootstrap=False, peers=["n1", "n2", "n3", "n4"],
+                               join_as_learner=True)
+        # The operator mistakenly adds the learner-joiner as a voter: the alarm latches once.
+        await leader.add_voter("n4", c.nodes["n4"].address, idx)
+        res = await leader.propose(b"set x 1")
+        await c.wait_applied(res.commit_index, ["n4"])
+        assert trio_raft.join_role_violation_count() == before + 1
+        assert joiner.state() is not State.SHUTDOWN  # it keeps running
+
+
+async def test_factory_applies_its_tunables(tmp_path):
+    import trio_raft
+
+    factory = trio_raft.Factory(trio_raft.FactoryConfig(tick_interval=0.005, heartbeat_tick=2,
+                                                        election_tick=400))
+    assert factory.engine_type() == "trio_raft"
+    cfg = trio_raft.OpenConfig(local_id="n1", local_address="127.0.0.1:1",
+                               data_dir=str(tmp_path / "n1"), bootstrap=True, state_machine=KV())
+    async with factory.create(cfg) as engine:
+        assert engine.lease_duration() == pytest.approx(400 * 0.005 - 0.3)
+        await engine.propose(b"set a 1")

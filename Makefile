@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck protos bench clean
+.PHONY: demo test lint typecheck protos bench bench-vs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/kvnode.py demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check trio_raft tests bench examples
@@ -25,15 +25,24 @@ lint: $(BIN)/.installed
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
 
-# Regenerate the betterproto2/grpclib code under trio_raft/transport/_proto from protos/.
+# Regenerate the betterproto2/grpclib code from protos/: the transport under
+# trio_raft/transport/_proto, the demo KV service under examples/kvproto.
 protos: $(BIN)/.installed
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
 	  --python_betterproto2_out=trio_raft/transport/_proto \
 	  --python_betterproto2_opt=client_generation=async,server_generation=async \
 	  protos/transport.proto
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_betterproto2_out=examples/kvproto \
+	  --python_betterproto2_opt=client_generation=async,server_generation=async \
+	  protos/kv.proto
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/core_bench.py
+
+# Side by side with PySyncObj (installs it into its own venv under the temp dir).
+bench-vs: $(BIN)/.installed
+	$(BIN)/python bench/vs_pysyncobj.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,308 @@
+"""Side by side: a 3-process kvnode cluster (fsync on) against a 3-process PySyncObj cluster.
+
+    python bench/vs_pysyncobj.py [--duration 10] [--concurrency 1,64,1024] [--size 100]
+
+Both clusters run on loopback, one OS process per node, and are driven by the same load
+generator (this process): ``c`` concurrent tasks send ``Put(key, 100-byte value)`` to the leader
+over gRPC (the KV service of protos/kv.proto, spread over up to 16 HTTP/2 connections) for a
+fixed duration; each task sends its next request when the previous one is acknowledged.
+
+* kvnode: ``examples/kvnode.py serve``; an acknowledgement means committed by a quorum (WAL
+  fsynced on each of them) and applied on the leader.
+* PySyncObj (installed by this script with pip into its own venv under the temp dir's
+  ``trio-raft-bench/`` cache): each node is a ``SyncObj`` with a replicated dict, fronted by the
+  same grpclib KV service (``Put`` -> ``ReplDict.set`` with a callback); an acknowledgement
+  means PySyncObj reported the command applied. PySyncObj keeps its log in memory (no fsync).
+
+Prints a JSON line per system and setting (ops/s, p50/p99 latency in ms), then a table.
+Figures, not assertions; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+
+PYSYNCOBJ_REQ = ["pysyncobj>=0.3.12", "grpclib>=0.4.7", "betterproto2>=0.10,<0.11"]
+MAX_CHANNELS = 16
+POLL = 0.05
+
+
+# -- the PySyncObj node (runs under the PySyncObj venv's python) ---------------------------------
+
+def pysyncobj_node(args: argparse.Namespace) -> None:
+    from grpclib.const import Cardinality, Handler, Status
+    from grpclib.server import Server
+    from kvproto.trio_raft.kv import v1 as pb
+    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+    from pysyncobj.batteries import ReplDict
+
+    peers = dict(item.split("=", 1) for item in args.peers.split(","))
+    raft_addrs = {n: a for n, a in peers.items()}
+    me = raft_addrs[args.id]
+    store = ReplDict()
+    sync = SyncObj(me, [a for n, a in raft_addrs.items() if n != args.id], consumers=[store],
+                   conf=SyncObjConf(dynamicMembershipChange=False))
+
+    class KV:
+        def __mapping__(self) -> dict[str, Handler]:
+            return {
+                "/trio_raft.kv.v1.KV/Put": Handler(self.put, Cardinality.UNARY_UNARY,
+                                                   pb.PutRequest, pb.PutResponse),
+                "/trio_raft.kv.v1.KV/Status": Handler(self.status, Cardinality.UNARY_UNARY,
+                                                      pb.StatusRequest, pb.StatusResponse),
+            }
+
+        async def put(self, stream: Any) -> None:
+            req = await stream.recv_message()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[int] = loop.create_future()
+
+            def settle(err: int) -> None:
+                if not fut.done():
+                    fut.set_result(err)
+
+            def done(_result: Any, err: int) -> None:  # PySyncObj's thread
+                loop.call_soon_threadsafe(settle, err)
+
+            store.set(req.key, req.value, callback=done)
+            err = await fut
+            if err != FAIL_REASON.SUCCESS:
+                await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
+                                                    status_message=f"pysyncobj error {err}")
+                return
+            await stream.send_message(pb.PutResponse(index=0))
+
+        async def status(self, stream: Any) -> None:
+            await stream.recv_message()
+            leader = sync._getLeader()
+            state = "leader" if sync._isLeader() else "follower"
+            await stream.send_message(pb.StatusResponse(
+                id=args.id, state=state, leader_address=str(leader or "")))
+
+    async def main() -> None:
+        host, port = args.listen.rsplit(":", 1)
+        server = Server([KV()])
+        await server.start(host, int(port))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        print(json.dumps({"event": "ready", "id": args.id}), flush=True)
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+        sync.destroy()
+
+    asyncio.run(main())
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+def pysyncobj_python(cache: str) -> str:
+    venv = os.path.join(cache, "pysyncobj-venv")
+    py = os.path.join(venv, "bin", "python")
+    marker = os.path.join(venv, ".installed")
+    if not os.path.exists(marker):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "--quiet", *PYSYNCOBJ_REQ], check=True)
+        with open(marker, "w") as f:
+            f.write("\n".join(PYSYNCOBJ_REQ))
+    return py
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.logs: list[Any] = []
+
+    async def start(self, cmd: list[str], log_path: str) -> None:
+        log = open(log_path, "ab")  # noqa: SIM115
+        self.logs.append(log)
+        self.procs.append(await asyncio.create_subprocess_exec(
+            *cmd, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, cwd=ROOT))
+
+    async def stop(self) -> None:
+        for p in self.procs:
+            if p.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                await asyncio.wait_for(p.wait(), 15)
+            except TimeoutError:
+                p.kill()
+                await p.wait()
+        for log in self.logs:
+            log.close()
+
+
+async def find_leader(addrs: list[str], timeout: float = 60.0) -> str:
+    from kvnode_lib.client import KVClient, KVError
+
+    client = KVClient(addrs[0], timeout=1.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for a in addrs:
+                with contextlib.suppress(KVError):
+                    if (await client.status(a)).state == "leader":
+                        return a
+            await asyncio.sleep(POLL)
+    finally:
+        client.close()
+    raise TimeoutError("no leader")
+
+
+async def load(addr: str, concurrency: int, duration: float, size: int) -> dict[str, Any]:
+    from kvnode_lib.client import KVClient, KVError
+    from kvproto.trio_raft.kv import v1 as pb
+
+    clients = [KVClient(addr, timeout=30.0) for _ in range(min(concurrency, MAX_CHANNELS))]
+    value = os.urandom(size)
+    latencies: list[float] = []
+    errors = 0
+    # Warm-up: connections open and the leader's term committed before timing starts.
+    for c in clients:
+        with contextlib.suppress(KVError):
+            await c.put("warmup", value)
+    end = time.monotonic() + duration
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        c = clients[i % len(clients)]
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                await c.call_at(addr, "/trio_raft.kv.v1.KV/Put",
+                                pb.PutRequest(key=f"k{i}-{n}", value=value), pb.PutResponse)
+            except KVError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    t_start = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.monotonic() - t_start
+    for c in clients:
+        c.close()
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        if not latencies:
+            return 0.0
+        return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1000
+
+    return {"concurrency": concurrency, "ops": len(latencies), "errors": errors,
+            "seconds": round(elapsed, 2), "ops_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2)}
+
+
+async def run_system(system: str, args: argparse.Namespace, base: str,
+                     py: str | None) -> list[dict[str, Any]]:
+    from kvnode_lib.demo import NAMES, free_ports
+
+    ports = free_ports(6)
+    api = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, ports[:3])}
+    procs = Procs()
+    results = []
+    try:
+        for i, n in enumerate(NAMES):
+            log = os.path.join(base, f"{system}-{n}.log")
+            if system == "kvnode":
+                peers = ",".join(f"{m}={a}" for m, a in api.items())
+                cmd = [sys.executable, os.path.join(EXAMPLES, "kvnode.py"), "serve", "--id", n,
+                       "--listen", api[n], "--peers", peers, "--bootstrap",
+                       "--data-dir", os.path.join(base, f"kv-{n}")]
+            else:
+                assert py is not None
+                raft = {m: f"127.0.0.1:{p}" for m, p in zip(NAMES, ports[3:])}
+                peers = ",".join(f"{m}={a}" for m, a in raft.items())
+                cmd = [py, os.path.abspath(__file__), "pysyncobj-node", "--id", n,
+                       "--listen", api[n], "--peers", peers]
+            await procs.start(cmd, log)
+            del i
+        leader = await find_leader(list(api.values()))
+        for c in (int(x) for x in args.concurrency.split(",")):
+            r = await load(leader, c, args.duration, args.size)
+            row = {"bench": "vs_pysyncobj", "system": system, "nodes": 3,
+                   "fsync": system == "kvnode", "value_bytes": args.size, **r}
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    finally:
+        await procs.stop()
+    return results
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    by = {(r["system"], r["concurrency"]): r for r in rows}
+    levels = sorted({r["concurrency"] for r in rows})
+    out = ["| in flight | kvnode ops/s | kvnode p50 / p99 ms | PySyncObj ops/s "
+           "| PySyncObj p50 / p99 ms | throughput ratio | p50 ratio |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in levels:
+        k, p = by.get(("kvnode", c)), by.get(("pysyncobj", c))
+        if k is None or p is None:
+            continue
+        tr = k["ops_per_s"] / p["ops_per_s"] if p["ops_per_s"] else float("inf")
+        lr = p["p50_ms"] / k["p50_ms"] if k["p50_ms"] else float("inf")
+        out.append(f"| {c} | {k['ops_per_s']:.0f} | {k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
+                   f"{p['ops_per_s']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
+                   f"{tr:.2f}x | {lr:.1f}x lower |")
+    return "\n".join(out)
+
+
+async def orchestrate(args: argparse.Namespace) -> None:
+    cache = os.path.join(tempfile.gettempdir(), "trio-raft-bench")
+    os.makedirs(cache, exist_ok=True)
+    py = pysyncobj_python(cache)
+    print(json.dumps({"event": "machine", "python": platform.python_version(),
+                      "cpus": os.cpu_count(), "platform": platform.platform(),
+                      "duration_s": args.duration}), flush=True)
+    base = tempfile.mkdtemp(prefix="vs-pysyncobj-")
+    try:
+        rows = await run_system("kvnode", args, base, None)
+        rows += await run_system("pysyncobj", args, base, py)
+    except BaseException:
+        print(f"logs kept in {base}", file=sys.stderr)
+        raise
+    print()
+    print(table(rows), flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "pysyncobj-node"])
+    ap.add_argument("--id")
+    ap.add_argument("--listen")
+    ap.add_argument("--peers")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--concurrency", default="1,64,1024")
+    ap.add_argument("--size", type=int, default=100)
+    args = ap.parse_args()
+    if args.mode == "pysyncobj-node":
+        pysyncobj_node(args)
+    else:
+        asyncio.run(orchestrate(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The implementation of examples/kvnode.py (demo code, outside the trio_raft package)."""

@@ -1,0 +1,176 @@
+"""An asyncio client for the kvnode services, with one-hop leader following.
+
+A call that a follower answers with ``FAILED_PRECONDITION`` and a non-empty ``leader-address``
+trailer is retried once at that address (the operation certainly did not happen, so this is
+safe for writes too). Everything else is raised as :class:`KVError`, carrying the gRPC status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from typing import Any, TypeVar
+
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from kvproto.trio_raft.kv import v1 as pb
+
+LEADER_ADDRESS_KEY = "leader-address"
+KV = "/trio_raft.kv.v1.KV/"
+ADMIN = "/trio_raft.kv.v1.Admin/"
+
+R = TypeVar("R")
+
+
+class KVError(Exception):
+    """A failed call: ``status`` is the gRPC status (UNAVAILABLE for connection failures)."""
+
+    def __init__(self, status: Status, message: str, leader_address: str = "",
+                 address: str = "") -> None:
+        super().__init__(f"{status.name}: {message}" + (f" (at {address})" if address else ""))
+        self.status = status
+        self.message = message
+        self.leader_address = leader_address
+        self.address = address
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def tls_paths(tls_dir: str) -> dict[str, str]:
+    return {name: os.path.join(tls_dir, f"{name}") for name in ("ca.crt", "node.crt", "node.key")}
+
+
+def client_ssl(tls_dir: str | None) -> ssl.SSLContext | None:
+    """Mutual TLS from ``DIR/ca.crt`` (trust) and ``DIR/node.crt`` + ``DIR/node.key``."""
+    if not tls_dir:
+        return None
+    from trio_raft.transport.tls import client_ssl_context
+
+    p = tls_paths(tls_dir)
+    return client_ssl_context(p["ca.crt"], certfile=p["node.crt"], keyfile=p["node.key"])
+
+
+class KVClient:
+    """``async with KVClient("127.0.0.1:7001") as c: await c.put("k", b"v")``."""
+
+    def __init__(self, address: str, *, ssl_context: ssl.SSLContext | None = None,
+                 timeout: float = 10.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._ssl = ssl_context
+        self._channels: dict[str, Channel] = {}
+
+    async def __aenter__(self) -> KVClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+    def _channel(self, address: str) -> Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            host, port = split_address(address)
+            ch = Channel(host, port, ssl=self._ssl)
+            self._channels[address] = ch
+        return ch
+
+    async def call_at(self, address: str, path: str, request: Any, reply_type: type[R]) -> R:
+        """One call at ``address`` (no leader following)."""
+        ch = self._channel(address)
+        stream_cm = ch.request(path, Cardinality.UNARY_UNARY, type(request), reply_type,
+                               timeout=self.timeout)
+        try:
+            async with stream_cm as stream:
+                await stream.send_message(request, end=True)
+                try:
+                    reply = await stream.recv_message()
+                except GRPCError as exc:
+                    tm = stream.trailing_metadata or {}
+                    raise KVError(exc.status, exc.message or "", str(tm.get(LEADER_ADDRESS_KEY,
+                                                                              "")),
+                                  address) from None
+                assert reply is not None
+                return reply
+        except KVError:
+            raise
+        except GRPCError as exc:
+            raise KVError(exc.status, exc.message or "", "", address) from None
+        except (TimeoutError, OSError, StreamTerminatedError, ssl.SSLError) as exc:
+            # A dead connection is dropped so the next call reconnects.
+            with contextlib.suppress(Exception):
+                self._channels.pop(address).close()
+            status = Status.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else (
+                Status.UNAVAILABLE)
+            raise KVError(status, f"{type(exc).__name__}: {exc}", "", address) from None
+
+    async def call(self, path: str, request: Any, reply_type: type[R], *,
+                   follow: bool = True) -> R:
+        try:
+            return await self.call_at(self.address, path, request, reply_type)
+        except KVError as exc:
+            if (follow and exc.status is Status.FAILED_PRECONDITION and exc.leader_address
+                    and exc.leader_address != self.address):
+                return await self.call_at(exc.leader_address, path, request, reply_type)
+            raise
+
+    # -- KV ------------------------------------------------------------------------------
+    async def put(self, key: str, value: bytes) -> pb.PutResponse:
+        return await self.call(KV + "Put", pb.PutRequest(key=key, value=value), pb.PutResponse)
+
+    async def get(self, key: str, mode: pb.ReadMode = pb.ReadMode.LINEARIZABLE,
+                  *, follow: bool = True) -> pb.GetResponse:
+        return await self.call(KV + "Get", pb.GetRequest(key=key, mode=mode), pb.GetResponse,
+                               follow=follow)
+
+    async def delete(self, key: str) -> pb.DeleteResponse:
+        return await self.call(KV + "Delete", pb.DeleteRequest(key=key), pb.DeleteResponse)
+
+    async def cas(self, key: str, value: bytes, *, expected: bytes = b"",
+                  expect_absent: bool = False) -> pb.CasResponse:
+        req = pb.CasRequest(key=key, expected=expected, expect_absent=expect_absent, value=value)
+        return await self.call(KV + "CompareAndSwap", req, pb.CasResponse)
+
+    async def status(self, address: str | None = None) -> pb.StatusResponse:
+        return await self.call_at(address or self.address, KV + "Status", pb.StatusRequest(),
+                                  pb.StatusResponse)
+
+    # -- Admin ---------------------------------------------------------------------------
+    async def add_learner(self, node_id: str, address: str) -> pb.AdminResponse:
+        return await self.call(ADMIN + "AddLearner",
+                               pb.AddLearnerRequest(id=node_id, address=address),
+                               pb.AdminResponse)
+
+    async def promote(self, node_id: str, min_applied_index: int = 0) -> pb.AdminResponse:
+        return await self.call(ADMIN + "Promote",
+                               pb.PromoteRequest(id=node_id, min_applied_index=min_applied_index),
+                               pb.AdminResponse)
+
+    async def remove(self, node_id: str) -> pb.AdminResponse:
+        return await self.call(ADMIN + "Remove", pb.RemoveRequest(id=node_id), pb.AdminResponse)
+
+    async def transfer(self, node_id: str = "") -> pb.AdminResponse:
+        return await self.call(ADMIN + "Transfer", pb.TransferRequest(id=node_id),
+                               pb.AdminResponse)
+
+    async def members(self) -> pb.MembersResponse:
+        return await self.call(ADMIN + "Members", pb.MembersRequest(), pb.MembersResponse)
+
+    async def announce(self, node_id: str) -> pb.AdminResponse:
+        return await self.call(ADMIN + "Announce", pb.AnnounceRequest(id=node_id),
+                               pb.AdminResponse)
+
+    async def was_member(self, address: str, node_id: str) -> pb.WasMemberResponse:
+        return await self.call_at(address, ADMIN + "WasMember", pb.WasMemberRequest(id=node_id),
+                                  pb.WasMemberResponse)

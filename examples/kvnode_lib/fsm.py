@@ -1,0 +1,184 @@
+"""The replicated key/value state machine of kvnode, and its command and snapshot encodings.
+
+Keys are strings (UTF-8 on the wire and on disk), values are arbitrary bytes. Commands are small
+binary records, so any key or value round-trips exactly:
+
+    put      b"P" | u32 key_len | key | value
+    delete   b"D" | u32 key_len | key
+    cas      b"C" | u8 flags (1: expect absent) | u32 key_len | key | u32 exp_len | expected | value
+    member   b"M" | member id (UTF-8)          (internal: "this node has been a member with data")
+
+Snapshot payload (written by :meth:`KVSnapshot.write_to` in a worker thread):
+
+    b"KVS1" | u64 entry_count | entry_count x (u32 key_len | key | u32 value_len | value)
+            | u32 member_count | member_count x (u32 id_len | id)
+
+All integers are big-endian. ``restore`` checks the magic and every length against the data it
+has, so a truncated or foreign payload is an error, never a half-restored store.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import IO, Any
+
+import attrs
+
+SNAPSHOT_MAGIC = b"KVS1"
+MAX_KEY_BYTES = 4096
+MAX_VALUE_BYTES = 512 * 1024
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class CommandError(ValueError):
+    """A malformed command (never produced by this module's encoders)."""
+
+
+@attrs.frozen
+class CasResult:
+    swapped: bool
+    found: bool
+    current: bytes
+
+
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8")
+
+
+def encode_put(key: str, value: bytes) -> bytes:
+    k = _key_bytes(key)
+    return b"P" + _U32.pack(len(k)) + k + bytes(value)
+
+
+def encode_delete(key: str) -> bytes:
+    k = _key_bytes(key)
+    return b"D" + _U32.pack(len(k)) + k
+
+
+def encode_cas(key: str, expected: bytes, expect_absent: bool, value: bytes) -> bytes:
+    k = _key_bytes(key)
+    return (b"C" + bytes([1 if expect_absent else 0]) + _U32.pack(len(k)) + k
+            + _U32.pack(len(expected)) + bytes(expected) + bytes(value))
+
+
+def encode_member(member_id: str) -> bytes:
+    return b"M" + member_id.encode("utf-8")
+
+
+def _take(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 4 > len(data):
+        raise CommandError("truncated length")
+    (n,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if pos + n > len(data):
+        raise CommandError("truncated field")
+    return data[pos:pos + n], pos + n
+
+
+class KVSnapshot:
+    """A point-in-time copy of the store (values are immutable bytes: a shallow copy suffices)."""
+
+    def __init__(self, data: dict[str, bytes], members: set[str]) -> None:
+        self._data = dict(data)
+        self._members = sorted(members)
+
+    def write_to(self, writer: IO[bytes]) -> int:
+        parts = [SNAPSHOT_MAGIC, _U64.pack(len(self._data))]
+        for key, value in self._data.items():
+            k = _key_bytes(key)
+            parts += (_U32.pack(len(k)), k, _U32.pack(len(value)), value)
+        parts.append(_U32.pack(len(self._members)))
+        for member in self._members:
+            m = member.encode("utf-8")
+            parts += (_U32.pack(len(m)), m)
+        blob = b"".join(parts)
+        writer.write(blob)
+        return len(blob)
+
+    def close(self) -> None:
+        self._data = {}
+
+
+class KVStateMachine:
+    """``apply`` returns: put -> None, delete -> bool (deleted), cas -> :class:`CasResult`."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.members: set[str] = set()
+        self.apply_index = 0
+        self.snapshots_taken = 0
+        self.snapshots_restored = 0
+
+    def set_apply_index(self, index: int) -> None:
+        self.apply_index = index
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def apply(self, data: bytes) -> Any:
+        if not data:
+            return None  # not one of ours (e.g. an empty entry): nothing to do
+        op = data[:1]
+        if op == b"P":
+            key, pos = _take(data, 1)
+            self.data[key.decode("utf-8")] = bytes(data[pos:])
+            return None
+        if op == b"D":
+            key, _ = _take(data, 1)
+            return self.data.pop(key.decode("utf-8"), None) is not None
+        if op == b"C":
+            if len(data) < 2:
+                raise CommandError("truncated cas")
+            expect_absent = bool(data[1] & 1)
+            raw_key, pos = _take(data, 2)
+            expected, pos = _take(data, pos)
+            key = raw_key.decode("utf-8")
+            current = self.data.get(key)
+            if expect_absent:
+                swapped = current is None
+            else:
+                swapped = current is not None and current == expected
+            if swapped:
+                self.data[key] = bytes(data[pos:])
+            return CasResult(swapped, current is not None, current or b"")
+        if op == b"M":
+            self.members.add(data[1:].decode("utf-8"))
+            return None
+        return None  # unknown opcodes from a newer version are ignored, deterministically
+
+    def snapshot(self) -> KVSnapshot:
+        self.snapshots_taken += 1
+        return KVSnapshot(self.data, self.members)
+
+    def restore(self, reader: IO[bytes]) -> None:
+        blob = reader.read()
+        data, members = decode_snapshot(blob)
+        self.data, self.members = data, members
+        self.snapshots_restored += 1
+
+
+def decode_snapshot(blob: bytes) -> tuple[dict[str, bytes], set[str]]:
+    if not blob:
+        return {}, set()
+    if blob[:4] != SNAPSHOT_MAGIC or len(blob) < 12:
+        raise CommandError("not a kvnode snapshot (bad magic)")
+    (count,) = _U64.unpack_from(blob, 4)
+    pos = 12
+    data: dict[str, bytes] = {}
+    for _ in range(count):
+        key, pos = _take(blob, pos)
+        value, pos = _take(blob, pos)
+        data[key.decode("utf-8")] = value
+    members: set[str] = set()
+    if pos + 4 > len(blob):
+        raise CommandError("truncated snapshot")
+    (mcount,) = _U32.unpack_from(blob, pos)
+    pos += 4
+    for _ in range(mcount):
+        member, pos = _take(blob, pos)
+        members.add(member.decode("utf-8"))
+    if pos != len(blob):
+        raise CommandError(f"{len(blob) - pos} trailing bytes in snapshot")
+    return data, members

@@ -1,0 +1,233 @@
+"""``kvnode serve``: one replicated KV node (raft transport + KV + Admin on one port).
+
+Lifecycle: check the bootstrap guard (below), start the gRPC transport with the KV and Admin
+services on ``--listen``, open the engine on ``--data-dir`` with that transport, serve until
+SIGINT/SIGTERM (or until this node is removed from the cluster), then close the engine, the
+transport and the metrics endpoint, and return exit code 0.
+
+Bootstrap guard: ``--bootstrap`` only acts on an empty data dir. Every node, once it holds data,
+records in the replicated state that it has been a member. A node started with ``--bootstrap``
+on an empty data dir first asks its peers; if any of them remembers it, its data dir was wiped,
+and it refuses to start (exit 2) instead of rejoining with a forgotten vote and log: remove it
+and add it back as a learner (``--join-as-learner``), see docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from functools import partial
+from typing import Any
+
+import trio
+from kvnode_lib.client import KVClient, KVError, client_ssl, split_address, tls_paths
+from kvnode_lib.fsm import KVStateMachine
+from kvnode_lib.metrics import Metrics
+from kvnode_lib.service import AdminService, KVService, Node
+
+import trio_raft
+from trio_raft.transport.grpc import GRPCTransport
+
+log = logging.getLogger("kvnode")
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+ANNOUNCE_RETRY = 1.0
+
+
+class UsageError(Exception):
+    """A refusal to start that the operator must resolve (exit 2)."""
+
+
+def data_dir_is_empty(path: str) -> bool:
+    return not os.path.isdir(path) or not os.listdir(path)
+
+
+def server_ssl(tls_dir: str | None) -> ssl.SSLContext | None:
+    if not tls_dir:
+        return None
+    from trio_raft.transport.tls import server_ssl_context
+
+    p = tls_paths(tls_dir)
+    return server_ssl_context(p["node.crt"], p["node.key"], client_ca=p["ca.crt"])
+
+
+async def _probe_was_member(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> str | None:
+    """The id of a peer that remembers this node as a member, or None."""
+    others = [p for p in peers if p.id != args.id]
+    if not others:
+        return None
+    client = KVClient(others[0].address, ssl_context=client_ssl(args.tls_dir), timeout=1.5)
+    try:
+        async def ask(p: trio_raft.Peer) -> str | None:
+            try:
+                r = await client.was_member(p.address, args.id)
+            except KVError:
+                return None
+            return p.id if r.was_member else None
+
+        found = await asyncio.gather(*(ask(p) for p in others))
+    finally:
+        client.close()
+    return next((f for f in found if f), None)
+
+
+def bootstrap_guard(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> None:
+    if not (args.bootstrap and data_dir_is_empty(args.data_dir)):
+        return
+    witness = asyncio.run(_probe_was_member(args, peers))
+    if witness is not None:
+        raise UsageError(
+            f"the data dir {args.data_dir!r} is empty, but peer {witness} remembers node "
+            f"{args.id} as a member: its data was wiped. Remove it (`kvnode.py remove "
+            f"{args.id}`), then start it with --join-as-learner and add it back "
+            f"(`add-learner`, `promote`).")
+
+
+class _TimedDisk:
+    """Forwards to the engine's durable store, timing each Ready that must fsync.
+
+    A stopgap for the ``kvnode_wal_sync_seconds`` histogram: the engine has no public hook for
+    WAL sync timings yet, so this wraps its (private) persistence object.
+    """
+
+    def __init__(self, disk: Any, metrics: Metrics) -> None:
+        self._disk = disk
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._disk, name)
+
+    def save_ready(self, hard_state: Any, entries: Any, snapshot: Any, must_sync: bool) -> None:
+        t0 = time.perf_counter()
+        self._disk.save_ready(hard_state, entries, snapshot, must_sync)
+        if must_sync:
+            self._metrics.observe_wal_sync(time.perf_counter() - t0)
+
+
+def instrument_wal(engine: trio_raft.Engine, metrics: Metrics) -> None:
+    disk = getattr(engine, "_disk", None)
+    if disk is not None and hasattr(disk, "save_ready"):
+        engine._disk = _TimedDisk(disk, metrics)  # type: ignore[attr-defined]
+
+
+async def announce_membership(node: Node, transport: GRPCTransport) -> None:
+    """Record (replicated) that this node holds data, once; retried until it succeeds."""
+    engine = node.engine
+    assert engine is not None
+    while node.node_id not in node.fsm.members:
+        leader = engine.leader()
+        try:
+            if engine.state() is trio_raft.State.LEADER:
+                from kvnode_lib.fsm import encode_member
+
+                await engine.propose(encode_member(node.node_id))
+            elif leader.address and engine.applied_index() > 0 and transport.bridge is not None:
+                await transport.bridge.run(_announce_rpc, leader.address, node.node_id,
+                                           transport)
+        except Exception as exc:  # retried: leaders change, nodes restart
+            log.debug("announce failed: %r", exc)
+        await trio.sleep(ANNOUNCE_RETRY)
+
+
+async def _announce_rpc(address: str, node_id: str, transport: GRPCTransport) -> None:
+    client = KVClient(address, ssl_context=transport._client_config.ssl_context, timeout=3)
+    try:
+        await client.announce(node_id)
+    finally:
+        client.close()
+
+
+async def _stop_on_signal(cancel_scope: trio.CancelScope,
+                          signals: Any, stopped_by: list[str]) -> None:
+    async for signum in signals:
+        stopped_by.append(signal.Signals(signum).name)
+        cancel_scope.cancel()
+        return
+
+
+async def run_node(args: argparse.Namespace) -> int:
+    peers = trio_raft.parse_peers(args.peers) if args.peers else []
+    local = next((p for p in peers if p.id == args.id), None)
+    local_address = local.address if local is not None else args.listen
+    host, port = split_address(args.listen)
+    fsm = KVStateMachine()
+    metrics = Metrics(args.id)
+    node = Node(args.id, fsm, metrics)
+    transport = GRPCTransport(local_address=local_address, server_ssl=server_ssl(args.tls_dir),
+                              client_ssl=client_ssl(args.tls_dir))
+    handlers = [KVService(node), AdminService(node)]
+    stopped_by: list[str] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(partial(transport.serve, host, port, handlers=handlers))
+            node.portal = transport.portal
+            metrics_port = None
+            if args.metrics_listen:
+                mhost, mport = split_address(args.metrics_listen)
+                metrics_port = metrics.start_server(mhost, mport)
+            cfg = trio_raft.OpenConfig(
+                local_id=args.id, local_address=local_address, data_dir=args.data_dir,
+                peers=peers, bootstrap=args.bootstrap, state_machine=fsm, transport=transport,
+                snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
+                tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
+                election_tick=args.election_tick)
+            try:
+                async with trio_raft.open_engine(cfg) as engine:
+                    instrument_wal(engine, metrics)
+                    node.engine = engine
+                    metrics.refresh(engine, fsm)
+                    print(json.dumps({"event": "ready", "id": args.id, "port": bound,
+                                      "metrics_port": metrics_port, "pid": os.getpid()}),
+                          flush=True)
+                    async with trio.open_nursery() as tasks:
+                        tasks.start_soon(_stop_on_signal, tasks.cancel_scope, signals,
+                                         stopped_by)
+                        tasks.start_soon(metrics.refresh_forever, engine, fsm)
+                        tasks.start_soon(announce_membership, node, transport)
+                        await engine.wait_closed()
+                        tasks.cancel_scope.cancel()
+                    node.engine = None
+            finally:
+                node.engine = None
+                await transport.aclose()
+                metrics.stop_server()
+    reason = stopped_by[0] if stopped_by else "removed from the cluster or engine closed"
+    print(json.dumps({"event": "stopped", "id": args.id, "reason": reason}), flush=True)
+    return EXIT_OK
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
+                        stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        peers = trio_raft.parse_peers(args.peers) if args.peers else []
+        bootstrap_guard(args, peers)
+        return trio.run(run_node, args)
+    except Exception as exc:
+        leaf = single_leaf(exc)
+        if isinstance(leaf, UsageError):
+            print(f"kvnode: refusing to start: {leaf}", file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(leaf, trio_raft.errors.ConfigError | ValueError):
+            print(f"kvnode: configuration error: {type(leaf).__name__}: {leaf}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if isinstance(leaf, trio_raft.RaftError | OSError):
+            print(f"kvnode: fatal: {type(leaf).__name__}: {leaf}", file=sys.stderr)
+            return EXIT_FATAL
+        raise
+
+
+def single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,306 @@
+"""The KV and Admin gRPC services of a kvnode, served on the raft transport's grpclib server.
+
+grpclib runs the handlers on the transport's asyncio loop; each handler crosses into trio once
+(``transport.portal.run``), where it talks to the engine and maps the outcome to a status code:
+
+* ``NotLeaderError``, ``LeadershipTransferInProgressError``, ``EnvelopeCutoverInProgressError``:
+  rejected before reaching raft, certainly not applied -> ``FAILED_PRECONDITION`` with trailing
+  metadata ``leader-address`` (empty when unknown).
+* ``LeadershipLostError`` (a ``NotLeaderError``, so it is checked first), ``EngineClosedError``
+  and anything else unexpected: the outcome is unknown -> ``UNAVAILABLE``.
+* malformed requests -> ``INVALID_ARGUMENT``.
+
+A client never sees a stack trace: unexpected exceptions are logged here and answered with a
+short message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from grpclib.const import Cardinality, Handler, Status
+from kvnode_lib import fsm as kvfsm
+from kvnode_lib.metrics import Metrics
+from kvproto.trio_raft.kv import v1 as pb
+
+import trio_raft
+from trio_raft import errors
+
+log = logging.getLogger("kvnode.service")
+
+LEADER_ADDRESS_KEY = "leader-address"
+KV_PATH = "/trio_raft.kv.v1.KV/"
+ADMIN_PATH = "/trio_raft.kv.v1.Admin/"
+
+
+class Reply(Exception):
+    """A non-OK gRPC status to send back, raised on the trio side."""
+
+    def __init__(self, status: Status, message: str, leader_address: str | None = None) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+        self.leader_address = leader_address
+
+
+class Node:
+    """What the handlers need: the engine (set once open), the state machine, the metrics."""
+
+    def __init__(self, node_id: str, fsm: kvfsm.KVStateMachine, metrics: Metrics) -> None:
+        self.node_id = node_id
+        self.fsm = fsm
+        self.metrics = metrics
+        self.engine: trio_raft.Engine | None = None
+        self.portal: Any = None
+
+    def require_engine(self) -> trio_raft.Engine:
+        if self.engine is None:
+            raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
+        return self.engine
+
+    def leader_address(self) -> str:
+        return self.engine.leader().address if self.engine is not None else ""
+
+    def translate(self, exc: BaseException) -> Reply:
+        """Map an engine exception to the status a client can rely on."""
+        if isinstance(exc, Reply):
+            return exc
+        if isinstance(exc, errors.LeadershipLostError | errors.EngineClosedError):
+            return Reply(Status.UNAVAILABLE, f"outcome unknown: {type(exc).__name__}")
+        if isinstance(exc, errors.NotLeaderError | errors.LeadershipTransferInProgressError
+                      | errors.EnvelopeCutoverInProgressError):
+            return Reply(Status.FAILED_PRECONDITION, f"not the leader: {type(exc).__name__}",
+                         self.leader_address())
+        if isinstance(exc, errors.ConfigError):
+            return Reply(Status.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, errors.FailedPreconditionError | errors.ConfigIndexMismatchError
+                      | errors.MembershipChangePendingError
+                      | errors.TooManyPendingConfigsError
+                      | errors.TransportPeerUnknownError):
+            return Reply(Status.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        if type(exc).__name__.startswith("LeadershipTransfer"):
+            return Reply(Status.FAILED_PRECONDITION, f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, errors.TransportClosedError):
+            return Reply(Status.UNAVAILABLE, "node is stopping")
+        log.error("unexpected error while serving a request", exc_info=exc)
+        return Reply(Status.UNAVAILABLE, f"outcome unknown: internal error ({type(exc).__name__})")
+
+
+def check_key(key: str) -> None:
+    if not key:
+        raise Reply(Status.INVALID_ARGUMENT, "key must not be empty")
+    if len(key.encode("utf-8")) > kvfsm.MAX_KEY_BYTES:
+        raise Reply(Status.INVALID_ARGUMENT, f"key longer than {kvfsm.MAX_KEY_BYTES} bytes")
+
+
+def check_value(value: bytes, what: str = "value") -> None:
+    if len(value) > kvfsm.MAX_VALUE_BYTES:
+        raise Reply(Status.INVALID_ARGUMENT, f"{what} larger than {kvfsm.MAX_VALUE_BYTES} bytes")
+
+
+class _Base:
+    """Unary handlers over raw grpclib streams (so errors can carry trailing metadata)."""
+
+    path = ""
+    methods: dict[str, tuple[str, type, type]] = {}
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def __mapping__(self) -> dict[str, Handler]:
+        out = {}
+        for rpc, (attr, req_t, resp_t) in self.methods.items():
+            out[self.path + rpc] = Handler(self._wrap(getattr(self, attr)),
+                                           Cardinality.UNARY_UNARY, req_t, resp_t)
+        return out
+
+    def _wrap(self, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[None]]:
+        node = self.node
+
+        async def handle(stream: Any) -> None:
+            request = await stream.recv_message()
+            portal = node.portal
+            try:
+                if portal is None or request is None:
+                    raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
+                response = await portal.run(_guarded, node, fn, request)
+            except Reply as r:
+                metadata = ({LEADER_ADDRESS_KEY: r.leader_address}
+                            if r.leader_address is not None else None)
+                await stream.send_trailing_metadata(status=r.status, status_message=r.message,
+                                                    metadata=metadata)
+                return
+            except Exception as exc:  # the bridge itself failed (e.g. shutting down)
+                log.debug("request failed outside the engine: %r", exc)
+                await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
+                                                    status_message="node is stopping")
+                return
+            await stream.send_message(response)
+
+        return handle
+
+
+async def _guarded(node: Node, fn: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+    """Runs in trio: call ``fn`` and turn every failure into a :class:`Reply`."""
+    try:
+        return await fn(request)
+    except trio.Cancelled:
+        raise
+    except Exception as exc:
+        raise node.translate(exc) from None
+
+
+class KVService(_Base):
+    path = KV_PATH
+    methods = {
+        "Put": ("put", pb.PutRequest, pb.PutResponse),
+        "Get": ("get", pb.GetRequest, pb.GetResponse),
+        "Delete": ("delete", pb.DeleteRequest, pb.DeleteResponse),
+        "CompareAndSwap": ("cas", pb.CasRequest, pb.CasResponse),
+        "Status": ("status", pb.StatusRequest, pb.StatusResponse),
+    }
+
+    async def _propose(self, data: bytes) -> trio_raft.ProposalResult:
+        engine = self.node.require_engine()
+        m = self.node.metrics
+        t0 = time.perf_counter()
+        try:
+            result = await engine.propose(data)
+        except Exception as exc:
+            m.proposal_failed(type(exc).__name__)
+            raise
+        m.proposal_done(time.perf_counter() - t0)
+        return result
+
+    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+        check_key(req.key)
+        check_value(req.value)
+        result = await self._propose(kvfsm.encode_put(req.key, req.value))
+        return pb.PutResponse(index=result.commit_index)
+
+    async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+        check_key(req.key)
+        result = await self._propose(kvfsm.encode_delete(req.key))
+        return pb.DeleteResponse(deleted=bool(result.response), index=result.commit_index)
+
+    async def cas(self, req: pb.CasRequest) -> pb.CasResponse:
+        check_key(req.key)
+        check_value(req.value)
+        check_value(req.expected, "expected")
+        if req.expect_absent and req.expected:
+            raise Reply(Status.INVALID_ARGUMENT, "expect_absent and expected are exclusive")
+        result = await self._propose(
+            kvfsm.encode_cas(req.key, req.expected, req.expect_absent, req.value))
+        r: kvfsm.CasResult = result.response
+        return pb.CasResponse(swapped=r.swapped, found=r.found, current=r.current,
+                              index=result.commit_index)
+
+    async def get(self, req: pb.GetRequest) -> pb.GetResponse:
+        check_key(req.key)
+        engine = self.node.require_engine()
+        try:
+            mode = pb.ReadMode(req.mode)
+        except ValueError:
+            raise Reply(Status.INVALID_ARGUMENT, f"unknown read mode {req.mode}") from None
+        self.node.metrics.read(mode.name.lower())
+        serve_locally = mode is pb.ReadMode.LOCAL or (
+            mode is pb.ReadMode.LEASE and engine.lease_valid())
+        if not serve_locally:
+            await engine.linearizable_read()
+        value = self.node.fsm.get(req.key)
+        return pb.GetResponse(found=value is not None, value=value or b"",
+                              index=engine.applied_index())
+
+    async def status(self, req: pb.StatusRequest) -> pb.StatusResponse:
+        engine = self.node.require_engine()
+        st = engine.status()
+        return pb.StatusResponse(id=self.node.node_id, state=str(st.state.value),
+                                 leader_id=st.leader.id, leader_address=st.leader.address,
+                                 term=st.term, commit_index=st.commit_index,
+                                 applied_index=engine.applied_index())
+
+
+class AdminService(_Base):
+    path = ADMIN_PATH
+    methods = {
+        "AddLearner": ("add_learner", pb.AddLearnerRequest, pb.AdminResponse),
+        "Promote": ("promote", pb.PromoteRequest, pb.AdminResponse),
+        "Remove": ("remove", pb.RemoveRequest, pb.AdminResponse),
+        "Transfer": ("transfer", pb.TransferRequest, pb.AdminResponse),
+        "Members": ("members", pb.MembersRequest, pb.MembersResponse),
+        "Announce": ("announce", pb.AnnounceRequest, pb.AdminResponse),
+        "WasMember": ("was_member", pb.WasMemberRequest, pb.WasMemberResponse),
+    }
+
+    def _leader_engine(self) -> trio_raft.Engine:
+        engine = self.node.require_engine()
+        if engine.state() is not trio_raft.State.LEADER:
+            raise errors.NotLeaderError()
+        return engine
+
+    def _prev(self, engine: trio_raft.Engine, prev_index: int) -> int:
+        return prev_index or engine.status().configuration_index
+
+    def _reply(self, engine: trio_raft.Engine, index: int) -> pb.AdminResponse:
+        return pb.AdminResponse(index=index, leader_id=engine.leader().id)
+
+    async def add_learner(self, req: pb.AddLearnerRequest) -> pb.AdminResponse:
+        if not req.id or not req.address:
+            raise Reply(Status.INVALID_ARGUMENT, "id and address are required")
+        engine = self._leader_engine()
+        index = await engine.add_learner(req.id, req.address, self._prev(engine, req.prev_index))
+        return self._reply(engine, index)
+
+    async def promote(self, req: pb.PromoteRequest) -> pb.AdminResponse:
+        if not req.id:
+            raise Reply(Status.INVALID_ARGUMENT, "id is required")
+        engine = self._leader_engine()
+        min_applied = req.min_applied_index or engine.status().commit_index
+        index = await engine.promote_learner(req.id, self._prev(engine, req.prev_index),
+                                             min_applied)
+        return self._reply(engine, index)
+
+    async def remove(self, req: pb.RemoveRequest) -> pb.AdminResponse:
+        if not req.id:
+            raise Reply(Status.INVALID_ARGUMENT, "id is required")
+        engine = self._leader_engine()
+        index = await engine.remove_server(req.id, self._prev(engine, req.prev_index))
+        return self._reply(engine, index)
+
+    async def transfer(self, req: pb.TransferRequest) -> pb.AdminResponse:
+        engine = self._leader_engine()
+        if req.id:
+            conf = await engine.configuration()
+            target = next((s for s in conf.servers if s.id == req.id), None)
+            if target is None:
+                raise Reply(Status.INVALID_ARGUMENT, f"{req.id!r} is not a member")
+            await engine.transfer_leadership_to_server(target.id, target.address)
+        else:
+            await engine.transfer_leadership()
+        return self._reply(engine, 0)
+
+    async def members(self, req: pb.MembersRequest) -> pb.MembersResponse:
+        engine = self.node.require_engine()
+        conf = await engine.configuration()
+        return pb.MembersResponse(
+            members=[pb.Member(id=s.id, address=s.address, suffrage=s.suffrage)
+                     for s in conf.servers],
+            configuration_index=engine.status().configuration_index)
+
+    async def announce(self, req: pb.AnnounceRequest) -> pb.AdminResponse:
+        if not req.id:
+            raise Reply(Status.INVALID_ARGUMENT, "id is required")
+        engine = self._leader_engine()
+        if req.id in self.node.fsm.members:
+            return self._reply(engine, engine.applied_index())
+        result = await engine.propose(kvfsm.encode_member(req.id))
+        return self._reply(engine, result.commit_index)
+
+    async def was_member(self, req: pb.WasMemberRequest) -> pb.WasMemberResponse:
+        engine = self.node.require_engine()
+        return pb.WasMemberResponse(was_member=req.id in self.node.fsm.members,
+                                    applied_index=engine.applied_index())

@@ -1,0 +1,252 @@
+"""End to end: drive examples/kvnode.py as a user would, one OS process per node.
+
+Every wait polls a condition with a deadline; nothing sleeps for a fixed time to let things
+happen. Nodes run on free loopback ports with fsync on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KVNODE = os.path.join(ROOT, "examples", "kvnode.py")
+NAMES = ("n1", "n2", "n3")
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, KVNODE, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
+    r = cli(*args, "--json")
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr})
+
+
+def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling interval, not a wait for a state
+
+
+class Cluster:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.addrs = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, free_ports(3))}
+        self.peers = ",".join(f"{n}={a}" for n, a in self.addrs.items())
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def command(self, name: str) -> list[str]:
+        return [sys.executable, KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
+                "--peers", self.peers, "--data-dir", os.path.join(self.root, name),
+                "--bootstrap", "--snapshot-every", "200",
+                "--tick-interval", "0.01", "--heartbeat-tick", "5", "--election-tick", "50"]
+
+    def start(self, name: str) -> None:
+        log = open(os.path.join(self.root, f"{name}.log"), "ab")  # noqa: SIM115
+        self.procs[name] = subprocess.Popen(self.command(name), stdout=log, stderr=log,
+                                            stdin=subprocess.DEVNULL, cwd=ROOT)
+        log.close()
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        code, st = cli_json("status", "--addr", self.addrs[name], "--timeout", "2")
+        return st if code == 0 else None
+
+    def leader(self, exclude: str = "") -> str | None:
+        for n in self.addrs:
+            if n == exclude or (n in self.procs and self.procs[n].poll() is not None):
+                continue
+            st = self.status(n)
+            if st and st["state"] == "leader":
+                return n
+        return None
+
+    def stop_all(self) -> dict[str, int]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {}
+        for n, p in self.procs.items():
+            try:
+                codes[n] = p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[n] = p.wait()
+        return codes
+
+    def log(self, name: str) -> str:
+        with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
+            return f.read()
+
+
+@pytest.fixture
+def cluster(tmp_path: Any) -> Iterator[Cluster]:
+    c = Cluster(str(tmp_path))
+    try:
+        yield c
+    finally:
+        for p in c.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) -> None:
+    for n in NAMES:
+        cluster.start(n)
+    leader = poll(cluster.leader, 30, "a leader")
+    follower = next(n for n in NAMES if n != leader)
+    faddr = cluster.addrs[follower]
+
+    # Writes and linearizable reads sent to a follower follow `leader-address` once.
+    code, out = cli_json("put", "greeting", "hello", "--addr", faddr)
+    assert code == 0 and out["index"] > 0, out
+    code, out = cli_json("get", "greeting", "--addr", faddr)
+    assert (code, out["found"], out["value"]) == (0, True, "hello")
+    # Bytes-safe values (given as hex), CAS and delete.
+    assert cli("put", "bin", "00ff0a80", "--hex", "--addr", faddr).returncode == 0
+    code, out = cli_json("get", "bin", "--hex", "--addr", faddr)
+    assert out["value"] == "00ff0a80"
+    code, out = cli_json("cas", "greeting", "bye", "--expected", "nope", "--addr", faddr)
+    assert (code, out["swapped"], out["current"]) == (1, False, "hello")
+    code, out = cli_json("cas", "greeting", "bye", "--expected", "hello", "--addr", faddr)
+    assert (code, out["swapped"]) == (0, True)
+    code, out = cli_json("delete", "bin", "--addr", faddr)
+    assert (code, out["deleted"]) == (0, True)
+    code, out = cli_json("get", "bin", "--addr", faddr, "--mode", "lease")
+    assert (code, out["found"]) == (1, False)
+    # Bad request: INVALID_ARGUMENT, a short message, no traceback.
+    bad = cli("put", "", "x", "--addr", faddr)
+    assert bad.returncode == 3 and "INVALID_ARGUMENT" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    # Acknowledged writes (enough to cross --snapshot-every 200 a couple of times).
+    acked = {}
+    for i in range(25):
+        code, out = cli_json("put", f"k{i:03d}", f"v{i}", "--addr", faddr)
+        assert code == 0, out
+        acked[f"k{i:03d}"] = f"v{i}"
+    acked["greeting"] = "bye"
+    # Enough entries for periodic snapshots, in one client process.
+    fill = subprocess.run(
+        [sys.executable, "-c", _FILL, cluster.addrs[leader], "450"], capture_output=True,
+        text=True, timeout=60, cwd=ROOT)
+    assert fill.returncode == 0, fill.stderr
+    acked.update(json.loads(fill.stdout))
+
+    # kill -9 the leader; a new one is elected; every acknowledged key is still there.
+    cluster.procs[leader].send_signal(signal.SIGKILL)
+    cluster.procs[leader].wait()
+    new_leader = poll(lambda: cluster.leader(exclude=leader), 30, "a new leader")
+    assert new_leader != leader
+    naddr = cluster.addrs[new_leader]
+    check = subprocess.run([sys.executable, "-c", _CHECK, naddr], input=json.dumps(acked),
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert json.loads(check.stdout) == {"missing_or_wrong": []}
+    code, out = cli_json("put", "after-failover", "yes", "--addr", naddr)
+    assert code == 0
+    commit = out["index"]
+
+    # Restart the killed node with the same command line: it resumes and catches up.
+    cluster.start(leader)
+    old = cluster.addrs[leader]
+    poll(lambda: (cluster.status(leader) or {}).get("applied_index", 0) >= commit, 30,
+         "the restarted node to catch up")
+    code, out = cli_json("get", "after-failover", "--mode", "local", "--addr", old)
+    assert (code, out["value"]) == (0, "yes")
+    code, out = cli_json("get", "k000", "--mode", "local", "--addr", old)
+    assert (code, out["value"]) == (0, "v0")
+
+    # Graceful stop: every node exits 0 on SIGTERM.
+    victim = next(n for n in NAMES if n not in (leader, new_leader))
+    cluster.procs[victim].send_signal(signal.SIGTERM)
+    assert cluster.procs[victim].wait(timeout=15) == 0
+    # A wiped data dir is not silently re-bootstrapped: the node refuses to start (exit 2).
+    shutil.rmtree(os.path.join(cluster.root, victim))
+    cluster.start(victim)
+    assert cluster.procs[victim].wait(timeout=30) == 2
+    assert "join-as-learner" in cluster.log(victim)
+    codes = cluster.stop_all()
+    assert codes[leader] == 0 and codes[new_leader] == 0, codes
+
+
+_FILL = r"""
+import asyncio, json, sys
+sys.path.insert(0, "examples")
+from kvnode_lib.client import KVClient
+
+async def main(addr, n):
+    out = {}
+    async with KVClient(addr) as c:
+        async def w(i):
+            for j in range(i, n, 16):
+                await c.put(f"f{j:04d}", f"x{j}".encode())
+                out[f"f{j:04d}"] = f"x{j}"
+        await asyncio.gather(*(w(i) for i in range(16)))
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+_CHECK = r"""
+import asyncio, json, sys
+sys.path.insert(0, "examples")
+from kvnode_lib.client import KVClient
+
+async def main(addr):
+    want = json.loads(sys.stdin.read())
+    bad = []
+    async with KVClient(addr) as c:
+        items = list(want.items())
+        async def w(chunk):
+            for k, v in chunk:
+                r = await c.get(k)
+                if not r.found or r.value != v.encode():
+                    bad.append(k)
+        await asyncio.gather(*(w(items[i::16]) for i in range(16)))
+    print(json.dumps({"missing_or_wrong": sorted(bad)}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_demo_runs_a_failover_and_prints_a_summary() -> None:
+    r = cli("demo", "--duration", "4", "--clients", "8", timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("SUMMARY "))
+    summary = json.loads(line[len("SUMMARY "):])
+    assert summary["ok"] is True
+    assert summary["acknowledged_writes"] > 0
+    assert summary["lost_or_wrong"] == 0
+    assert summary["restarted_node_has_data"] is True
+    assert set(summary["exit_codes"].values()) == {0}
+    assert "elected leader in term" in r.stdout

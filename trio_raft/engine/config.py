@@ -95,6 +95,10 @@ class OpenConfig:
     #: Entries kept in the log behind a periodic snapshot so slightly lagging followers catch
     #: up from the log instead of a snapshot.
     snapshot_catchup_entries: int = 5_000
+    #: Called with the seconds each Ready's WAL write (and fsync) took; for metrics.
+    persist_observer: Callable[[float], None] | None = None
+    #: Tests only: seconds to wait before each WAL write, re-read every time (a slow disk).
+    test_persist_delay: Callable[[], float] | None = None
 
 
 def with_defaults(cfg: OpenConfig) -> OpenConfig:

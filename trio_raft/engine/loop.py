@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -455,9 +456,17 @@ class RunLoop(AdminMixin, ApplyMixin):
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
+            cfg = self._cfg
+            if cfg.test_persist_delay is not None:
+                delay = cfg.test_persist_delay()
+                if delay > 0:
+                    await trio.sleep(delay)
+            started = time.perf_counter()
             await self._io(
                 self._disk.save_ready, rd.hard_state, rd.entries, rd.snapshot, rd.must_sync
             )
+            if cfg.persist_observer is not None:
+                cfg.persist_observer(time.perf_counter() - started)
             if rd.entries:
                 self._storage.append(rd.entries)
                 self._mark_fence(rd.entries)

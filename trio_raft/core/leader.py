@@ -88,7 +88,9 @@ def _propose(r: Raft, m: Message) -> None:
         for i, ent in enumerate(m.entries):
             if ent.type is not EntryType.NORMAL:
                 r.pending_conf_index = first_new + i
-    r.bcast_append()
+    # Appends go out when the driver next asks for a Ready (RawNode flushes), so proposals made
+    # between two Readys share one append message per follower.
+    r.bcast_pending = True
 
 
 def _validate_conf_change(r: Raft, cc: ConfChange) -> None:
@@ -185,8 +187,17 @@ def _app_resp(r: Raft, m: Message) -> None:
                 pr.become_probe()
             r.send_append(m.from_)
         return
+    if m.index > r.log.last_index():
+        # Acknowledges entries we never sent: a confused or malicious peer. Ignore it.
+        logger.warning("%x: %x acknowledged index %d beyond last index %d", r.id, m.from_,
+                       m.index, r.log.last_index())
+        return
     old_paused = pr.is_paused()
-    if not pr.maybe_update(m.index):
+    if not pr.maybe_update(m.index) and not (
+        pr.match == m.index and pr.state is ProgressState.PROBE
+    ):
+        # Stale. (A probe answered at exactly ``match`` still proves where the follower's log
+        # matches, so it moves the follower to replicate below.)
         return
     if pr.state is ProgressState.PROBE:
         pr.become_replicate()

@@ -38,6 +38,8 @@ from typing import Protocol
 
 import attrs
 
+from trio_raft.core import leader as _leader
+from trio_raft.core import membership as _membership
 from trio_raft.core.errors import (
     CompactedError,
     CoreConfigError,
@@ -49,7 +51,6 @@ from trio_raft.core.log import RaftLog
 from trio_raft.core.messages import (
     NONE,
     ConfChange,
-    ConfChangeType,
     ConfState,
     Entry,
     EntryType,
@@ -70,6 +71,10 @@ from trio_raft.core.tracker import ProgressTracker
 logger = logging.getLogger(__name__)
 
 MT = MessageType
+
+#: Message types whose term the sender sets itself (vote traffic; forwarded requests carry 0).
+_OWN_TERM = frozenset({MT.VOTE, MT.VOTE_RESP, MT.PRE_VOTE, MT.PRE_VOTE_RESP, MT.PROP,
+                       MT.READ_INDEX})
 
 #: Context of a vote request sent because of a leadership transfer: it bypasses the lease check.
 CAMPAIGN_TRANSFER = b"CampaignTransfer"
@@ -137,6 +142,8 @@ class Raft:
         self.state = StateType.FOLLOWER
         self.is_learner = False
         self.msgs: list[Message] = []
+        #: Proposals were appended but not yet sent; RawNode flushes before building a Ready.
+        self.bcast_pending = False
         self.read_states: list[ReadState] = []
         self.pending_conf_index = 0
         self.pending_read_index_messages: list[Message] = []
@@ -184,13 +191,13 @@ class Raft:
         self.is_learner = pr is not None and pr.is_learner
 
     def _send(self, m: Message) -> None:
-        if m.from_ == NONE:
-            m = attrs.evolve(m, from_=self.id)
-        if m.type in (MT.VOTE, MT.VOTE_RESP, MT.PRE_VOTE, MT.PRE_VOTE_RESP):
-            # Vote traffic carries its own term (a pre-vote is sent for a future term).
-            pass
-        elif m.type not in (MT.PROP, MT.READ_INDEX):
-            m = attrs.evolve(m, term=self.term)
+        """Queue ``m``, filling in ``from_`` and (except for vote traffic, which carries its own
+        term, and forwarded requests, which carry none) the current term. Hot paths build
+        complete messages and append to ``msgs`` directly instead."""
+        from_ = self.id if m.from_ == NONE else m.from_
+        term = m.term if m.type in _OWN_TERM else self.term
+        if from_ != m.from_ or term != m.term:
+            m = attrs.evolve(m, from_=from_, term=term)
         self.msgs.append(m)
 
     # ---------------------------------------------------------------------------------
@@ -288,6 +295,11 @@ class Raft:
                 self.step(Message(MT.CHECK_QUORUM, from_=self.id))
             if self.state is StateType.LEADER and self.lead_transferee != NONE:
                 self.abort_leader_transfer()
+            if (self.state is StateType.LEADER and self.step_down_on_removal
+                    and not self._is_voter()):
+                # A removed/demoted leader whose hand-over did not complete.
+                self.become_follower(self.term, NONE)
+                return
         if self.state is not StateType.LEADER:
             return
         if self.heartbeat_elapsed >= self.heartbeat_timeout:
@@ -431,7 +443,7 @@ class Raft:
             return
         last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last_new is not None:
-            self._send(Message(MT.APP_RESP, to=m.from_, index=last_new))
+            self.msgs.append(Message(MT.APP_RESP, m.from_, self.id, self.term, index=last_new))
             return
         hint_index = min(m.index, self.log.last_index())
         hint_index, hint_term = self.log.find_conflict_by_term(hint_index, m.log_term)
@@ -449,7 +461,9 @@ class Raft:
     def _handle_heartbeat(self, m: Message) -> None:
         if m.commit <= self.log.last_index():
             self.log.commit_to(m.commit)
-        self._send(Message(MT.HEARTBEAT_RESP, to=m.from_, context=m.context))
+        self.msgs.append(
+            Message(MT.HEARTBEAT_RESP, m.from_, self.id, self.term, context=m.context)
+        )
 
     def _handle_snapshot(self, m: Message) -> None:
         if m.snapshot is None or m.snapshot.is_empty():
@@ -519,18 +533,18 @@ class Raft:
     # leader: see core/leader.py for the handlers
     # ---------------------------------------------------------------------------------
     def _step_leader(self, m: Message) -> None:
-        from trio_raft.core import leader
-
-        leader.step_leader(self, m)
+        _leader.step_leader(self, m)
 
     def _append_entries(self, es: list[Entry]) -> bool:
         li = self.log.last_index()
-        ents = [
-            Entry(self.term, li + 1 + i, e.type, e.data) for i, e in enumerate(es)
-        ]
+        term = self.term
+        ents = [Entry(term, li + 1 + i, e.type, e.data) for i, e in enumerate(es)]
         self.log.append(ents)
-        self.prs.progress[self.id].maybe_update(self.log.last_index())
-        self.maybe_commit()
+        self.prs.progress[self.id].maybe_update(li + len(ents))
+        # Our own acknowledgement can only move the commit index when we are the only voter
+        # (other voters never match beyond our previous last index).
+        if len(self.prs.voters) <= 1:
+            self.maybe_commit()
         return True
 
     def maybe_commit(self) -> bool:
@@ -557,14 +571,16 @@ class Raft:
             return self._send_snapshot(to, pr)
         if not ents and not send_if_empty:
             return False
-        self._send(
+        self.msgs.append(
             Message(
                 MT.APP,
-                to=to,
-                index=pr.next - 1,
-                log_term=prev_term,
-                entries=tuple(ents),
-                commit=self.log.committed,
+                to,
+                self.id,
+                self.term,
+                prev_term,
+                pr.next - 1,
+                tuple(ents),
+                self.log.committed,
             )
         )
         pr.sent_entries(ents[-1].index if ents else pr.next - 1, len(ents))
@@ -587,12 +603,23 @@ class Raft:
     def send_heartbeat(self, to: int, ctx: bytes) -> None:
         pr = self.prs.progress[to]
         commit = min(pr.match, self.log.committed)
-        self._send(Message(MT.HEARTBEAT, to=to, commit=commit, context=ctx))
+        self.msgs.append(
+            Message(MT.HEARTBEAT, to, self.id, self.term, commit=commit, context=ctx)
+        )
 
     def bcast_append(self) -> None:
         for i in self.prs.progress:
             if i != self.id:
                 self.send_append(i)
+
+    def flush_pending_bcast(self) -> None:
+        """Send the appends deferred by proposals (see ``bcast_pending``)."""
+        self.bcast_pending = False
+        if self.state is not StateType.LEADER:
+            return
+        for i in self.prs.progress:
+            if i != self.id:
+                self.maybe_send_append(i, False)
 
     def bcast_heartbeat(self, ctx: bytes | None = None) -> None:
         if ctx is None:
@@ -606,56 +633,10 @@ class Raft:
     # ---------------------------------------------------------------------------------
     def apply_conf_change(self, cc: ConfChange) -> ConfState:
         """Apply a committed single-step change to the configuration; returns the new state."""
-        prs = self.prs
-        nid = cc.node_id
-        next_index = self.log.last_index() + 1
-        if cc.type is ConfChangeType.ADD_NODE:
-            prs.learners.discard(nid)
-            prs.voters.add(nid)
-            pr = prs.progress.get(nid)
-            if pr is None:
-                prs.progress[nid] = Progress(next_index, prs.max_inflight, recent_active=True)
-            else:
-                pr.is_learner = False
-        elif cc.type is ConfChangeType.ADD_LEARNER_NODE:
-            prs.voters.discard(nid)
-            prs.learners.add(nid)
-            pr = prs.progress.get(nid)
-            if pr is None:
-                prs.progress[nid] = Progress(
-                    next_index, prs.max_inflight, is_learner=True, recent_active=True
-                )
-            else:
-                pr.is_learner = True
-        elif cc.type is ConfChangeType.REMOVE_NODE:
-            prs.voters.discard(nid)
-            prs.learners.discard(nid)
-            prs.progress.pop(nid, None)
-            prs.votes.pop(nid, None)
-        # UPDATE_NODE changes no membership.
-        if nid == self.id:
-            me = prs.progress.get(self.id)
-            if me is not None and me.match == 0:
-                me.match = self.log.last_index()
-        self._refresh_learner_flag()
-        cs = prs.conf_state()
+        return _membership.apply_conf_change(self, cc)
 
-        me = prs.progress.get(self.id)
-        if (me is None or me.is_learner) and self.state is StateType.LEADER:
-            if self.step_down_on_removal:
-                self.become_follower(self.term, NONE)
-            return cs
-        if self.state is not StateType.LEADER or not prs.voters:
-            return cs
-        if self.maybe_commit():
-            self.bcast_append()
-        else:
-            for i in list(prs.progress):
-                if i != self.id:
-                    self.maybe_send_append(i, False)
-        if self.lead_transferee != NONE and self.lead_transferee not in prs.voters:
-            self.abort_leader_transfer()
-        return cs
+    def _is_voter(self) -> bool:
+        return self.id in self.prs.voters
 
     def conf_change_entry(self, cc: ConfChange) -> Entry:
         return Entry(0, 0, EntryType.CONF_CHANGE, cc.encode())

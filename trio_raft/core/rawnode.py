@@ -18,6 +18,8 @@ core that ``rd`` was handled (its entries are stable, its committed entries hand
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 
 from trio_raft.core.errors import (
@@ -44,6 +46,42 @@ from trio_raft.core.progress import ProgressInfo
 from trio_raft.core.raft import CampaignType, Config, Raft
 
 MT = MessageType
+logger = logging.getLogger(__name__)
+
+#: Peer messages that legitimately carry term 0 (forwarded requests). Any other peer message
+#: without a term would be taken for a local one, so it is dropped.
+_TERMLESS_OK = frozenset({MT.READ_INDEX, MT.TRANSFER_LEADER})
+
+
+def malformed(m: Message, self_id: int) -> bool:
+    """Whether a peer message is structurally impossible for a correct peer to send.
+
+    Such messages are dropped (like a corrupt packet) rather than allowed to reach the protocol,
+    where a bogus index or term could trip an internal invariant: negative numbers, a message
+    addressed to another node, a term-less non-request, an append whose entries do not follow
+    ``index`` contiguously with terms between ``log_term`` and the message term, a snapshot
+    from the future.
+    """
+    if (
+        m.term < 0 or m.log_term < 0 or m.index < 0 or m.commit < 0 or m.reject_hint < 0
+        or m.from_ < 0 or (m.to != NONE and m.to != self_id)
+    ):
+        return True
+    if m.term == 0 and m.type not in _TERMLESS_OK:
+        return True
+    if m.type is MT.APP:
+        prev_term = m.log_term
+        expect = m.index + 1
+        for ent in m.entries:
+            if ent.index != expect or ent.term < prev_term or ent.term > m.term:
+                return True
+            prev_term = ent.term
+            expect += 1
+    elif m.type is MT.SNAP:
+        snap = m.snapshot
+        if snap is None or snap.metadata.term > m.term or snap.metadata.index < 0:
+            return True
+    return False
 
 
 @attrs.frozen(slots=True)
@@ -113,6 +151,9 @@ class RawNode:
             raise StepPeerNotFoundError()
         if m.from_ == NONE or m.from_ == self.raft.id:
             return  # a message must come from another node
+        if malformed(m, self.raft.id):
+            logger.debug("%x dropping malformed %s from %x", self.raft.id, m.type.name, m.from_)
+            return
         self.raft.step(m)
 
     def read_index(self, rctx: bytes) -> None:
@@ -137,6 +178,8 @@ class RawNode:
     # -- outputs -----------------------------------------------------------------------
     def has_ready(self) -> bool:
         r = self.raft
+        if r.bcast_pending:
+            r.flush_pending_bcast()
         if r.msgs or r.read_states:
             return True
         log = r.log
@@ -151,6 +194,8 @@ class RawNode:
 
     def ready(self) -> Ready:
         r = self.raft
+        if r.bcast_pending:
+            r.flush_pending_bcast()
         log = r.log
         soft = r.soft_state()
         hard = r.hard_state()

@@ -1,0 +1,293 @@
+"""A linearizability checker for key/value histories (put, get, cas, delete).
+
+A history is a list of :class:`Op`: one client operation each, with the instants it was invoked
+and completed and what the client learned:
+
+* ``ok``: it completed and the client saw its result;
+* ``fail``: it certainly did not take effect (the server refused it before it reached the log);
+* ``unknown``: the client does not know (a timeout, a lost connection, leadership lost while
+  waiting). Such an operation may have taken effect at any instant after its invocation, or
+  never.
+
+Theory of operation
+-------------------
+Every operation touches one key, and linearizability is local (a history is linearizable iff
+each per-object sub-history is), so the history is split by key and each key is checked alone
+against a register model whose state is ``bytes`` or ``None`` (absent).
+
+Per key, the search is the Wing & Gong algorithm with Lowe's memoization: the events (calls and
+returns) form a doubly linked list in time order; the search walks it, and at a call it tries to
+linearize that operation now (the model must accept its result); linearizing *lifts* the call
+and its return out of the list and restarts from the head. Reaching a return whose operation is
+not linearized yet means the current prefix is wrong: undo the last choice and try the next
+candidate. The search succeeds when no return is left in the list.
+
+Unknown operations have a call but no return: nothing forces them, so they may be linearized at
+any point after their call, or left out. Failed operations and unknown reads are dropped up
+front (they constrain nothing).
+
+Memoization: a configuration is (set of linearized operations, model state). Lowe caches every
+configuration visited; since unknown operations are optional, a configuration is also covered by
+an earlier one with the same linearized *ok* operations and state and a *subset* of its unknown
+operations (everything still possible from the later one was possible from the earlier one, as
+unknown operations impose no real-time constraint). The cache keeps, per (ok set, state), the
+unknown sets seen, and prunes on that subset relation; it also never applies an unknown
+operation that leaves the state unchanged (that choice is dominated by leaving it out).
+
+On failure :func:`check` returns the failing key and a minimal sub-history of it: the shortest
+failing prefix (in invocation order), then shrunk one operation at a time while it still fails,
+so that no single operation can be removed from the reported history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+
+OK, FAIL, UNKNOWN = "ok", "fail", "unknown"
+PUT, GET, CAS, DELETE = "put", "get", "cas", "delete"
+_KINDS = (PUT, GET, CAS, DELETE)
+_INF = float("inf")
+
+
+@attrs.frozen
+class Op:
+    """One client operation.
+
+    ``value``: the value written by put and cas. ``expected``: cas's expected value, ``None`` for
+    "expect absent". ``result`` (only meaningful when ``status == "ok"``): get -> the value read
+    or ``None``; delete -> whether a value was deleted; cas -> whether it swapped, or a pair
+    ``(swapped, current)`` with the value found (``None`` when absent); put -> ignored.
+    ``complete`` is ``None`` (or ignored) unless the status is ``ok``.
+    """
+
+    process: int
+    kind: str = attrs.field(validator=attrs.validators.in_(_KINDS))
+    key: str
+    invoke: float
+    complete: float | None = None
+    status: str = attrs.field(default=OK, validator=attrs.validators.in_((OK, FAIL, UNKNOWN)))
+    value: bytes | None = None
+    expected: bytes | None = None
+    result: Any = None
+
+    def describe(self) -> str:
+        if self.kind == PUT:
+            call = f"put({self.value!r})"
+        elif self.kind == GET:
+            call = "get()"
+        elif self.kind == DELETE:
+            call = "delete()"
+        else:
+            exp = "<absent>" if self.expected is None else repr(self.expected)
+            call = f"cas({exp} -> {self.value!r})"
+        out = "" if self.status != OK or self.kind == PUT else f" = {self.result!r}"
+        end = "..." if self.complete is None or self.status != OK else f"{self.complete:.6f}"
+        return (f"p{self.process} [{self.invoke:.6f}, {end}] {self.key!r} {call}"
+                f" {self.status}{out}")
+
+
+State = bytes | None
+
+
+def step(state: State, op: Op) -> tuple[bool, State]:
+    """The register model: (whether ``op`` with its recorded result is legal, next state).
+
+    For an unknown operation the result is not checked (any result would do)."""
+    known = op.status == OK
+    if op.kind == PUT:
+        return True, op.value
+    if op.kind == GET:
+        return (not known or op.result == state), state
+    if op.kind == DELETE:
+        if known and bool(op.result) != (state is not None):
+            return False, state
+        return True, None
+    # cas
+    swapped = state is None if op.expected is None else (state is not None and
+                                                         state == op.expected)
+    if known:
+        res = op.result
+        if isinstance(res, tuple):
+            want_swapped, current = res
+            if bool(want_swapped) != swapped:
+                return False, state
+            if not swapped and current != state:
+                return False, state
+        elif bool(res) != swapped:
+            return False, state
+    return True, (op.value if swapped else state)
+
+
+@attrs.frozen
+class KeyResult:
+    key: str
+    ok: bool
+    ops: int
+    #: A minimal failing sub-history (empty when ``ok``).
+    minimal: tuple[Op, ...] = ()
+
+
+@attrs.frozen
+class Result:
+    ok: bool
+    keys: int
+    ops: int
+    seconds: float
+    failures: tuple[KeyResult, ...] = ()
+
+    def explain(self) -> str:
+        if self.ok:
+            return f"linearizable: {self.ops} operations over {self.keys} keys"
+        lines = [f"NOT linearizable: {len(self.failures)} of {self.keys} keys fail"]
+        for f in self.failures:
+            lines.append(f"key {f.key!r}: minimal failing history ({len(f.minimal)} ops):")
+            lines.extend("  " + op.describe() for op in f.minimal)
+        return "\n".join(lines)
+
+
+def _relevant(ops: Iterable[Op]) -> list[Op]:
+    """Drop what constrains nothing: failed operations and reads whose outcome is unknown."""
+    return [op for op in ops
+            if op.status != FAIL and not (op.status == UNKNOWN and op.kind == GET)]
+
+
+def check_key_history(ops: Sequence[Op], initial: State = None) -> bool:
+    """Whether one key's history is linearizable (starting from ``initial``)."""
+    ops = _relevant(ops)
+    n = len(ops)
+    if n == 0:
+        return True
+    # Events: (time, 0 = call / 1 = return, op index). Calls sort before returns at equal
+    # instants, i.e. touching intervals count as concurrent (the permissive reading).
+    events: list[tuple[float, int, int]] = []
+    unknown = [False] * n
+    for i, op in enumerate(ops):
+        events.append((op.invoke, 0, i))
+        if op.status == OK:
+            end = op.complete if op.complete is not None else _INF
+            events.append((max(end, op.invoke), 1, i))
+        else:
+            unknown[i] = True
+    events.sort()
+    m = len(events)
+    # Doubly linked list over event slots 1..m; slot 0 is the head sentinel.
+    nxt = list(range(1, m + 2))
+    prv = list(range(-1, m))
+    ev_op = [0] * (m + 1)
+    ev_is_call = [False] * (m + 1)
+    call_slot = [0] * n
+    ret_slot = [0] * n  # 0: no return (unknown outcome)
+    for s, (_t, kind, i) in enumerate(events, start=1):
+        ev_op[s] = i
+        ev_is_call[s] = kind == 0
+        if kind == 0:
+            call_slot[i] = s
+        else:
+            ret_slot[i] = s
+    end = m + 1
+
+    def unlink(s: int) -> None:
+        nxt[prv[s]] = nxt[s]
+        if nxt[s] != end:
+            prv[nxt[s]] = prv[s]
+
+    def relink(s: int) -> None:
+        nxt[prv[s]] = s
+        if nxt[s] != end:
+            prv[nxt[s]] = s
+
+    returns_left = sum(1 for u in unknown if not u)
+    ok_set = 0
+    unk_set = 0
+    state: State = initial
+    cache: dict[tuple[int, State], list[int]] = defaultdict(list)
+    cache[(0, initial)].append(0)
+    stack: list[tuple[int, State]] = []  # (call slot, state before)
+    slot = nxt[0]
+    while True:
+        if returns_left == 0:
+            return True
+        if slot != end and ev_is_call[slot]:
+            i = ev_op[slot]
+            legal, new_state = step(state, ops[i])
+            if legal and unknown[i] and new_state == state:
+                legal = False  # dominated by leaving it out
+            if legal:
+                bit = 1 << i
+                n_ok, n_unk = (ok_set, unk_set | bit) if unknown[i] else (ok_set | bit, unk_set)
+                seen = cache[(n_ok, new_state)]
+                if not any(u & ~n_unk == 0 for u in seen):
+                    seen.append(n_unk)
+                    stack.append((slot, state))
+                    state, ok_set, unk_set = new_state, n_ok, n_unk
+                    unlink(slot)
+                    if not unknown[i]:
+                        unlink(ret_slot[i])
+                        returns_left -= 1
+                    slot = nxt[0]
+                    continue
+            slot = nxt[slot]
+            continue
+        # A return of an operation not linearized yet, or the end of the list (only optional
+        # calls were left to try): undo the last choice.
+        if not stack:
+            return False
+        slot, state = stack.pop()
+        i = ev_op[slot]
+        if unknown[i]:
+            unk_set &= ~(1 << i)
+        else:
+            ok_set &= ~(1 << i)
+            relink(ret_slot[i])
+            returns_left += 1
+        relink(slot)
+        slot = nxt[slot]
+
+
+def minimize(ops: Sequence[Op], initial: State = None, budget: float = 5.0) -> list[Op]:
+    """A failing sub-history of ``ops`` (which must fail) from which no single operation can be
+    removed without it passing (within ``budget`` seconds; otherwise the smallest found)."""
+    deadline = time.monotonic() + budget
+    cur = sorted(_relevant(ops), key=lambda o: o.invoke)
+    # Shortest failing prefix by invocation order: lo passes, hi fails.
+    lo, hi = 0, len(cur)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if check_key_history(cur[:mid], initial):
+            lo = mid
+        else:
+            hi = mid
+    cur = cur[:hi]
+    changed = True
+    while changed and time.monotonic() < deadline:
+        changed = False
+        for i in range(len(cur) - 1, -1, -1):
+            if time.monotonic() >= deadline:
+                break
+            trial = cur[:i] + cur[i + 1:]
+            if not check_key_history(trial, initial):
+                cur = trial
+                changed = True
+    return cur
+
+
+def check(ops: Iterable[Op], *, minimize_budget: float = 5.0) -> Result:
+    """Check a whole history (every key starts absent)."""
+    t0 = time.perf_counter()
+    by_key: dict[str, list[Op]] = defaultdict(list)
+    count = 0
+    for op in ops:
+        by_key[op.key].append(op)
+        count += 1
+    failures: list[KeyResult] = []
+    for key in sorted(by_key):
+        kops = by_key[key]
+        if not check_key_history(kops):
+            failures.append(KeyResult(key, False, len(kops),
+                                      tuple(minimize(kops, budget=minimize_budget))))
+    return Result(not failures, len(by_key), count, time.perf_counter() - t0, tuple(failures))

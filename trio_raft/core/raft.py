@@ -41,11 +41,8 @@ import attrs
 from trio_raft.core import leader as _leader
 from trio_raft.core import membership as _membership
 from trio_raft.core.errors import (
-    CompactedError,
     CoreConfigError,
     ProposalDroppedError,
-    SnapshotTemporarilyUnavailableError,
-    UnavailableError,
 )
 from trio_raft.core.log import RaftLog
 from trio_raft.core.messages import (
@@ -65,6 +62,7 @@ from trio_raft.core.messages import (
 from trio_raft.core.progress import Progress
 from trio_raft.core.quorum import VoteResult
 from trio_raft.core.readonly import ReadOnly
+from trio_raft.core.replication import ReplicationMixin
 from trio_raft.core.storage import Storage
 from trio_raft.core.tracker import ProgressTracker
 
@@ -119,7 +117,7 @@ class Config:
             raise CoreConfigError("max inflight messages must be greater than 0")
 
 
-class Raft:
+class Raft(ReplicationMixin):
     def __init__(self, c: Config) -> None:
         c.validate()
         self.id = c.id
@@ -555,78 +553,6 @@ class Raft:
 
     def committed_entry_in_current_term(self) -> bool:
         return self.log.term_or_zero(self.log.committed) == self.term
-
-    # -- sending ---------------------------------------------------------------------
-    def send_append(self, to: int) -> None:
-        self.maybe_send_append(to, True)
-
-    def maybe_send_append(self, to: int, send_if_empty: bool) -> bool:
-        pr = self.prs.progress.get(to)
-        if pr is None or pr.is_paused():
-            return False
-        try:
-            prev_term = self.log.term(pr.next - 1)
-            ents = self.log.entries(pr.next, self.max_msg_size)
-        except (CompactedError, UnavailableError):
-            return self._send_snapshot(to, pr)
-        if not ents and not send_if_empty:
-            return False
-        self.msgs.append(
-            Message(
-                MT.APP,
-                to,
-                self.id,
-                self.term,
-                prev_term,
-                pr.next - 1,
-                tuple(ents),
-                self.log.committed,
-            )
-        )
-        pr.sent_entries(ents[-1].index if ents else pr.next - 1, len(ents))
-        return True
-
-    def _send_snapshot(self, to: int, pr: Progress) -> bool:
-        if not pr.recent_active:
-            return False
-        try:
-            snap = self.log.snapshot()
-        except SnapshotTemporarilyUnavailableError:
-            return False
-        if snap.is_empty():
-            logger.warning("%x needs to send a snapshot to %x but has none", self.id, to)
-            return False
-        self._send(Message(MT.SNAP, to=to, snapshot=snap))
-        pr.become_snapshot(snap.metadata.index)
-        return True
-
-    def send_heartbeat(self, to: int, ctx: bytes) -> None:
-        pr = self.prs.progress[to]
-        commit = min(pr.match, self.log.committed)
-        self.msgs.append(
-            Message(MT.HEARTBEAT, to, self.id, self.term, commit=commit, context=ctx)
-        )
-
-    def bcast_append(self) -> None:
-        for i in self.prs.progress:
-            if i != self.id:
-                self.send_append(i)
-
-    def flush_pending_bcast(self) -> None:
-        """Send the appends deferred by proposals (see ``bcast_pending``)."""
-        self.bcast_pending = False
-        if self.state is not StateType.LEADER:
-            return
-        for i in self.prs.progress:
-            if i != self.id:
-                self.maybe_send_append(i, False)
-
-    def bcast_heartbeat(self, ctx: bytes | None = None) -> None:
-        if ctx is None:
-            ctx = self.read_only.last_pending_request_ctx()
-        for i in self.prs.progress:
-            if i != self.id:
-                self.send_heartbeat(i, ctx)
 
     # ---------------------------------------------------------------------------------
     # membership

@@ -32,7 +32,7 @@ from trio_raft.errors import RaftError
 
 __version__ = "0.1.0"
 
-__all__ = [  # noqa: RUF022
+__all__ = [
     "SUFFRAGE_LEARNER",
     "SUFFRAGE_VOTER",
     "Configuration",

@@ -22,7 +22,6 @@ from trio_raft.core.errors import (
     UnavailableError,
 )
 
-
 # --------------------------------------------------------------------------------------------
 # Engine-level sentinels (the seed's raftengine package)
 # --------------------------------------------------------------------------------------------
@@ -380,13 +379,27 @@ class RaftUnwrapFailedError(RaftError):
 
 
 class FSMApplyHaltError(RaftError):
-    """The state machine asked apply to halt (a response whose ``halt_apply()`` returned an error)."""
+    """The state machine asked apply to halt: a response whose ``halt_apply()`` returned an
+    error."""
     default_message = "FSM-requested apply halt"
 
 
-__all__ = [name for name, obj in list(globals().items()) if isinstance(obj, type)
-           and issubclass(obj, RaftError)]
-__all__ += ["CompactedError", "ConfChangeError", "CoreConfigError", "DecodeError", "ProposalDroppedError",
-            "SnapOutOfDateError", "SnapshotTemporarilyUnavailableError", "StepLocalMsgError",
-            "StepPeerNotFoundError", "StorageLogError", "UnavailableError"]
-__all__ = sorted(set(__all__))
+_CORE_ERRORS = (
+    CompactedError,
+    ConfChangeError,
+    CoreConfigError,
+    DecodeError,
+    ProposalDroppedError,
+    SnapOutOfDateError,
+    SnapshotTemporarilyUnavailableError,
+    StepLocalMsgError,
+    StepPeerNotFoundError,
+    StorageLogError,
+    UnavailableError,
+)
+
+__all__ = sorted(
+    name
+    for name, obj in list(globals().items())
+    if isinstance(obj, type) and issubclass(obj, RaftError)
+)

@@ -58,7 +58,8 @@ def apply_conf_change(self: Raft, cc: ConfChange) -> ConfState:
     if nid == self.id:
         me = prs.progress.get(self.id)
         if me is not None and me.match == 0:
-            me.match = self.log.last_index()
+            last = self.log.last_index()
+            me.match = min(last, self.log.unstable.offset - 1) if self.self_ack_on_persist else last
     self._refresh_learner_flag()
     cs = prs.conf_state()
 

@@ -104,6 +104,12 @@ class Config:
     check_quorum: bool = True
     pre_vote: bool = True
     disable_proposal_forwarding: bool = True
+    #: The leader counts its own log toward the commit quorum only once the driver reports it
+    #: durable (``RawNode.advance``). The driver may then send a leader's appends before its
+    #: own write completes, overlapping the leader's fsync with the followers' (Raft thesis
+    #: §10.2.1). Without it the leader counts its entries at once, and the driver must persist
+    #: before sending.
+    self_ack_on_persist: bool = False
     step_down_on_removal: bool = True
 
     def validate(self) -> None:
@@ -129,6 +135,7 @@ class Raft(ReplicationMixin):
         self.check_quorum = c.check_quorum
         self.pre_vote = c.pre_vote
         self.disable_proposal_forwarding = c.disable_proposal_forwarding
+        self.self_ack_on_persist = c.self_ack_on_persist
         self.step_down_on_removal = c.step_down_on_removal
         self.heartbeat_timeout = c.heartbeat_tick
         self.election_timeout = c.election_tick
@@ -218,7 +225,9 @@ class Raft(ReplicationMixin):
         for i, pr in list(self.prs.progress.items()):
             np = Progress(last + 1, mi, is_learner=pr.is_learner)
             if i == self.id:
-                np.match = last
+                # Only what is durable counts when the driver acknowledges our own writes.
+                np.match = min(last, self.log.unstable.offset - 1) if (
+                    self.self_ack_on_persist) else last
             self.prs.progress[i] = np
         self.pending_conf_index = 0
         self.read_only = ReadOnly()
@@ -538,12 +547,22 @@ class Raft(ReplicationMixin):
         term = self.term
         ents = [Entry(term, li + 1 + i, e.type, e.data) for i, e in enumerate(es)]
         self.log.append(ents)
+        if self.self_ack_on_persist:
+            return True  # acknowledged by RawNode.advance once durable
         self.prs.progress[self.id].maybe_update(li + len(ents))
         # Our own acknowledgement can only move the commit index when we are the only voter
         # (other voters never match beyond our previous last index).
         if len(self.prs.voters) <= 1:
             self.maybe_commit()
         return True
+
+    def ack_own_stable(self, index: int) -> None:
+        """The driver made our log durable up to ``index`` (``self_ack_on_persist`` mode)."""
+        if self.state is not StateType.LEADER:
+            return
+        me = self.prs.progress.get(self.id)
+        if me is not None and me.maybe_update(index) and self.maybe_commit():
+            _leader.release_pending_read_index_messages(self)
 
     def maybe_commit(self) -> bool:
         return self.log.maybe_commit(self.prs.committed(), self.term)

@@ -228,6 +228,8 @@ class RawNode:
         if rd.entries:
             last = rd.entries[-1]
             r.log.stable_to(last.index, last.term)
+            if r.self_ack_on_persist:
+                r.ack_own_stable(last.index)
         if rd.snapshot is not None:
             idx = rd.snapshot.metadata.index
             r.log.stable_snap_to(idx)

@@ -95,6 +95,9 @@ class OpenConfig:
     #: Entries kept in the log behind a periodic snapshot so slightly lagging followers catch
     #: up from the log instead of a snapshot.
     snapshot_catchup_entries: int = 5_000
+    #: Send a leader's appends before its own WAL write completes; the leader then counts
+    #: itself toward the commit quorum only once its write is durable (Raft thesis §10.2.1).
+    parallel_leader_write: bool = True
     #: Called with the seconds each Ready's WAL write (and fsync) took; for metrics.
     persist_observer: Callable[[float], None] | None = None
     #: Tests only: seconds to wait before each WAL write, re-read every time (a slow disk).

@@ -169,6 +169,7 @@ class RunLoop(AdminMixin, ApplyMixin):
                 max_inflight_msgs=cfg.max_inflight_msg,
                 check_quorum=True,
                 pre_vote=cfg.pre_vote,
+                self_ack_on_persist=cfg.parallel_leader_write,
             )
         )
         self._bulk_capacity = inbound_queue_capacity(len(self._peers), cfg.max_inflight_msg)
@@ -439,10 +440,18 @@ class RunLoop(AdminMixin, ApplyMixin):
         assert node is not None
         while node.has_ready():
             rd = node.ready()
+            # A leader's messages (appends, heartbeats) do not depend on its own write: with
+            # parallel_leader_write they leave first, so followers fsync while we do.
+            early = (
+                self._cfg.parallel_leader_write
+                and rd.snapshot is None
+                and node.raft.state is StateType.LEADER
+            )
+            if early:
+                self._send_messages(rd)
             await self._persist_ready(rd)
-            for m in rd.messages:
-                if m.to != NONE and m.to != self._node_id:
-                    self._dispatcher.send(m)
+            if not early:
+                self._send_messages(rd)
             if rd.committed_entries:
                 await self._apply_entries(rd.committed_entries)
             self._handle_read_states(rd)
@@ -451,6 +460,11 @@ class RunLoop(AdminMixin, ApplyMixin):
             self._refresh_status()
             self._resolve_ready_reads()
         self._refresh_status()
+
+    def _send_messages(self, rd: Ready) -> None:
+        for m in rd.messages:
+            if m.to != NONE and m.to != self._node_id:
+                self._dispatcher.send(m)
 
     async def _persist_ready(self, rd: Ready) -> None:
         if rd.snapshot is not None:

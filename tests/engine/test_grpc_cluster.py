@@ -93,3 +93,35 @@ async def test_grpc_three_node_cluster(tmp_path):
             assert r.commit_index > idx
             for n in names:
                 stops[n].set()
+
+
+async def test_grpc_learner_catches_up_through_streamed_snapshot(tmp_path):
+    ports = free_ports(4)
+    names = ["n1", "n2", "n3"]
+    peers = [trio_raft.Peer(n, f"127.0.0.1:{p}") for n, p in zip(names, ports)]
+    joiner_peer = trio_raft.Peer("n4", f"127.0.0.1:{ports[3]}")
+    fsms = {n: KV() for n in [*names, "n4"]}
+    engines: dict[str, trio_raft.Engine] = {}
+    stop = trio.Event()
+    extra = dict(snapshot_every=20, snapshot_catchup_entries=5)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for n in names:
+                await nursery.start(run_node, node_config(tmp_path, n, peers, fsms[n], **extra),
+                                    engines, stop)
+            leader = engines[await wait_leader(engines)]
+            for i in range(60):
+                await leader.propose(f"set k{i} v{i}".encode())
+            assert leader.status().last_snapshot_index >= 40
+            jcfg = node_config(tmp_path, "n4", [*peers, joiner_peer], fsms["n4"], **extra)
+            import attrs
+
+            await nursery.start(run_node, attrs.evolve(jcfg, bootstrap=False), engines, stop)
+            idx = await leader.add_learner("n4", joiner_peer.address)
+            warm = await leader.propose(b"set warm 1")
+            while engines["n4"].applied_index() < warm.commit_index:
+                await trio.sleep(0.02)
+            assert fsms["n4"].data == fsms[leader._local_id].data
+            assert engines["n4"].status().last_snapshot_index >= 40
+            await leader.promote_learner("n4", idx, warm.commit_index)
+            stop.set()

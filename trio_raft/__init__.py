@@ -5,6 +5,7 @@ Open an engine with :func:`open_engine` and an :class:`OpenConfig`; see the READ
 """
 
 from trio_raft import errors
+from trio_raft.envelope import KEK, Cipher
 from trio_raft.engine import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -33,8 +34,10 @@ from trio_raft.errors import RaftError
 __version__ = "0.1.0"
 
 __all__ = [
+    "KEK",
     "SUFFRAGE_LEARNER",
     "SUFFRAGE_VOTER",
+    "Cipher",
     "Configuration",
     "Engine",
     "Factory",

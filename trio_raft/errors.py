@@ -373,6 +373,41 @@ class NilKeystoreError(EnvelopeError):
     default_message = "envelope: no keystore"
 
 
+class KeyStoreError(EnvelopeError):
+    """The key store could not be read, written or used."""
+    default_message = "envelope: key store error"
+
+
+class KeyStoreCorruptError(KeyStoreError):
+    """A key store or nonce state file failed its checksum or layout checks."""
+    default_message = "envelope: key store file is corrupt"
+
+
+class KEKError(KeyStoreError):
+    """The key-encryption key is missing, malformed, misplaced, or does not match the store."""
+    default_message = "envelope: key-encryption key error"
+
+
+class KeyConflictError(KeyStoreError):
+    """A key id is already installed with different key material."""
+    default_message = "envelope: key id already installed with different material"
+
+
+class NonceExhaustedError(EnvelopeError):
+    """The persisted nonce epoch has no values left; rotate to a new key store."""
+    default_message = "envelope: nonce space exhausted"
+
+
+class ReservedPrefixError(EnvelopeError):
+    """A cleartext proposal starts with the prefix reserved for envelope control records."""
+    default_message = "envelope: payload starts with the reserved control prefix"
+
+
+class EncryptionScanError(EnvelopeError):
+    """The encryption scanner could not scan the requested range (spec a.4)."""
+    default_message = "envelope: encryption scan failed"
+
+
 class RaftUnwrapFailedError(RaftError):
     """An entry above the cutover could not be unwrapped. Fatal: apply halts on that entry."""
     default_message = "raft envelope unwrap failed; halting apply"

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from trio_raft.engine.config import OpenConfig, lease_duration
+from trio_raft.engine.envelope_support import EnvelopeMixin
 from trio_raft.engine.loop import RunLoop
 from trio_raft.engine.requests import ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
@@ -46,7 +47,7 @@ def _bump_join_role_violation() -> None:
     _join_role_violation_total += 1
 
 
-class Engine(RunLoop):
+class Engine(EnvelopeMixin, RunLoop):
     """A running Raft node. Create it with :func:`open_engine`."""
 
     _yielded = False
@@ -68,6 +69,7 @@ class Engine(RunLoop):
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._raise_if_closed()
+        data = self._envelope_payload(data, admin)  # wrap above the cutover (envelope_support)
         w = Waiter()
         rid = self._next_request_id()
         self._submit(ProposeRequest(rid, data, w, admin))

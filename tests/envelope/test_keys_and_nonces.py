@@ -1,0 +1,165 @@
+"""Key store (KEK-sealed DEKs), KEK sources, nonce uniqueness across restarts, control records."""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+
+import pytest
+
+from trio_raft import errors
+from trio_raft.envelope import (
+    KEK,
+    Cipher,
+    ControlRecord,
+    KEKError,
+    KeyConflictError,
+    KeyStore,
+    KeyStoreCorruptError,
+    NonceSource,
+    Opcode,
+    decode_control,
+    is_control,
+    open_dek,
+    parse,
+    seal_dek,
+)
+from trio_raft.envelope.keystore import KEY_FILE
+from trio_raft.envelope.nonce import NONCE_FILE
+
+
+def test_store_persists_keys_sealed_and_reopens(tmp_path, kek):
+    d = tmp_path / "keys"
+    store = KeyStore.open(d, kek)
+    dek = os.urandom(32)
+    assert store.install(1, dek)
+    assert not store.install(1, dek)  # idempotent
+    store.install(2, os.urandom(32), activate=False)
+    raw = (d / KEY_FILE).read_bytes()
+    assert dek not in raw  # only sealed on disk
+    again = KeyStore.open(d, kek)
+    assert again.key_ids() == [1, 2]
+    assert again.active_key_id == 1
+    assert again.key_bytes(1) == dek
+
+
+def test_wrong_kek_fails_clearly(tmp_path, kek):
+    d = tmp_path / "keys"
+    KeyStore.open(d, kek).install(1, os.urandom(32))
+    with pytest.raises(KEKError, match=r"does not match the key store .*keys\.bin"):
+        KeyStore.open(d, KEK.generate())
+    sealed = seal_dek(kek, 3, os.urandom(32))
+    with pytest.raises(KEKError, match="key id 3"):
+        open_dek(KEK.generate(), 3, sealed)
+    assert isinstance(KEKError(), errors.EnvelopeError)
+
+
+def test_sealed_dek_is_bound_to_its_key_id(kek):
+    sealed = seal_dek(kek, 3, os.urandom(32))
+    with pytest.raises(KeyStoreCorruptError, match="another key id"):
+        open_dek(kek, 4, sealed)
+
+
+def test_corrupt_store(tmp_path, kek):
+    d = tmp_path / "keys"
+    KeyStore.open(d, kek).install(1, os.urandom(32))
+    path = d / KEY_FILE
+    data = bytearray(path.read_bytes())
+    data[20] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(KeyStoreCorruptError, match="checksum"):
+        KeyStore.open(d, kek)
+
+
+def test_key_conflict(kek):
+    store = KeyStore(kek)
+    store.install(1, bytes(32))
+    with pytest.raises(KeyConflictError):
+        store.install(1, bytes([1]) * 32)
+
+
+def test_kek_sources(tmp_path, monkeypatch):
+    key = os.urandom(32)
+    raw = tmp_path / "raw.kek"
+    raw.write_bytes(key)
+    hexf = tmp_path / "hex.kek"
+    hexf.write_text(key.hex() + "\n")
+    assert KEK.from_file(raw).key == key
+    assert KEK.from_file(hexf).key == key
+    monkeypatch.setenv("TEST_KEK", base64.b64encode(key).decode())
+    k = KEK.from_env("TEST_KEK")
+    assert k.key == key and "TEST_KEK" in k.source
+    assert key.hex() not in repr(k)
+    monkeypatch.delenv("TEST_KEK")
+    with pytest.raises(KEKError, match="TEST_KEK is not set"):
+        KEK.from_env("TEST_KEK")
+    bad = tmp_path / "bad.kek"
+    bad.write_text("too short")
+    with pytest.raises(KEKError, match=str(bad)):
+        KEK.from_file(bad)
+    with pytest.raises(KEKError, match="cannot read"):
+        KEK.from_file(tmp_path / "missing.kek")
+
+
+def test_kek_file_must_not_live_in_the_key_store(tmp_path):
+    d = tmp_path / "keys"
+    d.mkdir()
+    (d / "kek").write_bytes(os.urandom(32))
+    with pytest.raises(KEKError, match="must not live inside"):
+        KeyStore.open(d, KEK.from_file(d / "kek"))
+
+
+def test_nonces_never_repeat_across_restarts(tmp_path, kek):
+    d = tmp_path / "keys"
+    seen: set[bytes] = set()
+    epochs = []
+    for _ in range(5):
+        c = Cipher.open(d, kek, node_id=42)
+        if not c.active_key_id:
+            c.keystore.install(1, os.urandom(32))  # type: ignore[union-attr]
+        assert c.nonces is not None
+        epochs.append(c.nonces.epoch)
+        for _ in range(200):
+            n = parse(c.wrap(b"x")).nonce
+            assert n not in seen
+            seen.add(n)
+    assert len(seen) == 1000
+    assert epochs == list(range(epochs[0], epochs[0] + 5))
+    # Another node sharing the key uses a disjoint prefix.
+    other = NonceSource(node_id=43, epoch=epochs[0])
+    assert other.next()[:4] != NonceSource(node_id=42, epoch=epochs[0]).next()[:4]
+
+
+def test_counter_exhaustion_bumps_the_persisted_epoch(tmp_path):
+    src = NonceSource.open(tmp_path, node_id=1)
+    first = src.epoch
+    src._counter = 0xFFFFFFFF
+    last = src.next()
+    nxt = src.next()
+    assert struct.unpack(">III", last)[1:] == (first, 0xFFFFFFFF)
+    assert struct.unpack(">III", nxt)[1:] == (first + 1, 0)
+    assert NonceSource.open(tmp_path, node_id=1).epoch == first + 2
+
+
+def test_corrupt_nonce_state_is_an_error_not_a_reset(tmp_path):
+    NonceSource.open(tmp_path, node_id=1)
+    path = tmp_path / NONCE_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(KeyStoreCorruptError):
+        NonceSource.open(tmp_path, node_id=1)
+
+
+def test_control_records(kek):
+    sealed = seal_dek(kek, 5, os.urandom(32))
+    rec = ControlRecord(Opcode.ROTATE, 5, sealed)
+    blob = rec.encode()
+    assert blob[0] == 0xE1 and blob[1:6] == b"TRENV"
+    assert is_control(blob)
+    assert decode_control(blob) == rec
+    assert not is_control(b"\xe1TRENx")
+    assert not is_control(b"\x01" + blob[1:])
+    with pytest.raises(KeyStoreCorruptError):
+        decode_control(blob[:-1])

@@ -5,7 +5,6 @@ Open an engine with :func:`open_engine` and an :class:`OpenConfig`; see the READ
 """
 
 from trio_raft import errors
-from trio_raft.envelope import KEK, Cipher
 from trio_raft.engine import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -28,6 +27,7 @@ from trio_raft.engine import (
     open_engine,
     parse_peers,
 )
+from trio_raft.envelope import KEK, Cipher
 from trio_raft.errors import *  # noqa: F403  (every error class is part of the public surface)
 from trio_raft.errors import RaftError
 

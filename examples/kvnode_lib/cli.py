@@ -14,8 +14,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvnode_lib.client import KVClient, KVError, client_ssl
 from kvproto.trio_raft.kv import v1 as pb
+
+from kvnode_lib.client import KVClient, KVError, client_ssl
 
 EXIT_MISS, EXIT_RPC = 1, 3
 PROMOTE_RETRY = 0.2
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat-tick", type=int, default=10)
     s.add_argument("--election-tick", type=int, default=100)
     s.add_argument("--log-level", default="warning")
+    # Tests only (tests/chaos): a file holding the seconds to wait before each WAL write,
+    # re-read every time, so a test can make the disk slow and fast again at run time.
+    s.add_argument("--test-fsync-delay-file", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("put", help="set KEY to VALUE")
     p.add_argument("key")

@@ -27,12 +27,12 @@ from functools import partial
 from typing import Any
 
 import trio
+
+import trio_raft
 from kvnode_lib.client import KVClient, KVError, client_ssl, split_address, tls_paths
 from kvnode_lib.fsm import KVStateMachine
 from kvnode_lib.metrics import Metrics
 from kvnode_lib.service import AdminService, KVService, Node
-
-import trio_raft
 from trio_raft.transport.grpc import GRPCTransport
 
 log = logging.getLogger("kvnode")
@@ -117,6 +117,40 @@ def instrument_wal(engine: trio_raft.Engine, metrics: Metrics) -> None:
         engine._disk = _TimedDisk(disk, metrics)  # type: ignore[attr-defined]
 
 
+class PinnedTransport(GRPCTransport):
+    """A GRPCTransport where this node's ``--peers`` entries win over learned addresses.
+
+    ``--peers`` says how *this* node reaches each member (NAT, proxies). A membership change
+    carries one address for the member it adds, the same for every node; a node that has its
+    own way to reach that member (an entry in its ``--peers``) keeps using it.
+    """
+
+    def __init__(self, *args: Any, pinned: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pinned = pinned
+
+    def upsert_peer(self, peer: Any) -> None:
+        address = self._pinned.get(peer.id)
+        if address and address != peer.address:
+            peer = type(peer)(peer.node_id, peer.id, address)
+        super().upsert_peer(peer)
+
+
+def persist_delay_reader(path: str | None) -> Any:
+    """Tests only: ``test_persist_delay`` reading seconds from ``path`` (missing/bad: 0)."""
+    if not path:
+        return None
+
+    def delay() -> float:
+        try:
+            with open(path) as f:
+                return max(0.0, float(f.read().strip() or 0))
+        except (OSError, ValueError):
+            return 0.0
+
+    return delay
+
+
 async def announce_membership(node: Node, transport: GRPCTransport) -> None:
     """Record (replicated) that this node holds data, once; retried until it succeeds."""
     engine = node.engine
@@ -160,8 +194,10 @@ async def run_node(args: argparse.Namespace) -> int:
     fsm = KVStateMachine()
     metrics = Metrics(args.id)
     node = Node(args.id, fsm, metrics)
-    transport = GRPCTransport(local_address=local_address, server_ssl=server_ssl(args.tls_dir),
-                              client_ssl=client_ssl(args.tls_dir))
+    transport = PinnedTransport(local_address=local_address,
+                                server_ssl=server_ssl(args.tls_dir),
+                                client_ssl=client_ssl(args.tls_dir),
+                                pinned={p.id: p.address for p in peers if p.id != args.id})
     handlers = [KVService(node), AdminService(node)]
     stopped_by: list[str] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -177,7 +213,9 @@ async def run_node(args: argparse.Namespace) -> int:
                 peers=peers, bootstrap=args.bootstrap, state_machine=fsm, transport=transport,
                 snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
                 tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
-                election_tick=args.election_tick)
+                election_tick=args.election_tick,
+                test_persist_delay=persist_delay_reader(
+                    getattr(args, "test_fsync_delay_file", None)))
             try:
                 async with trio_raft.open_engine(cfg) as engine:
                     instrument_wal(engine, metrics)

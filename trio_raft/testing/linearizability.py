@@ -31,8 +31,12 @@ configuration visited; since unknown operations are optional, a configuration is
 an earlier one with the same linearized *ok* operations and state and a *subset* of its unknown
 operations (everything still possible from the later one was possible from the earlier one, as
 unknown operations impose no real-time constraint). The cache keeps, per (ok set, state), the
-unknown sets seen, and prunes on that subset relation; it also never applies an unknown
-operation that leaves the state unchanged (that choice is dominated by leaving it out).
+unknown sets seen, and prunes on that subset relation. Two choices are never tried because a
+linearization without them always exists: applying an unknown operation that leaves the state
+unchanged, and applying an unknown blind write (put, delete) right after another unknown
+operation (the earlier one could just as well never have happened). Whether the last
+operation applied was unknown is part of the cached configuration, since it restricts what may
+follow.
 
 On failure :func:`check` returns the failing key and a minimal sub-history of it: the shortest
 failing prefix (in invocation order), then shrunk one operation at a time while it still fails,
@@ -202,12 +206,14 @@ def check_key_history(ops: Sequence[Op], initial: State = None) -> bool:
             prv[nxt[s]] = s
 
     returns_left = sum(1 for u in unknown if not u)
+    blind = [op.kind in (PUT, DELETE) for op in ops]
     ok_set = 0
     unk_set = 0
+    in_run = False  # the last operation linearized had an unknown outcome
     state: State = initial
-    cache: dict[tuple[int, State], list[int]] = defaultdict(list)
-    cache[(0, initial)].append(0)
-    stack: list[tuple[int, State]] = []  # (call slot, state before)
+    cache: dict[tuple[int, State, bool], list[int]] = defaultdict(list)
+    cache[(0, initial, False)].append(0)
+    stack: list[tuple[int, State, bool]] = []  # (call slot, state before, in_run before)
     slot = nxt[0]
     while True:
         if returns_left == 0:
@@ -215,16 +221,18 @@ def check_key_history(ops: Sequence[Op], initial: State = None) -> bool:
         if slot != end and ev_is_call[slot]:
             i = ev_op[slot]
             legal, new_state = step(state, ops[i])
-            if legal and unknown[i] and new_state == state:
-                legal = False  # dominated by leaving it out
+            if legal and unknown[i] and (new_state == state or (in_run and blind[i])):
+                # Dominated choices: an optional operation that changes nothing, or a blind
+                # write right after another optional operation (which it would overwrite).
+                legal = False
             if legal:
                 bit = 1 << i
                 n_ok, n_unk = (ok_set, unk_set | bit) if unknown[i] else (ok_set | bit, unk_set)
-                seen = cache[(n_ok, new_state)]
+                seen = cache[(n_ok, new_state, unknown[i])]
                 if not any(u & ~n_unk == 0 for u in seen):
                     seen.append(n_unk)
-                    stack.append((slot, state))
-                    state, ok_set, unk_set = new_state, n_ok, n_unk
+                    stack.append((slot, state, in_run))
+                    state, ok_set, unk_set, in_run = new_state, n_ok, n_unk, unknown[i]
                     unlink(slot)
                     if not unknown[i]:
                         unlink(ret_slot[i])
@@ -237,7 +245,7 @@ def check_key_history(ops: Sequence[Op], initial: State = None) -> bool:
         # calls were left to try): undo the last choice.
         if not stack:
             return False
-        slot, state = stack.pop()
+        slot, state, in_run = stack.pop()
         i = ev_op[slot]
         if unknown[i]:
             unk_set &= ~(1 << i)
@@ -247,6 +255,24 @@ def check_key_history(ops: Sequence[Op], initial: State = None) -> bool:
             returns_left += 1
         relink(slot)
         slot = nxt[slot]
+
+
+def _observations_explained(ops: Sequence[Op]) -> bool:
+    """Whether every value a successful operation observed was written in ``ops``."""
+    written = {op.value for op in ops if op.kind in (PUT, CAS)}
+    for op in ops:
+        if op.status != OK:
+            continue
+        seen: list[Any] = []
+        if op.kind == GET:
+            seen = [op.result]
+        elif op.kind == CAS and isinstance(op.result, tuple):
+            seen = [op.result[1]]
+        elif op.kind == DELETE and op.result and not written:
+            return False
+        if any(v is not None and v not in written for v in seen):
+            return False
+    return True
 
 
 def minimize(ops: Sequence[Op], initial: State = None, budget: float = 5.0) -> list[Op]:
@@ -263,6 +289,9 @@ def minimize(ops: Sequence[Op], initial: State = None, budget: float = 5.0) -> l
         else:
             hi = mid
     cur = cur[:hi]
+    # Keep the story: when every value read was written by someone, do not shrink to a history
+    # whose failure is just "read a value nobody wrote".
+    keep_sources = _observations_explained(cur)
     changed = True
     while changed and time.monotonic() < deadline:
         changed = False
@@ -270,6 +299,8 @@ def minimize(ops: Sequence[Op], initial: State = None, budget: float = 5.0) -> l
             if time.monotonic() >= deadline:
                 break
             trial = cur[:i] + cur[i + 1:]
+            if keep_sources and not _observations_explained(trial):
+                continue
             if not check_key_history(trial, initial):
                 cur = trial
                 changed = True

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
@@ -88,6 +89,8 @@ class Dispatcher:
         self._report = report  # (node_id, is_snapshot)
         self._lanes: dict[int, PeerLanes] = {}
         self._nursery: trio.Nursery | None = None
+        #: Upper bound on the entry bytes of one coalesced append.
+        self.max_coalesced_bytes = 4 << 20
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -129,9 +132,19 @@ class Dispatcher:
         if lanes.closed:
             scope.cancel()
         lanes.scopes.append(scope)
+        carry: Message | None = None
         with scope:
             async with recv:
-                async for m in recv:
+                while True:
+                    if carry is not None:
+                        m, carry = carry, None
+                    else:
+                        try:
+                            m = await recv.receive()
+                        except trio.EndOfChannel:
+                            return
+                    if m.type is MessageType.APP:
+                        m, carry = coalesce_appends(m, recv, self.max_coalesced_bytes)
                     try:
                         if m.type is MessageType.SNAP:
                             await self.transport.send_snapshot(m)
@@ -142,3 +155,43 @@ class Dispatcher:
                     except Exception as exc:
                         self.stats.record_error(exc)
                         self._report(m.to, m.type is MessageType.SNAP)
+
+
+def coalesce_appends(
+    first: Message, recv: trio.MemoryReceiveChannel[Message], max_bytes: int
+) -> tuple[Message, Message | None]:
+    """Merge appends already queued behind ``first`` into one message.
+
+    While a send is slow, the leader keeps producing appends that each extend the previous one
+    (in replicate state, each starts where the last ended). Sending them as one append carrying
+    all their entries and the newest commit index is what the follower would have ended up with
+    anyway, and costs one round trip instead of many. Returns the merged append and the first
+    queued message that could not be merged (to be sent next), if any.
+    """
+    merged = first
+    entries = list(first.entries)
+    size = sum(len(e.data) for e in entries)
+    changed = False
+    while size < max_bytes:
+        try:
+            nxt = recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        contiguous = (
+            nxt.type is MessageType.APP
+            and nxt.term == merged.term
+            and entries
+            and nxt.index == entries[-1].index
+            and nxt.log_term == entries[-1].term
+        )
+        if not contiguous:
+            if changed:
+                merged = attrs.evolve(merged, entries=tuple(entries))
+            return merged, nxt
+        entries.extend(nxt.entries)
+        size += sum(len(e.data) for e in nxt.entries)
+        merged = attrs.evolve(merged, commit=max(merged.commit, nxt.commit))
+        changed = True
+    if changed:
+        merged = attrs.evolve(merged, entries=tuple(entries))
+    return merged, None

@@ -1,0 +1,71 @@
+"""Outbound lanes: coalescing queued appends, drops on full lanes, error codes."""
+
+from __future__ import annotations
+
+import trio
+
+from trio_raft.core.messages import Entry, Message, MessageType
+from trio_raft.engine.dispatch import Dispatcher, coalesce_appends, error_code_name
+from trio_raft.errors import DispatchError
+
+MT = MessageType
+
+
+def app(index: int, log_term: int, n: int, commit: int, term: int = 2) -> Message:
+    ents = tuple(Entry(term, index + 1 + i, data=b"x") for i in range(n))
+    return Message(MT.APP, to=2, from_=1, term=term, log_term=log_term, index=index,
+                   entries=ents, commit=commit)
+
+
+async def test_contiguous_appends_are_merged_and_others_carried():
+    send, recv = trio.open_memory_channel[Message](10)
+    first = app(10, 2, 3, commit=9)
+    send.send_nowait(app(13, 2, 2, commit=11))
+    send.send_nowait(app(15, 2, 1, commit=12))
+    hb = Message(MT.HEARTBEAT, to=2, from_=1, term=2)
+    send.send_nowait(hb)
+    send.send_nowait(app(16, 2, 1, commit=13))
+    merged, carry = coalesce_appends(first, recv, 1 << 20)
+    assert [e.index for e in merged.entries] == [11, 12, 13, 14, 15, 16]
+    assert (merged.index, merged.log_term, merged.commit) == (10, 2, 12)
+    assert carry is hb
+    rest, carry2 = coalesce_appends(recv.receive_nowait(), recv, 1 << 20)
+    assert [e.index for e in rest.entries] == [17] and carry2 is None
+
+
+async def test_non_contiguous_append_is_not_merged():
+    send, recv = trio.open_memory_channel[Message](10)
+    first = app(10, 2, 3, commit=9)
+    gap = app(20, 2, 1, commit=9)  # a probe after a rejection: does not extend the first
+    send.send_nowait(gap)
+    merged, carry = coalesce_appends(first, recv, 1 << 20)
+    assert merged is first and carry is gap
+
+
+async def test_full_lane_drops_and_failed_send_is_reported():
+    reports: list[tuple[int, bool]] = []
+    sent: list[Message] = []
+    gate = trio.Event()
+
+    class Slow:
+        async def send(self, m: Message) -> None:
+            await gate.wait()
+            sent.append(m)
+            raise DispatchError("peer down", code="Unavailable")
+
+    d = Dispatcher(Slow(), 2, lambda nid, snap: reports.append((nid, snap)))
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.ensure_peer(2)
+        for i in range(6):
+            d.send(Message(MT.APP, to=2, from_=1, term=1, index=100 * i))
+        await trio.testing.wait_all_tasks_blocked()
+        assert d.stats.drop_count >= 3  # one in the worker, two queued, the rest dropped
+        d.send(Message(MT.APP, to=7, from_=1, term=1))  # no lane for that peer: a drop
+        gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        d.close()
+    assert d.stats.error_count == len(sent) > 0
+    assert d.stats.errors_by_code == {"Unavailable": len(sent)}
+    assert (7, False) in reports
+    assert error_code_name(TimeoutError()) == "DeadlineExceeded"

@@ -193,3 +193,30 @@ def test_derive_node_id_and_parse_peers():
     for bad in ("n1", "=h:1", "n1="):
         with pytest.raises(errors.PeerFormatInvalidError):
             trio_raft.parse_peers(bad)
+
+
+async def test_bootstrap_seed_mismatch_is_refused(tmp_path):
+    seed = [trio_raft.Peer("n1", "127.0.0.1:7001")]
+    async with trio_raft.open_engine(cfg(tmp_path, bootstrap_seed=seed)) as engine:
+        await engine.propose(b"set a 1")
+    other = [trio_raft.Peer("n1", "127.0.0.1:7001"), trio_raft.Peer("n9", "127.0.0.1:7009")]
+    with pytest.raises(errors.ClusterMismatchError, match="bootstrap seed differs"):
+        async with trio_raft.open_engine(cfg(tmp_path, bootstrap_seed=other)):
+            pass
+    # The same seed reopens fine.
+    async with trio_raft.open_engine(cfg(tmp_path, bootstrap_seed=seed)) as engine:
+        assert engine.applied_index() >= 3
+
+
+def test_snapshot_conf_state_must_match_peers():
+    from trio_raft.core.messages import ConfState
+    from trio_raft.engine.opening import validate_conf_state
+
+    peers = [trio_raft.Peer("a", "h:1", 1, "voter"), trio_raft.Peer("b", "h:2", 2, "learner")]
+    validate_conf_state(ConfState(voters=[1], learners=[2]), peers)
+    with pytest.raises(errors.ClusterMismatchError, match="expected 1 voters got 2"):
+        validate_conf_state(ConfState(voters=[1, 3], learners=[2]), peers)
+    with pytest.raises(errors.ClusterMismatchError, match="learner 4 not present"):
+        validate_conf_state(ConfState(voters=[1], learners=[4]), peers)
+    with pytest.raises(errors.ClusterMismatchError, match="joint"):
+        validate_conf_state(ConfState(voters=[1], voters_outgoing=[2]), peers)

@@ -17,7 +17,14 @@ import pstats
 import random
 import time
 
-from trio_raft.core.messages import ConfState, HardState, Snapshot, SnapshotMetadata, StateType
+from trio_raft.core.messages import (
+    ConfState,
+    Entry,
+    HardState,
+    Snapshot,
+    SnapshotMetadata,
+    StateType,
+)
 from trio_raft.core.raft import Config
 from trio_raft.core.rawnode import RawNode
 from trio_raft.core.storage import MemoryStorage
@@ -63,13 +70,17 @@ class Bench:
                 for m in rd.messages:
                     nodes[m.to].step(m)
 
-    def run(self, total: int, batch: int) -> float:
+    def run(self, total: int, batch: int, *, one_call: bool = False) -> float:
         leader = self.nodes[1]
         start_applied = self.applied
         t0 = time.perf_counter()
         for _ in range(total // batch):
-            for _ in range(batch):
-                leader.propose(PAYLOAD)
+            if one_call:
+                # As the engine proposes: everything waiting in one call.
+                leader.propose_entries([Entry(0, 0, data=PAYLOAD) for _ in range(batch)])
+            else:
+                for _ in range(batch):
+                    leader.propose(PAYLOAD)
             self.settle()
         dt = time.perf_counter() - t0
         done = self.applied - start_applied
@@ -82,20 +93,21 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=64_000)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
-    for batch in (1, 64):
+    for batch, one_call in ((1, False), (64, False), (64, True)):
         total = args.entries // (8 if batch == 1 else 1)
         b = Bench()
-        b.run(min(total, 2000), batch)  # warm up
+        b.run(min(total, 2000), batch, one_call=one_call)  # warm up
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
-        rate = b.run(total, batch)
+        rate = b.run(total, batch, one_call=one_call)
         if args.profile:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         print(json.dumps({"bench": "core_commit", "nodes": 3, "entry_bytes": len(PAYLOAD),
-                          "batch": batch, "entries": total,
-                          "entries_per_sec": round(rate)}))
+                          "batch": batch,
+                          "proposal_calls": "propose_entries" if one_call else "propose",
+                          "entries": total, "entries_per_sec": round(rate)}))
 
 
 if __name__ == "__main__":

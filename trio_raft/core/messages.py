@@ -21,6 +21,9 @@ from trio_raft.core.errors import ConfChangeError
 #: Node id 0 means "nobody" (no leader, no vote).
 NONE = 0
 
+#: Bytes counted per entry on top of its data for size limits (roughly its encoded header).
+ENTRY_OVERHEAD = 24
+
 
 class MessageType(enum.IntEnum):
     HUP = 0  # local: start an election
@@ -117,7 +120,7 @@ class Entry:
 
     def size(self) -> int:
         """Approximate encoded size, used for ``max_size_per_msg`` accounting."""
-        return len(self.data) + 24
+        return len(self.data) + ENTRY_OVERHEAD
 
 
 @attrs.frozen(slots=True)

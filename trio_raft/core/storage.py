@@ -20,6 +20,7 @@ from trio_raft.core.errors import (
 )
 from trio_raft.core.messages import (
     EMPTY_HARD_STATE,
+    ENTRY_OVERHEAD,
     ConfState,
     Entry,
     HardState,
@@ -46,16 +47,15 @@ class Storage(Protocol):
 
 def limit_size(entries: list[Entry], max_size: int | None) -> list[Entry]:
     """Keep a prefix of ``entries`` whose total size stays within ``max_size`` (at least one)."""
-    if max_size is None or not entries:
+    if max_size is None or len(entries) <= 1:
         return entries
-    size = entries[0].size()
-    n = 1
-    for ent in entries[1:]:
-        size += ent.size()
-        if size > max_size:
-            break
-        n += 1
-    return entries if n == len(entries) else entries[:n]
+    overhead = ENTRY_OVERHEAD
+    size = 0
+    for n, ent in enumerate(entries):
+        size += len(ent.data) + overhead
+        if size > max_size and n > 0:
+            return entries[:n]
+    return entries
 
 
 class MemoryStorage:

@@ -26,8 +26,9 @@ import time
 from typing import Any
 
 from grpclib.const import Status
-from kvnode_lib.client import KVClient, KVError
 from kvproto.trio_raft.kv import v1 as pb
+
+from kvnode_lib.client import KVClient, KVError
 
 KVNODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvnode.py")
 NAMES = ("n1", "n2", "n3")

@@ -5,7 +5,7 @@ grpclib runs the handlers on the transport's asyncio loop; each handler crosses 
 
 * ``NotLeaderError``, ``LeadershipTransferInProgressError``, ``EnvelopeCutoverInProgressError``:
   rejected before reaching raft, certainly not applied -> ``FAILED_PRECONDITION`` with trailing
-  metadata ``leader-address`` (empty when unknown).
+  metadata ``leader-address`` (absent when the leader is unknown).
 * ``LeadershipLostError`` (a ``NotLeaderError``, so it is checked first), ``EngineClosedError``
   and anything else unexpected: the outcome is unknown -> ``UNAVAILABLE``.
 * malformed requests -> ``INVALID_ARGUMENT``.
@@ -23,11 +23,11 @@ from typing import Any
 
 import trio
 from grpclib.const import Cardinality, Handler, Status
-from kvnode_lib import fsm as kvfsm
-from kvnode_lib.metrics import Metrics
 from kvproto.trio_raft.kv import v1 as pb
 
 import trio_raft
+from kvnode_lib import fsm as kvfsm
+from kvnode_lib.metrics import Metrics
 from trio_raft import errors
 
 log = logging.getLogger("kvnode.service")
@@ -129,8 +129,9 @@ class _Base:
                     raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
                 response = await portal.run(_guarded, node, fn, request)
             except Reply as r:
+                # grpclib refuses empty metadata values: an unknown leader is no trailer.
                 metadata = ({LEADER_ADDRESS_KEY: r.leader_address}
-                            if r.leader_address is not None else None)
+                            if r.leader_address else None)
                 await stream.send_trailing_metadata(status=r.status, status_message=r.message,
                                                     metadata=metadata)
                 return

@@ -21,6 +21,7 @@ thread. Any trio caller still waiting afterwards gets ``TransportClosedError``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -277,6 +278,43 @@ def _close_leftover_transports(loop: asyncio.AbstractEventLoop) -> None:
             log.debug("closing leftover transport failed", exc_info=True)
 
 
+class _Batcher:
+    """Coalesces cross-thread hand-offs: calls posted while a drain is already scheduled ride
+    along with it, so a burst of calls costs one wake-up of the other thread instead of one per
+    call (each wake-up is a socket write and a context switch)."""
+
+    def __init__(self, schedule: Callable[[Callable[[], None]], Any]) -> None:
+        self._schedule = schedule
+        self._lock = threading.Lock()
+        self._items: collections.deque[tuple[Callable[..., Any], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._scheduled = False
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            self._items.append((fn, args))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._schedule(self._drain)
+        except BaseException:
+            with self._lock:
+                self._scheduled = False
+                with contextlib.suppress(ValueError):
+                    self._items.remove((fn, args))
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._scheduled = False
+        for fn, args in items:
+            fn(*args)
+
+
 class TrioPortal:
     """Calls from coroutines on the bridge's loop into a trio nursery.
 
@@ -286,6 +324,14 @@ class TrioPortal:
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._token = trio.lowlevel.current_trio_token()
+        self._to_trio = _Batcher(self._token.run_sync_soon)
+        self._to_asyncio: dict[asyncio.AbstractEventLoop, _Batcher] = {}
+
+    def _asyncio_batcher(self, loop: asyncio.AbstractEventLoop) -> _Batcher:
+        b = self._to_asyncio.get(loop)
+        if b is None:
+            b = self._to_asyncio[loop] = _Batcher(loop.call_soon_threadsafe)
+        return b
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """From any thread: run the synchronous ``fn(*args)`` in the trio thread soon (FIFO
@@ -302,6 +348,7 @@ class TrioPortal:
         scope = trio.CancelScope()
         token = self._token
         nursery = self._nursery
+        to_asyncio = self._asyncio_batcher(loop)
 
         def settle(result: outcome.Outcome[T]) -> None:  # asyncio thread
             if fut.done():
@@ -313,7 +360,7 @@ class TrioPortal:
 
         def report(result: outcome.Outcome[T]) -> None:  # trio thread
             with contextlib.suppress(RuntimeError):  # loop closed: nobody is waiting any more
-                loop.call_soon_threadsafe(settle, result)
+                to_asyncio.post(settle, result)
 
         async def runner() -> None:  # trio thread
             result: outcome.Outcome[T] | None = None
@@ -334,7 +381,7 @@ class TrioPortal:
                 report(outcome.Error(TransportClosedError("trio nursery is closed")))
 
         try:
-            token.run_sync_soon(spawn)
+            self._to_trio.post(spawn)
         except trio.RunFinishedError:
             raise TransportClosedError("trio run has finished") from None
         try:

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -141,15 +140,9 @@ def node_main(args: argparse.Namespace) -> None:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    from trio_raft.testing.net import free_loopback_ports
+
+    return free_loopback_ports(n)
 
 
 def orchestrate(args: argparse.Namespace) -> None:

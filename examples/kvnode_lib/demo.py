@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from grpclib.const import Status
 from kvproto.trio_raft.kv import v1 as pb
 
 from kvnode_lib.client import KVClient, KVError
+from trio_raft.testing.net import free_loopback_ports
 
 KVNODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvnode.py")
 NAMES = ("n1", "n2", "n3")
@@ -37,13 +37,7 @@ VALUE_BYTES = 100
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    return free_loopback_ports(n)
 
 
 class Cluster:

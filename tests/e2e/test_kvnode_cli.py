@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from trio_raft.testing.net import free_loopback_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KVNODE = os.path.join(ROOT, "examples", "kvnode.py")
@@ -27,13 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    return free_loopback_ports(n)
 
 
 def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import trio
 
 import trio_raft
 from tests.engine.kv import KV
 from trio_raft import State, errors
+from trio_raft.testing.net import free_loopback_ports
 
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    return free_loopback_ports(n)
 
 
 def node_config(tmp_path, name: str, peers: list[trio_raft.Peer], fsm: KV,

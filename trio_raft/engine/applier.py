@@ -66,10 +66,11 @@ class ApplyMixin(EngineState):
             return  # replayed duplicate (already reflected by the restored state machine)
         env = decode_proposal(ent.data)
         if env is None:
-            # Leader no-op entries and anything not enveloped: nothing to apply.
-            self._applied = ent.index
+            self._apply_non_proposal(ent)
             return
         rid, payload = env
+        if self._apply_engine_record(ent, rid, payload):
+            return
         payload = self._unwrap_payload(ent.index, payload)
         set_index = getattr(self._fsm, "set_apply_index", None)
         if set_index is not None:
@@ -86,6 +87,15 @@ class ApplyMixin(EngineState):
         w = self._pending_proposals.pop(rid)
         if w is not None:
             w.resolve(ProposalResult(ent.index, response))
+
+    def _apply_non_proposal(self, ent: Entry) -> None:
+        """Leader no-op entries and anything not enveloped: nothing to apply."""
+        self._applied = ent.index
+
+    def _apply_engine_record(self, ent: Entry, request_id: int, payload: bytes) -> bool:
+        """Hook: apply a record meant for the engine itself (never shown to the state
+        machine); True when ``payload`` was one."""
+        return False
 
     def _unwrap_payload(self, index: int, payload: bytes) -> bytes:
         """Hook for the raft envelope (entries above the cutover are unwrapped)."""

@@ -330,25 +330,24 @@ class EnvelopeMixin(RunLoop):
             self._env_fail_queued_cleartext()
 
     # -- apply side ----------------------------------------------------------------------------
-    def _apply_normal(self, ent: Entry) -> None:
-        if ent.index > self._applied:
-            payload = control_payload(ent)
-            if payload is not None:
-                key_id = self._env_apply_control(ent.index, payload)
-                self._applied = ent.index
-                env = decode_proposal(ent.data)
-                assert env is not None
-                w = self._pending_proposals.pop(env[0])
-                if w is not None:
-                    w.resolve(ProposalResult(ent.index, key_id))
-                return
-            if ent.data and decode_proposal(ent.data) is None:
-                cutover = self._env_cutover_index()
-                if cutover is not None and ent.index > cutover:
-                    # Only empty no-ops and proposal envelopes are written above the cutover;
-                    # anything else was damaged and must not be skipped silently.
-                    raise RaftUnwrapFailedError(f"entry {ent.index}: not a proposal envelope")
-        super()._apply_normal(ent)
+    def _apply_engine_record(self, ent: Entry, request_id: int, payload: bytes) -> bool:
+        if not is_control(payload):
+            return False
+        key_id = self._env_apply_control(ent.index, payload)
+        self._applied = ent.index
+        w = self._pending_proposals.pop(request_id)
+        if w is not None:
+            w.resolve(ProposalResult(ent.index, key_id))
+        return True
+
+    def _apply_non_proposal(self, ent: Entry) -> None:
+        if ent.data:
+            cutover = self._env_cutover_index()
+            if cutover is not None and ent.index > cutover:
+                # Only empty no-ops and proposal envelopes are written above the cutover;
+                # anything else was damaged and must not be skipped silently.
+                raise RaftUnwrapFailedError(f"entry {ent.index}: not a proposal envelope")
+        super()._apply_non_proposal(ent)
 
     def _unwrap_payload(self, index: int, payload: bytes) -> bytes:
         cutover = self._env_cutover_index()

@@ -13,9 +13,13 @@ fixed duration; each task sends its next request when the previous one is acknow
   ``trio-raft-bench/`` cache): each node is a ``SyncObj`` with a replicated dict, fronted by the
   same grpclib KV service (``Put`` -> ``ReplDict.set`` with a callback); an acknowledgement
   means PySyncObj reported the command applied. PySyncObj keeps its log in memory (no fsync).
+* null: one process serving the same grpclib ``Put`` by acknowledging at once, with nothing
+  behind it. Its throughput is the ceiling this front end and this load generator impose on any
+  system measured this way, on this machine.
 
-Prints a JSON line per system and setting (ops/s, p50/p99 latency in ms), then a table.
-Figures, not assertions; loopback only.
+Prints a JSON line per system and setting (ops/s, p50/p99 latency in ms, and the CPU time each
+process spent per acknowledged op: leader, followers together, load generator), then a table.
+Figures, not assertions; loopback only. ``--systems`` picks a subset.
 """
 
 from __future__ import annotations
@@ -108,6 +112,47 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
         server.close()
         await server.wait_closed()
         sync.destroy()
+
+    asyncio.run(main())
+
+
+# -- the front-end ceiling: the same grpclib KV service with no replication behind it -----------
+
+def null_node(args: argparse.Namespace) -> None:
+    """One process serving ``Put`` by acknowledging at once: what the shared grpclib front end
+    and this load generator cost on their own, i.e. the ceiling for any system fronted this way."""
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server
+    from kvproto.trio_raft.kv import v1 as pb
+
+    class KV:
+        def __mapping__(self) -> dict[str, Handler]:
+            return {
+                "/trio_raft.kv.v1.KV/Put": Handler(self.put, Cardinality.UNARY_UNARY,
+                                                   pb.PutRequest, pb.PutResponse),
+                "/trio_raft.kv.v1.KV/Status": Handler(self.status, Cardinality.UNARY_UNARY,
+                                                      pb.StatusRequest, pb.StatusResponse),
+            }
+
+        async def put(self, stream: Any) -> None:
+            await stream.recv_message()
+            await stream.send_message(pb.PutResponse(index=0))
+
+        async def status(self, stream: Any) -> None:
+            await stream.recv_message()
+            await stream.send_message(pb.StatusResponse(id=args.id, state="leader"))
+
+    async def main() -> None:
+        host, port = args.listen.rsplit(":", 1)
+        server = Server([KV()])
+        await server.start(host, int(port))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(main())
 
@@ -226,6 +271,11 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
     try:
         for i, n in enumerate(NAMES):
             log = os.path.join(base, f"{system}-{n}.log")
+            if system == "null":  # a single process: there is nothing to replicate
+                if i == 0:
+                    await procs.start([sys.executable, os.path.abspath(__file__), "null-node",
+                                       "--id", n, "--listen", api[n]], log)
+                continue
             if system == "kvnode":
                 peers = ",".join(f"{m}={a}" for m, a in api.items())
                 cmd = [sys.executable, os.path.join(EXAMPLES, "kvnode.py"), "serve", "--id", n,
@@ -239,11 +289,23 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
                        "--listen", api[n], "--peers", peers]
             await procs.start(cmd, log)
             del i
-        leader = await find_leader(list(api.values()))
+        leader = await find_leader(list(api.values())[:len(procs.procs)])
+        pids = [p.pid for p in procs.procs]
+        leader_i = list(api.values()).index(leader)
         for c in (int(x) for x in args.concurrency.split(",")):
+            before, gen_before = cpu_seconds(pids), time.process_time()
             r = await load(leader, c, args.duration, args.size)
-            row = {"bench": "vs_pysyncobj", "system": system, "nodes": 3,
-                   "fsync": system == "kvnode", "value_bytes": args.size, **r}
+            used = [b - a for a, b in zip(before, cpu_seconds(pids))]
+            gen = time.process_time() - gen_before
+            ops = max(r["ops"], 1)
+            row = {"bench": "vs_pysyncobj", "system": system,
+                   "nodes": 1 if system == "null" else 3,
+                   "fsync": system == "kvnode", "value_bytes": args.size, **r,
+                   # CPU microseconds per acknowledged op: leader, followers (sum), generator
+                   "cpu_us_per_op": {
+                       "leader": round(used[leader_i] / ops * 1e6),
+                       "followers": round((sum(used) - used[leader_i]) / ops * 1e6),
+                       "generator": round(gen / ops * 1e6)}}
             print(json.dumps(row), flush=True)
             results.append(row)
     finally:
@@ -251,21 +313,37 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
     return results
 
 
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """User + system CPU seconds of each process (Linux /proc), 0.0 where unreadable."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            out.append(0.0)
+    return out
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     by = {(r["system"], r["concurrency"]): r for r in rows}
     levels = sorted({r["concurrency"] for r in rows})
     out = ["| in flight | kvnode ops/s | kvnode p50 / p99 ms | PySyncObj ops/s "
-           "| PySyncObj p50 / p99 ms | throughput ratio | p50 ratio |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+           "| PySyncObj p50 / p99 ms | throughput ratio | p50 ratio | front end alone ops/s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in levels:
         k, p = by.get(("kvnode", c)), by.get(("pysyncobj", c))
         if k is None or p is None:
             continue
+        n = by.get(("null", c))
         tr = k["ops_per_s"] / p["ops_per_s"] if p["ops_per_s"] else float("inf")
         lr = p["p50_ms"] / k["p50_ms"] if k["p50_ms"] else float("inf")
+        ceiling = f"{n['ops_per_s']:.0f}" if n is not None else "-"
         out.append(f"| {c} | {k['ops_per_s']:.0f} | {k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
                    f"{p['ops_per_s']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
-                   f"{tr:.2f}x | {lr:.1f}x lower |")
+                   f"{tr:.2f}x | {lr:.1f}x lower | {ceiling} |")
     return "\n".join(out)
 
 
@@ -278,8 +356,9 @@ async def orchestrate(args: argparse.Namespace) -> None:
                       "duration_s": args.duration}), flush=True)
     base = tempfile.mkdtemp(prefix="vs-pysyncobj-")
     try:
-        rows = await run_system("kvnode", args, base, None)
-        rows += await run_system("pysyncobj", args, base, py)
+        rows = []
+        for system in args.systems.split(","):
+            rows += await run_system(system, args, base, py if system == "pysyncobj" else None)
     except BaseException:
         print(f"logs kept in {base}", file=sys.stderr)
         raise
@@ -290,16 +369,22 @@ async def orchestrate(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "pysyncobj-node"])
+    ap.add_argument("mode", nargs="?", default="run",
+                    choices=["run", "pysyncobj-node", "null-node"])
     ap.add_argument("--id")
     ap.add_argument("--listen")
     ap.add_argument("--peers")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", default="1,64,1024")
     ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--systems", default="kvnode,pysyncobj,null",
+                    help="comma-separated subset of kvnode,pysyncobj,null (null: the KV front end "
+                         "alone, acknowledging without replication)")
     args = ap.parse_args()
     if args.mode == "pysyncobj-node":
         pysyncobj_node(args)
+    elif args.mode == "null-node":
+        null_node(args)
     else:
         asyncio.run(orchestrate(args))
 

@@ -364,3 +364,21 @@ def test_persistence_is_safe_across_threads(tmp_path) -> None:
     ds = bootstrap(tmp_path, KV())
     assert ds.snapshot.metadata.index == 10 and ds.entries[-1].index == 199
     ds.persistence.close()
+
+
+def test_try_save_state_writes_a_commit_update_without_the_lock_holder(tmp_path) -> None:
+    kv = KV({"init": "1"})
+    ds = bootstrap(tmp_path, kv)
+    append_committed(ds, kv, 2, 10)
+    p = ds.persistence
+    # Another writer holds the lock: nothing is written, the caller falls back to the slow path.
+    with p._lock:
+        assert p.try_save_state(HardState(1, 11, 12)) is False
+    assert p.wal.hard_state.commit == 10
+    p.save_ready(None, [Entry(1, 11), Entry(1, 12)], None, True)
+    assert p.try_save_state(HardState(1, 11, 12)) is True
+    p.close()
+    ds = bootstrap(tmp_path, KV())
+    assert ds.hard_state == HardState(1, 11, 12)
+    assert ds.entries[-1].index == 12
+    ds.persistence.close()

@@ -36,6 +36,7 @@ from trio_raft.core.messages import (
     NONE,
     PRIORITY_MESSAGE_TYPES,
     ConfState,
+    EntryType,
     Message,
     MessageType,
     Ready,
@@ -436,20 +437,26 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         assert node is not None
         while node.has_ready():
             rd = node.ready()
+            leader = node.raft.state is StateType.LEADER and rd.snapshot is None
             # A leader's messages (appends, heartbeats) do not depend on its own write: with
-            # parallel_leader_write they leave first, so followers fsync while we do.
-            early = (
-                self._cfg.parallel_leader_write
-                and rd.snapshot is None
-                and node.raft.state is StateType.LEADER
-            )
+            # parallel_leader_write, appends carrying new entries leave first, so followers
+            # fsync while we do. Otherwise a leader applies first (answering the proposers
+            # sooner) and then tells followers the new commit index, except when a
+            # configuration change is applied (it may remove the very peer that must learn
+            # of its commit). A follower acknowledges as soon as its write is done.
+            early = leader and self._cfg.parallel_leader_write and bool(rd.entries)
             if early:
                 self._send_messages(rd)
             await self._persist_ready(rd)
-            if not early:
+            late = leader and not early and not any(
+                e.type is not EntryType.NORMAL for e in rd.committed_entries
+            )
+            if not early and not late:
                 self._send_messages(rd)
             if rd.committed_entries:
                 await self._apply_entries(rd.committed_entries)
+            if late:
+                self._send_messages(rd)
             self._handle_read_states(rd)
             node.advance(rd)
             self._maybe_start_snapshot()
@@ -465,6 +472,17 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
     async def _persist_ready(self, rd: Ready) -> None:
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
+        if (
+            rd.hard_state is not None
+            and not rd.entries
+            and rd.snapshot is None
+            and not rd.must_sync
+            and self._disk.try_save_state(rd.hard_state)
+        ):
+            # A commit-index update: a buffered write, no fsync; a thread round trip would cost
+            # more than the write and delay applying what was just committed.
+            self._storage.set_hard_state(rd.hard_state)
+            return
         if rd.entries or rd.hard_state is not None or rd.snapshot is not None:
             cfg = self._cfg
             if cfg.test_persist_delay is not None:

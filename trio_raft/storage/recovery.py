@@ -118,6 +118,20 @@ class DiskPersistence:
                 self._save_snapshot(snapshot, hard_state)
             self.wal.save(hard_state, entries, sync=must_sync)
 
+    def try_save_state(self, hard_state: HardState) -> bool:
+        """Write a hard state whose term and vote are unchanged (a commit-index update), without
+        fsync, when no other writer holds the lock; returns False (nothing written) otherwise.
+
+        Cheap enough for the caller's thread: a buffered ``write`` and no sync. A commit index
+        need not be durable (it is recomputed from a quorum after a restart)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self.wal.save(hard_state, (), sync=False)
+        finally:
+            self._lock.release()
+        return True
+
     def _save_snapshot(self, snapshot: Snapshot, hard_state: HardState | None) -> None:
         meta = snapshot.metadata
         self.snapshotter.save(snapshot)

@@ -346,3 +346,46 @@ async def test_factory_applies_its_tunables(tmp_path):
     async with factory.create(cfg) as engine:
         assert engine.lease_duration() == pytest.approx(400 * 0.005 - 0.3)
         await engine.propose(b"set a 1")
+
+
+async def test_leader_applies_before_sending_the_new_commit_index(tmp_path, clock):
+    """A leader answers proposers before telling followers of the commit; a configuration
+    change keeps the send-first order so the peer it may remove still hears of its commit."""
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        assert name is not None
+        handle = c.nodes[name]
+        events: list[tuple[str, int]] = []
+        dispatcher = leader._dispatcher  # white box: the leader's outbound lanes
+        real_send = dispatcher.send
+
+        def send(m):  # type: ignore[no-untyped-def]
+            if m.type.name == "APP" and not m.entries:
+                events.append(("commit-sent", m.commit))
+            real_send(m)
+
+        real_apply = handle.fsm.apply
+
+        def apply(data: bytes):  # type: ignore[no-untyped-def]
+            events.append(("applied", handle.fsm.apply_index))
+            return real_apply(data)
+
+        dispatcher.send = send  # type: ignore[method-assign]
+        handle.fsm.apply = apply  # type: ignore[method-assign]
+        res = await leader.propose(b"set a 1")
+        await c.wait_applied(res.commit_index)
+        idx = res.commit_index
+        assert ("applied", idx) in events
+        first_commit = next(i for i, (kind, v) in enumerate(events)
+                            if kind == "commit-sent" and v >= idx)
+        assert events.index(("applied", idx)) < first_commit
+
+        events.clear()
+        others = [n for n in c.nodes if n != name]
+        st = leader.status()
+        conf_idx = await leader.remove_server(others[0], st.configuration_index)
+        with trio.fail_after(10):
+            await c.nodes[others[0]].stopped.wait()
+        sent = [v for kind, v in events if kind == "commit-sent" and v >= conf_idx]
+        assert sent, "followers were told the configuration change committed"

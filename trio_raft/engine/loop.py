@@ -440,16 +440,18 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
             leader = node.raft.state is StateType.LEADER and rd.snapshot is None
             # A leader's messages (appends, heartbeats) do not depend on its own write: with
             # parallel_leader_write, appends carrying new entries leave first, so followers
-            # fsync while we do. Otherwise a leader applies first (answering the proposers
-            # sooner) and then tells followers the new commit index, except when a
+            # fsync while we do. With no new entries, a leader applies first (answering the
+            # proposers sooner) and then tells followers the new commit index, except when a
             # configuration change is applied (it may remove the very peer that must learn
             # of its commit). A follower acknowledges as soon as its write is done.
             early = leader and self._cfg.parallel_leader_write and bool(rd.entries)
             if early:
                 self._send_messages(rd)
             await self._persist_ready(rd)
-            late = leader and not early and not any(
-                e.type is not EntryType.NORMAL for e in rd.committed_entries
+            late = (
+                leader
+                and not rd.entries
+                and not any(e.type is not EntryType.NORMAL for e in rd.committed_entries)
             )
             if not early and not late:
                 self._send_messages(rd)

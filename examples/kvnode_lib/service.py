@@ -1,7 +1,10 @@
 """The KV and Admin gRPC services of a kvnode, served on the raft transport's grpclib server.
 
-grpclib runs the handlers on the transport's asyncio loop; each handler crosses into trio once
-(``transport.portal.run``), where it talks to the engine and maps the outcome to a status code:
+grpclib runs the handlers on the transport's asyncio loop. Writes (Put, Delete, CompareAndSwap)
+are validated and encoded there, then handed to the trio thread in coalesced batches
+(``portal.post``) and submitted with ``Engine.propose_nowait``, whose completion callback settles
+the waiting handler's future: no trio task per write. Other calls cross into trio once
+(``portal.run``). Either way the outcome is mapped to a status code:
 
 * ``NotLeaderError``, ``LeadershipTransferInProgressError``, ``EnvelopeCutoverInProgressError``:
   rejected before reaching raft, certainly not applied -> ``FAILED_PRECONDITION`` with trailing
@@ -16,11 +19,13 @@ short message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import outcome
 import trio
 from grpclib.const import Cardinality, Handler, Status
 from kvproto.trio_raft.kv import v1 as pb
@@ -65,6 +70,27 @@ class Node:
     def leader_address(self) -> str:
         return self.engine.leader().address if self.engine is not None else ""
 
+    def submit(self, data: bytes, fut: asyncio.Future[Any],
+               loop: asyncio.AbstractEventLoop) -> None:
+        """Trio thread: propose ``data``; settle ``fut`` (on ``loop``) with the
+        :class:`trio_raft.ProposalResult` or with the :class:`Reply` its failure maps to."""
+        t0 = time.perf_counter()
+        portal = self.portal
+
+        def done(res: outcome.Outcome[Any]) -> None:
+            if isinstance(res, outcome.Error):
+                if not isinstance(res.error, Reply):
+                    self.metrics.proposal_failed(type(res.error).__name__)
+                res = outcome.Error(self.translate(res.error))
+            else:
+                self.metrics.proposal_done(time.perf_counter() - t0)
+            portal.post_to_loop(loop, _settle, fut, res)
+
+        try:
+            self.require_engine().propose_nowait(data, done)
+        except Exception as exc:
+            done(outcome.Error(exc))
+
     def translate(self, exc: BaseException) -> Reply:
         """Map an engine exception to the status a client can rely on."""
         if isinstance(exc, Reply):
@@ -102,11 +128,37 @@ def check_value(value: bytes, what: str = "value") -> None:
         raise Reply(Status.INVALID_ARGUMENT, f"{what} larger than {kvfsm.MAX_VALUE_BYTES} bytes")
 
 
+def _settle(fut: asyncio.Future[Any], res: outcome.Outcome[Any]) -> None:  # asyncio thread
+    if fut.done():  # the caller went away
+        return
+    if isinstance(res, outcome.Error):
+        fut.set_exception(res.error)
+    else:
+        fut.set_result(res.value)
+
+
+async def _send_reply(stream: Any, r: Reply) -> None:
+    # grpclib refuses empty metadata values: an unknown leader is no trailer.
+    metadata = {LEADER_ADDRESS_KEY: r.leader_address} if r.leader_address else None
+    await stream.send_trailing_metadata(status=r.status, status_message=r.message,
+                                        metadata=metadata)
+
+
+async def _send_stopping(stream: Any, exc: BaseException) -> None:
+    log.debug("request failed outside the engine: %r", exc)
+    await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
+                                        status_message="node is stopping")
+
+
 class _Base:
     """Unary handlers over raw grpclib streams (so errors can carry trailing metadata)."""
 
     path = ""
     methods: dict[str, tuple[str, type, type]] = {}
+    #: Writes: rpc -> (build, respond, request type, response type). ``build(request)`` runs on
+    #: the loop (validation and encoding only) and returns the command to propose;
+    #: ``respond(request, result)`` turns the ProposalResult into the response message.
+    proposals: dict[str, tuple[str, str, type, type]] = {}
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -116,7 +168,36 @@ class _Base:
         for rpc, (attr, req_t, resp_t) in self.methods.items():
             out[self.path + rpc] = Handler(self._wrap(getattr(self, attr)),
                                            Cardinality.UNARY_UNARY, req_t, resp_t)
+        for rpc, (build, respond, req_t, resp_t) in self.proposals.items():
+            out[self.path + rpc] = Handler(
+                self._proposal_handler(getattr(self, build), getattr(self, respond)),
+                Cardinality.UNARY_UNARY, req_t, resp_t)
         return out
+
+    def _proposal_handler(self, build: Callable[[Any], bytes],
+                          respond: Callable[[Any, Any], Any]) -> Callable[[Any], Awaitable[None]]:
+        node = self.node
+
+        async def handle(stream: Any) -> None:
+            request = await stream.recv_message()
+            portal = node.portal
+            try:
+                if portal is None or request is None:
+                    raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
+                data = build(request)
+                loop = asyncio.get_running_loop()
+                fut: asyncio.Future[Any] = loop.create_future()
+                portal.post(node.submit, data, fut, loop)
+                result = await fut
+            except Reply as r:
+                await _send_reply(stream, r)
+                return
+            except Exception as exc:  # the bridge itself failed (e.g. shutting down)
+                await _send_stopping(stream, exc)
+                return
+            await stream.send_message(respond(request, result))
+
+        return handle
 
     def _wrap(self, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[None]]:
         node = self.node
@@ -129,16 +210,10 @@ class _Base:
                     raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
                 response = await portal.run(_guarded, node, fn, request)
             except Reply as r:
-                # grpclib refuses empty metadata values: an unknown leader is no trailer.
-                metadata = ({LEADER_ADDRESS_KEY: r.leader_address}
-                            if r.leader_address else None)
-                await stream.send_trailing_metadata(status=r.status, status_message=r.message,
-                                                    metadata=metadata)
+                await _send_reply(stream, r)
                 return
             except Exception as exc:  # the bridge itself failed (e.g. shutting down)
-                log.debug("request failed outside the engine: %r", exc)
-                await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
-                                                    status_message="node is stopping")
+                await _send_stopping(stream, exc)
                 return
             await stream.send_message(response)
 
@@ -158,44 +233,40 @@ async def _guarded(node: Node, fn: Callable[[Any], Awaitable[Any]], request: Any
 class KVService(_Base):
     path = KV_PATH
     methods = {
-        "Put": ("put", pb.PutRequest, pb.PutResponse),
         "Get": ("get", pb.GetRequest, pb.GetResponse),
-        "Delete": ("delete", pb.DeleteRequest, pb.DeleteResponse),
-        "CompareAndSwap": ("cas", pb.CasRequest, pb.CasResponse),
         "Status": ("status", pb.StatusRequest, pb.StatusResponse),
     }
+    proposals = {
+        "Put": ("build_put", "respond_put", pb.PutRequest, pb.PutResponse),
+        "Delete": ("build_delete", "respond_delete", pb.DeleteRequest, pb.DeleteResponse),
+        "CompareAndSwap": ("build_cas", "respond_cas", pb.CasRequest, pb.CasResponse),
+    }
 
-    async def _propose(self, data: bytes) -> trio_raft.ProposalResult:
-        engine = self.node.require_engine()
-        m = self.node.metrics
-        t0 = time.perf_counter()
-        try:
-            result = await engine.propose(data)
-        except Exception as exc:
-            m.proposal_failed(type(exc).__name__)
-            raise
-        m.proposal_done(time.perf_counter() - t0)
-        return result
-
-    async def put(self, req: pb.PutRequest) -> pb.PutResponse:
+    def build_put(self, req: pb.PutRequest) -> bytes:
         check_key(req.key)
         check_value(req.value)
-        result = await self._propose(kvfsm.encode_put(req.key, req.value))
+        return kvfsm.encode_put(req.key, req.value)
+
+    def respond_put(self, req: pb.PutRequest, result: trio_raft.ProposalResult) -> pb.PutResponse:
         return pb.PutResponse(index=result.commit_index)
 
-    async def delete(self, req: pb.DeleteRequest) -> pb.DeleteResponse:
+    def build_delete(self, req: pb.DeleteRequest) -> bytes:
         check_key(req.key)
-        result = await self._propose(kvfsm.encode_delete(req.key))
+        return kvfsm.encode_delete(req.key)
+
+    def respond_delete(self, req: pb.DeleteRequest,
+                       result: trio_raft.ProposalResult) -> pb.DeleteResponse:
         return pb.DeleteResponse(deleted=bool(result.response), index=result.commit_index)
 
-    async def cas(self, req: pb.CasRequest) -> pb.CasResponse:
+    def build_cas(self, req: pb.CasRequest) -> bytes:
         check_key(req.key)
         check_value(req.value)
         check_value(req.expected, "expected")
         if req.expect_absent and req.expected:
             raise Reply(Status.INVALID_ARGUMENT, "expect_absent and expected are exclusive")
-        result = await self._propose(
-            kvfsm.encode_cas(req.key, req.expected, req.expect_absent, req.value))
+        return kvfsm.encode_cas(req.key, req.expected, req.expect_absent, req.value)
+
+    def respond_cas(self, req: pb.CasRequest, result: trio_raft.ProposalResult) -> pb.CasResponse:
         r: kvfsm.CasResult = result.response
         return pb.CasResponse(swapped=r.swapped, found=r.found, current=r.current,
                               index=result.commit_index)

@@ -389,3 +389,22 @@ async def test_leader_applies_before_sending_the_new_commit_index(tmp_path, cloc
             await c.nodes[others[0]].stopped.wait()
         sent = [v for kind, v in events if kind == "commit-sent" and v >= conf_idx]
         assert sent, "followers were told the configuration change committed"
+
+
+async def test_propose_nowait_on_a_follower_reports_not_leader(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        await c.wait_for_leader()
+        follower = next(h.engine for h in c.running() if h.engine.state() is State.FOLLOWER)
+        got: list = []
+        answered = trio.Event()
+
+        def on_done(res) -> None:  # type: ignore[no-untyped-def]
+            got.append(res)
+            answered.set()
+
+        follower.propose_nowait(b"set a 1", on_done)
+        with trio.fail_after(5):
+            await answered.wait()
+        assert len(got) == 1
+        with pytest.raises(errors.NotLeaderError):
+            got[0].unwrap()

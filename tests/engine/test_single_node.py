@@ -220,3 +220,52 @@ def test_snapshot_conf_state_must_match_peers():
         validate_conf_state(ConfState(voters=[1], learners=[4]), peers)
     with pytest.raises(errors.ClusterMismatchError, match="joint"):
         validate_conf_state(ConfState(voters=[1], voters_outgoing=[2]), peers)
+
+
+async def test_propose_nowait_reports_through_the_callback(tmp_path, caplog):
+    import outcome
+
+    fsm = KV()
+    results: list[outcome.Outcome[trio_raft.ProposalResult]] = []
+    done = trio.Event()
+
+    def on_done(res: outcome.Outcome[trio_raft.ProposalResult]) -> None:
+        results.append(res)
+        if len(results) == 3:
+            done.set()
+
+    def broken(res: object) -> None:
+        raise RuntimeError("callback bug")
+
+    async with trio_raft.open_engine(cfg(tmp_path, fsm)) as engine:
+        first = await engine.propose(b"set k v0")
+        engine.propose_nowait(b"set k v1", on_done)
+        engine.propose_nowait(b"set k v2", broken)  # logged; the engine keeps serving
+        engine.propose_nowait(b"set k v3", on_done)
+        engine.propose_nowait(b"set j 1", on_done)
+        with trio.fail_after(5):
+            await done.wait()
+        values = [r.unwrap() for r in results]
+        assert [v.commit_index for v in values] == [first.commit_index + i for i in (1, 3, 4)]
+        assert values[0].response == "v0" and values[1].response == "v2"
+        assert fsm.data == {"k": "v3", "j": "1"}
+        assert "proposal completion callback failed" in caplog.text
+        assert (await engine.propose(b"set after 1")).commit_index == first.commit_index + 5
+    with pytest.raises(errors.EngineClosedError):
+        engine.propose_nowait(b"set late 1", on_done)
+    assert len(results) == 3
+
+
+async def test_propose_nowait_callbacks_all_fire_by_close(tmp_path):
+    import outcome
+
+    results: list[outcome.Outcome[trio_raft.ProposalResult]] = []
+    async with trio_raft.open_engine(cfg(tmp_path)) as engine:
+        for i in range(50):
+            engine.propose_nowait(b"set k %d" % i, results.append)
+        await engine.aclose()
+    # Each proposal was answered exactly once: applied, or failed by the close.
+    assert len(results) == 50
+    for r in results:
+        if isinstance(r, outcome.Error):
+            assert isinstance(r.error, errors.EngineClosedError)

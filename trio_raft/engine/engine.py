@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import outcome
 import trio
 
 from trio_raft.engine.config import OpenConfig, lease_duration
@@ -25,7 +26,7 @@ from trio_raft.engine.types import (
     State,
     Status,
 )
-from trio_raft.engine.waiters import Waiter
+from trio_raft.engine.waiters import CallbackWaiter, Waiter
 from trio_raft.errors import (
     EngineClosedError,
     LeadershipTransferInProgressError,
@@ -65,6 +66,25 @@ class Engine(EnvelopeMixin, RunLoop):
     async def propose_admin(self, data: bytes) -> ProposalResult:
         """Like :meth:`propose`, but admitted while the envelope cutover barrier is up."""
         return await self._propose(bytes(data), admin=True)
+
+    def propose_nowait(
+        self, data: bytes, on_done: Callable[[outcome.Outcome[ProposalResult]], object]
+    ) -> None:
+        """Submit ``data`` without waiting; for callers that hand many requests over from
+        another thread and would otherwise start a trio task per request.
+
+        Call it from the engine's trio thread (e.g. inside a function a portal hands over).
+        ``on_done`` is called once, later, in that thread, with ``outcome.Value(ProposalResult)``
+        or ``outcome.Error`` carrying the errors :meth:`propose` raises; it must not block.
+        Rejections known at once (closed engine, envelope barrier) raise here instead.
+        There is no cancellation: like a cancelled :meth:`propose`, an entry already handed
+        to raft may still commit.
+        """
+        self._raise_if_closed()
+        payload = self._envelope_payload(bytes(data), False)
+        self._submit(
+            ProposeRequest(self._next_request_id(), payload, CallbackWaiter(on_done), False)
+        )
 
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()

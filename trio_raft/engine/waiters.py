@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
+
+log = logging.getLogger(__name__)
 
 
 class Waiter:
@@ -39,6 +44,42 @@ class Waiter:
         if self._error is not None:
             raise self._error
         return self._result
+
+
+class CallbackWaiter(Waiter):
+    """A waiter nobody awaits: resolving or failing it calls ``on_done`` with the outcome, once,
+    in the trio thread (no task, no event). An exception from ``on_done`` is logged, never
+    raised into the run loop."""
+
+    __slots__ = ("_fired", "_on_done")
+
+    def __init__(self, on_done: Callable[[outcome.Outcome[Any]], object]) -> None:
+        self._on_done = on_done
+        self._fired = False
+        self.target = 0
+        self.wait_applied = True
+
+    @property
+    def done(self) -> bool:
+        return self._fired
+
+    def _fire(self, result: outcome.Outcome[Any]) -> None:
+        if self._fired:
+            return
+        self._fired = True
+        try:
+            self._on_done(result)
+        except Exception:
+            log.exception("proposal completion callback failed")
+
+    def resolve(self, value: Any) -> None:
+        self._fire(outcome.Value(value))
+
+    def fail(self, error: BaseException) -> None:
+        self._fire(outcome.Error(error))
+
+    async def wait(self) -> Any:
+        raise RuntimeError("a CallbackWaiter reports through its callback; nothing to await")
 
 
 class WaiterTable:

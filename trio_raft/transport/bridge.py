@@ -341,6 +341,22 @@ class TrioPortal:
         except trio.RunFinishedError:
             raise TransportClosedError("trio run has finished") from None
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From any thread: like :meth:`call_soon`, but calls posted while a hand-off is
+        already pending ride along with it (one wake-up of the trio thread per burst). FIFO
+        with other posts and with :meth:`run`'s hand-offs. ``fn`` must not raise."""
+        try:
+            self._to_trio.post(fn, *args)
+        except trio.RunFinishedError:
+            raise TransportClosedError("trio run has finished") from None
+
+    def post_to_loop(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any],
+                     *args: Any) -> None:
+        """From the trio thread: run the synchronous ``fn(*args)`` on ``loop`` soon, coalesced
+        like :meth:`post`. Dropped when the loop is already closed (nobody is waiting)."""
+        with contextlib.suppress(RuntimeError):
+            self._asyncio_batcher(loop).post(fn, *args)
+
     async def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From asyncio: run ``async_fn(*args)`` in the trio nursery and return its result."""
         loop = asyncio.get_running_loop()

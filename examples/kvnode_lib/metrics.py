@@ -94,13 +94,17 @@ class Metrics:
             "kvnode_wal_sync_seconds", "WAL write + fsync of one Ready (group commit)",
             ["node"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(self))
+        # The hot path's children, resolved once (``labels()`` costs a lookup under a lock).
+        self._proposals_ok = self.proposals.labels(node_id, "ok")
+        self._proposal_latency = self.proposal_latency.labels(node_id)
+        self._wal_sync = self.wal_sync.labels(node_id)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
     # -- request path ----------------------------------------------------------------------
     def proposal_done(self, seconds: float) -> None:
-        self.proposals.labels(self.node_id, "ok").inc()
-        self.proposal_latency.labels(self.node_id).observe(seconds)
+        self._proposals_ok.inc()
+        self._proposal_latency.observe(seconds)
 
     def proposal_failed(self, error: str) -> None:
         self.proposals.labels(self.node_id, error).inc()
@@ -109,7 +113,7 @@ class Metrics:
         self.reads.labels(self.node_id, mode).inc()
 
     def observe_wal_sync(self, seconds: float) -> None:
-        self.wal_sync.labels(self.node_id).observe(seconds)
+        self._wal_sync.observe(seconds)
 
     # -- engine state ----------------------------------------------------------------------
     def refresh(self, engine: trio_raft.Engine, fsm: Any) -> None:

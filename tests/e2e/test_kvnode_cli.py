@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -55,7 +56,9 @@ def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
 class Cluster:
     def __init__(self, root: str) -> None:
         self.root = root
-        self.addrs = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, free_ports(3))}
+        ports = free_ports(6)
+        self.addrs = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, ports[:3])}
+        self.metrics = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, ports[3:])}
         self.peers = ",".join(f"{n}={a}" for n, a in self.addrs.items())
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -63,6 +66,7 @@ class Cluster:
         return [sys.executable, KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
                 "--peers", self.peers, "--data-dir", os.path.join(self.root, name),
                 "--bootstrap", "--snapshot-every", "200",
+                "--metrics-listen", self.metrics[name],
                 "--tick-interval", "0.01", "--heartbeat-tick", "5", "--election-tick", "50"]
 
     def start(self, name: str) -> None:
@@ -96,6 +100,17 @@ class Cluster:
                 p.kill()
                 codes[n] = p.wait()
         return codes
+
+    def scrape(self, name: str) -> dict[str, float]:
+        """The node's Prometheus exposition as {sample with labels: value}."""
+        with urllib.request.urlopen(f"http://{self.metrics[name]}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                samples[key] = float(value)
+        return samples
 
     def log(self, name: str) -> str:
         with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:
@@ -156,6 +171,25 @@ def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) 
         text=True, timeout=60, cwd=ROOT)
     assert fill.returncode == 0, fill.stderr
     acked.update(json.loads(fill.stdout))
+
+    # The leader's metrics: raft state, proposals and their latency, WAL syncs, snapshots.
+    # (Engine gauges are refreshed every 0.5 s, so wait for them to catch up.)
+    def caught_up() -> dict[str, float] | None:
+        s = cluster.scrape(leader)
+        applied = s.get(f'kvnode_raft_applied_index{{node="{leader}"}}', 0)
+        return s if applied >= 450 else None
+
+    m = poll(caught_up, 30, "the leader's metrics to show the writes")
+    lbl = f'node="{leader}"'
+    assert m[f"kvnode_raft_is_leader{{{lbl}}}"] == 1
+    assert m[f"kvnode_raft_term{{{lbl}}}"] >= 1
+    assert m[f"kvnode_snapshots_taken_total{{{lbl}}}"] >= 1  # --snapshot-every 200
+    assert m[f"kvnode_raft_commit_index{{{lbl}}}"] >= m[f"kvnode_raft_applied_index{{{lbl}}}"]
+    assert m[f'kvnode_proposals_total{{{lbl},outcome="ok"}}'] >= 450
+    assert m[f"kvnode_proposal_latency_seconds_count{{{lbl}}}"] >= 450
+    assert m[f"kvnode_wal_sync_seconds_count{{{lbl}}}"] >= 1
+    assert f"kvnode_raft_dispatch_drops_total{{{lbl}}}" in m
+    assert any(k.startswith("kvnode_raft_state{") for k in m)
 
     # kill -9 the leader; a new one is elected; every acknowledged key is still there.
     cluster.procs[leader].send_signal(signal.SIGKILL)

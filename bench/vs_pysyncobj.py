@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,57 +48,25 @@ MAX_CHANNELS = 16
 POLL = 0.05
 
 
-# -- the PySyncObj node (runs under the PySyncObj venv's python) ---------------------------------
+# -- the KV front end shared by the PySyncObj and null nodes ------------------------------------
 
-def pysyncobj_node(args: argparse.Namespace) -> None:
-    from grpclib.const import Cardinality, Handler, Status
+def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
+             status: Callable[[Any], Awaitable[None]],
+             cleanup: Callable[[], None] | None = None) -> None:
+    """Serve the KV service's ``Put`` and ``Status`` (grpclib, raw stream handlers) on
+    ``args.listen`` until SIGTERM/SIGINT."""
+    from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
     from kvproto.trio_raft.kv import v1 as pb
-    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
-    from pysyncobj.batteries import ReplDict
-
-    peers = dict(item.split("=", 1) for item in args.peers.split(","))
-    raft_addrs = {n: a for n, a in peers.items()}
-    me = raft_addrs[args.id]
-    store = ReplDict()
-    sync = SyncObj(me, [a for n, a in raft_addrs.items() if n != args.id], consumers=[store],
-                   conf=SyncObjConf(dynamicMembershipChange=False))
 
     class KV:
         def __mapping__(self) -> dict[str, Handler]:
             return {
-                "/trio_raft.kv.v1.KV/Put": Handler(self.put, Cardinality.UNARY_UNARY,
+                "/trio_raft.kv.v1.KV/Put": Handler(put, Cardinality.UNARY_UNARY,
                                                    pb.PutRequest, pb.PutResponse),
-                "/trio_raft.kv.v1.KV/Status": Handler(self.status, Cardinality.UNARY_UNARY,
+                "/trio_raft.kv.v1.KV/Status": Handler(status, Cardinality.UNARY_UNARY,
                                                       pb.StatusRequest, pb.StatusResponse),
             }
-
-        async def put(self, stream: Any) -> None:
-            req = await stream.recv_message()
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[int] = loop.create_future()
-
-            def settle(err: int) -> None:
-                if not fut.done():
-                    fut.set_result(err)
-
-            def done(_result: Any, err: int) -> None:  # PySyncObj's thread
-                loop.call_soon_threadsafe(settle, err)
-
-            store.set(req.key, req.value, callback=done)
-            err = await fut
-            if err != FAIL_REASON.SUCCESS:
-                await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
-                                                    status_message=f"pysyncobj error {err}")
-                return
-            await stream.send_message(pb.PutResponse(index=0))
-
-        async def status(self, stream: Any) -> None:
-            await stream.recv_message()
-            leader = sync._getLeader()
-            state = "leader" if sync._isLeader() else "follower"
-            await stream.send_message(pb.StatusResponse(
-                id=args.id, state=state, leader_address=str(leader or "")))
 
     async def main() -> None:
         host, port = args.listen.rsplit(":", 1)
@@ -111,9 +80,53 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
         await stop.wait()
         server.close()
         await server.wait_closed()
-        sync.destroy()
+        if cleanup is not None:
+            cleanup()
 
     asyncio.run(main())
+
+
+# -- the PySyncObj node (runs under the PySyncObj venv's python) ---------------------------------
+
+def pysyncobj_node(args: argparse.Namespace) -> None:
+    from grpclib.const import Status
+    from kvproto.trio_raft.kv import v1 as pb
+    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+    from pysyncobj.batteries import ReplDict
+
+    peers = dict(item.split("=", 1) for item in args.peers.split(","))
+    store = ReplDict()
+    sync = SyncObj(peers[args.id], [a for n, a in peers.items() if n != args.id],
+                   consumers=[store], conf=SyncObjConf(dynamicMembershipChange=False))
+
+    async def put(stream: Any) -> None:
+        req = await stream.recv_message()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+
+        def settle(err: int) -> None:
+            if not fut.done():
+                fut.set_result(err)
+
+        def done(_result: Any, err: int) -> None:  # PySyncObj's thread
+            loop.call_soon_threadsafe(settle, err)
+
+        store.set(req.key, req.value, callback=done)
+        err = await fut
+        if err != FAIL_REASON.SUCCESS:
+            await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
+                                                status_message=f"pysyncobj error {err}")
+            return
+        await stream.send_message(pb.PutResponse(index=0))
+
+    async def status(stream: Any) -> None:
+        await stream.recv_message()
+        leader = sync._getLeader()
+        state = "leader" if sync._isLeader() else "follower"
+        await stream.send_message(pb.StatusResponse(
+            id=args.id, state=state, leader_address=str(leader or "")))
+
+    serve_kv(args, put, status, cleanup=sync.destroy)
 
 
 # -- the front-end ceiling: the same grpclib KV service with no replication behind it -----------
@@ -121,40 +134,17 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
 def null_node(args: argparse.Namespace) -> None:
     """One process serving ``Put`` by acknowledging at once: what the shared grpclib front end
     and this load generator cost on their own, i.e. the ceiling for any system fronted this way."""
-    from grpclib.const import Cardinality, Handler
-    from grpclib.server import Server
     from kvproto.trio_raft.kv import v1 as pb
 
-    class KV:
-        def __mapping__(self) -> dict[str, Handler]:
-            return {
-                "/trio_raft.kv.v1.KV/Put": Handler(self.put, Cardinality.UNARY_UNARY,
-                                                   pb.PutRequest, pb.PutResponse),
-                "/trio_raft.kv.v1.KV/Status": Handler(self.status, Cardinality.UNARY_UNARY,
-                                                      pb.StatusRequest, pb.StatusResponse),
-            }
+    async def put(stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(pb.PutResponse(index=0))
 
-        async def put(self, stream: Any) -> None:
-            await stream.recv_message()
-            await stream.send_message(pb.PutResponse(index=0))
+    async def status(stream: Any) -> None:
+        await stream.recv_message()
+        await stream.send_message(pb.StatusResponse(id=args.id, state="leader"))
 
-        async def status(self, stream: Any) -> None:
-            await stream.recv_message()
-            await stream.send_message(pb.StatusResponse(id=args.id, state="leader"))
-
-    async def main() -> None:
-        host, port = args.listen.rsplit(":", 1)
-        server = Server([KV()])
-        await server.start(host, int(port))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        await stop.wait()
-        server.close()
-        await server.wait_closed()
-
-    asyncio.run(main())
+    serve_kv(args, put, status)
 
 
 # -- orchestration -------------------------------------------------------------------------------

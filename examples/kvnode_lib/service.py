@@ -174,8 +174,10 @@ class _Base:
                 Cardinality.UNARY_UNARY, req_t, resp_t)
         return out
 
-    def _proposal_handler(self, build: Callable[[Any], bytes],
-                          respond: Callable[[Any, Any], Any]) -> Callable[[Any], Awaitable[None]]:
+    def _unary(self, call: Callable[[Any, Any], Awaitable[Any]]
+               ) -> Callable[[Any], Awaitable[None]]:
+        """A grpclib handler around ``call(portal, request) -> response``: a :class:`Reply`
+        becomes its status (with ``leader-address`` when known), a bridge failure UNAVAILABLE."""
         node = self.node
 
         async def handle(stream: Any) -> None:
@@ -184,31 +186,7 @@ class _Base:
             try:
                 if portal is None or request is None:
                     raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
-                data = build(request)
-                loop = asyncio.get_running_loop()
-                fut: asyncio.Future[Any] = loop.create_future()
-                portal.post(node.submit, data, fut, loop)
-                result = await fut
-            except Reply as r:
-                await _send_reply(stream, r)
-                return
-            except Exception as exc:  # the bridge itself failed (e.g. shutting down)
-                await _send_stopping(stream, exc)
-                return
-            await stream.send_message(respond(request, result))
-
-        return handle
-
-    def _wrap(self, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[None]]:
-        node = self.node
-
-        async def handle(stream: Any) -> None:
-            request = await stream.recv_message()
-            portal = node.portal
-            try:
-                if portal is None or request is None:
-                    raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
-                response = await portal.run(_guarded, node, fn, request)
+                response = await call(portal, request)
             except Reply as r:
                 await _send_reply(stream, r)
                 return
@@ -218,6 +196,27 @@ class _Base:
             await stream.send_message(response)
 
         return handle
+
+    def _proposal_handler(self, build: Callable[[Any], bytes],
+                          respond: Callable[[Any, Any], Any]) -> Callable[[Any], Awaitable[None]]:
+        node = self.node
+
+        async def call(portal: Any, request: Any) -> Any:
+            data = build(request)  # validation and encoding, here on the loop
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Any] = loop.create_future()
+            portal.post(node.submit, data, fut, loop)
+            return respond(request, await fut)
+
+        return self._unary(call)
+
+    def _wrap(self, fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[None]]:
+        node = self.node
+
+        async def call(portal: Any, request: Any) -> Any:
+            return await portal.run(_guarded, node, fn, request)
+
+        return self._unary(call)
 
 
 async def _guarded(node: Node, fn: Callable[[Any], Awaitable[Any]], request: Any) -> Any:

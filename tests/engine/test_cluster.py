@@ -408,3 +408,29 @@ async def test_propose_nowait_on_a_follower_reports_not_leader(tmp_path, clock):
         assert len(got) == 1
         with pytest.raises(errors.NotLeaderError):
             got[0].unwrap()
+
+
+async def test_a_late_answer_does_not_renew_the_lease(tmp_path, clock):
+    """A follower is credited with the time the leader issued the probe it echoes, not with when
+    its answer arrived: an answer that waited (a paused leader, a slow network) renews nothing."""
+    from trio_raft.core.messages import Message, MessageType
+    from trio_raft.engine.contexts import encode_lease_probe
+
+    async with open_memory_cluster(tmp_path, 3, KV, heartbeat_tick=10, election_tick=100) as c:
+        leader = await c.wait_for_leader(timeout=60)
+        name = c.leader_name()
+        await leader.propose(b"set a 1")
+        with trio.fail_after(5):
+            while not leader.lease_valid():
+                await trio.sleep(0.01)
+        issued = trio.current_time()
+        c.partition([name], [n for n in c.nodes if n != name])
+        await trio.sleep(leader.lease_duration() + 0.05)
+        assert not leader.lease_valid() and leader.state() is State.LEADER
+        follower = next(h.engine for n, h in c.nodes.items() if n != name)
+        late = Message(MessageType.HEARTBEAT_RESP, leader._node_id, follower._node_id,
+                       leader.status().term, context=encode_lease_probe(issued))
+        leader._step(late)  # white box: the answer arrives now
+        assert not leader.lease_valid()
+        ack = leader.last_quorum_ack()
+        assert ack is not None and ack <= issued

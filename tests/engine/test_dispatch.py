@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import trio
+import trio.testing
 
 from trio_raft.core.messages import Entry, Message, MessageType
 from trio_raft.engine.dispatch import Dispatcher, coalesce_appends, error_code_name
@@ -69,3 +70,52 @@ async def test_full_lane_drops_and_failed_send_is_reported():
     assert d.stats.errors_by_code == {"Unavailable": len(sent)}
     assert (7, False) in reports
     assert error_code_name(TimeoutError()) == "DeadlineExceeded"
+
+
+async def test_commit_only_append_is_deferred_and_superseded(clock):
+    sent: list[Message] = []
+
+    class Record:
+        async def send(self, m: Message) -> None:
+            sent.append(m)
+
+    d = Dispatcher(Record(), 8, lambda nid, snap: None)
+    async with trio.open_nursery() as nursery:
+        d.start(nursery, defer_delay=0.002)
+        d.ensure_peer(2)
+        d.ensure_peer(3)
+        commit_only = app(20, 2, 0, commit=20)
+        to3 = Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=20, commit=20)
+        d.defer(commit_only)
+        d.defer(to3)
+        d.defer(app(20, 2, 1, commit=20))  # carries entries: leaves at once
+        await trio.sleep(0.001)
+        # Peer 2's append with entries left first and carried the commit: the held one is gone;
+        # peer 3's is still held.
+        assert [(m.to, len(m.entries)) for m in sent] == [(2, 1)]
+        await trio.sleep(0.002)
+        assert [(m.to, len(m.entries)) for m in sent] == [(2, 1), (3, 0)]
+        # Held again, then the peer is removed: nothing leaves.
+        d.defer(Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=20, commit=21))
+        d.remove_peer(3)
+        await trio.sleep(0.01)
+        assert len(sent) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_commit_only_append_without_delay_leaves_at_once():
+    sent: list[Message] = []
+
+    class Record:
+        async def send(self, m: Message) -> None:
+            sent.append(m)
+
+    d = Dispatcher(Record(), 8, lambda nid, snap: None)
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.ensure_peer(2)
+        d.defer(app(20, 2, 0, commit=20))
+        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.commit for m in sent] == [20]
+        nursery.cancel_scope.cancel()

@@ -98,6 +98,10 @@ class OpenConfig:
     #: Send a leader's appends before its own WAL write completes; the leader then counts
     #: itself toward the commit quorum only once its write is durable (Raft thesis §10.2.1).
     parallel_leader_write: bool = True
+    #: Seconds a leader holds an append that only carries a new commit index (no entries);
+    #: an append to the same peer leaving first carries the commit instead and the held one is
+    #: dropped. Followers learn of commits up to this much later; 0 sends at once.
+    commit_broadcast_delay: float = 0.002
     #: Called with the seconds each Ready's WAL write (and fsync) took; for metrics.
     persist_observer: Callable[[float], None] | None = None
     #: Tests only: seconds to wait before each WAL write, re-read every time (a slow disk).

@@ -12,8 +12,10 @@ from trio_raft.errors import ConfChangeContextTooLargeError
 PROPOSAL_VERSION = 0x01
 READ_VERSION = 0x02
 CONF_VERSION = 0x03
+LEASE_VERSION = 0x04
 
 _ID = struct.Struct(">BQ")
+_LEASE = struct.Struct(">Bd")
 _CONF = struct.Struct(">BQQHH")
 HEADER_SIZE = _ID.size  # 9
 
@@ -37,6 +39,18 @@ def decode_read_context(ctx: bytes) -> int | None:
     if len(ctx) != HEADER_SIZE or ctx[0] != READ_VERSION:
         return None
     return int(_ID.unpack(ctx)[1])
+
+
+def encode_lease_probe(issued_at: float) -> bytes:
+    """Context of a leader's lease probe: a ReadIndex round stamped with the (trio clock) time
+    it was issued. A follower echoing it heard from the leader after that time."""
+    return _LEASE.pack(LEASE_VERSION, issued_at)
+
+
+def decode_lease_probe(ctx: bytes) -> float | None:
+    if len(ctx) != _LEASE.size or ctx[0] != LEASE_VERSION:
+        return None
+    return float(_LEASE.unpack(ctx)[1])
 
 
 @attrs.frozen

@@ -4,6 +4,11 @@ heartbeat/vote traffic and one for replication, so a slow peer never blocks the 
 A full lane drops the message and counts it; raft retries through probes and heartbeats. A send
 that fails is counted by error code and reported back to the run loop, which tells raft the peer
 is unreachable (or that a snapshot failed).
+
+A leader's append that carries no entries, only a new commit index, may be deferred for a short
+delay (:meth:`Dispatcher.defer`): when an append to the same peer leaves first it carries that
+commit index (or a newer one) and the deferred one is dropped, which saves a message and its
+answer per write at low load.
 """
 
 from __future__ import annotations
@@ -91,9 +96,34 @@ class Dispatcher:
         self._nursery: trio.Nursery | None = None
         #: Upper bound on the entry bytes of one coalesced append.
         self.max_coalesced_bytes = 4 << 20
+        #: Deferred commit-only appends, newest per peer, and the flusher's wake-up.
+        self._deferred: dict[int, Message] = {}
+        self._deferred_armed = trio.Event()
+        self._defer_delay = 0.0
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: trio.Nursery, defer_delay: float = 0.0) -> None:
         self._nursery = nursery
+        self._defer_delay = defer_delay
+        if defer_delay > 0:
+            nursery.start_soon(self._flush_deferred_loop)
+
+    def defer(self, m: Message) -> None:
+        """Queue a commit-only append (no entries) to leave after the defer delay unless an
+        append to the same peer goes first; without a delay, send it now."""
+        if self._defer_delay <= 0 or m.entries or m.type is not MessageType.APP:
+            self.send(m)
+            return
+        self._deferred[m.to] = m
+        self._deferred_armed.set()
+
+    async def _flush_deferred_loop(self) -> None:
+        while True:
+            await self._deferred_armed.wait()
+            await trio.sleep(self._defer_delay)
+            self._deferred_armed = trio.Event()
+            pending, self._deferred = self._deferred, {}
+            for m in pending.values():
+                self.send(m)
 
     def ensure_peer(self, node_id: int) -> None:
         if node_id in self._lanes or self._nursery is None or self.transport is None:
@@ -104,16 +134,20 @@ class Dispatcher:
         self._nursery.start_soon(self._worker, lanes, lanes.normal_recv)
 
     def remove_peer(self, node_id: int) -> None:
+        self._deferred.pop(node_id, None)
         lanes = self._lanes.pop(node_id, None)
         if lanes is not None:
             lanes.close()
 
     def close(self) -> None:
+        self._deferred.clear()
         for node_id in list(self._lanes):
             self.remove_peer(node_id)
 
     def send(self, m: Message) -> None:
         """Queue ``m`` without blocking; a missing peer or a full lane is a counted drop."""
+        if self._deferred and (m.type is MessageType.APP or m.type is MessageType.SNAP):
+            self._deferred.pop(m.to, None)  # m carries the commit index the deferred one had
         lanes = self._lanes.get(m.to)
         if lanes is None:
             self.stats.record_drop()

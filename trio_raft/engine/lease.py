@@ -1,4 +1,10 @@
-"""Leader lease bookkeeping: when did a quorum of followers last answer us (spec b.6)?
+"""Leader lease bookkeeping: since when has a quorum of followers certainly heard from us?
+
+The spec (b.6) credits a follower with the time its answer was *received*. An answer that waited
+in a socket (the leader was paused, the network slow) would then refresh the lease although the
+follower may have voted for someone else since. Here a follower is credited with the time the
+leader *issued* the lease probe it echoes (see ``RunLoop._maybe_probe_lease``): a lower bound of
+when that follower last heard from this leader, however late the answer arrives.
 
 Times are trio clock instants (``trio.current_time()``), so leases follow MockClock in tests.
 """
@@ -16,8 +22,12 @@ class QuorumAckTracker:
         self._acks: dict[int, float] = {}
         self.published: float | None = None
 
-    def record(self, node_id: int, now: float, voter_count: int) -> None:
-        self._acks[node_id] = now
+    def record(self, node_id: int, heard_by: float, voter_count: int) -> None:
+        """``node_id`` certainly heard from us at or after ``heard_by`` (answers may arrive
+        out of order: an older instant never replaces a newer one)."""
+        prev = self._acks.get(node_id)
+        if prev is None or heard_by > prev:
+            self._acks[node_id] = heard_by
         self._recompute(voter_count // 2)
 
     def _recompute(self, quorum: int) -> None:

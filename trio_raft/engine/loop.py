@@ -48,7 +48,13 @@ from trio_raft.engine.admin import AdminMixin
 from trio_raft.engine.applier import ApplyMixin
 from trio_raft.engine.callbacks import CallbackRegistry
 from trio_raft.engine.config import OpenConfig, with_defaults
-from trio_raft.engine.contexts import decode_read_context, encode_proposal, encode_read_context
+from trio_raft.engine.contexts import (
+    decode_lease_probe,
+    decode_read_context,
+    encode_lease_probe,
+    encode_proposal,
+    encode_read_context,
+)
 from trio_raft.engine.dispatch import Dispatcher
 from trio_raft.engine.lease import QuorumAckTracker
 from trio_raft.engine.opening import open_state
@@ -71,7 +77,6 @@ logger = logging.getLogger(__name__)
 MT = MessageType
 
 _CONTACT_TYPES = frozenset({MT.APP, MT.HEARTBEAT, MT.SNAP, MT.READ_INDEX_RESP})
-_ACK_TYPES = frozenset({MT.APP_RESP, MT.HEARTBEAT_RESP})
 PRIORITY_QUEUE_CAPACITY = 1024
 
 
@@ -125,6 +130,7 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         self._last_contact_at: float | None = None
         self._last_contact_from = NONE
         self._acks = QuorumAckTracker()
+        self._lease_probe_at = float("-inf")
         self._single_node_ack: float | None = None
         self._on_acquired = CallbackRegistry("leader-acquired")
         self._on_lost = CallbackRegistry("leader-loss")
@@ -315,7 +321,7 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         self._configure_snapshot_transport(t)
         if self._owns_transport:
             await self._nursery.start(t.serve)
-        self._dispatcher.start(self._nursery)
+        self._dispatcher.start(self._nursery, self._cfg.commit_broadcast_delay)
         for p in self._peers.values():
             if p.node_id != self._node_id:
                 self._upsert_transport_peer(p)
@@ -326,6 +332,8 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         ticks, self._ticks = self._ticks, 0
         for _ in range(min(ticks, 2 * self._cfg.election_tick)):
             node.tick()
+        if ticks:
+            self._maybe_probe_lease()
         while self._loop_calls:
             self._loop_calls.popleft()()
         while self._priority_in:
@@ -353,10 +361,12 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         except CoreRaftError as exc:
             logger.debug("ignored %s from %x: %s", m.type.name, m.from_, exc)
             return
-        if m.type in _ACK_TYPES:
-            self._record_ack(m.from_, now)
+        if m.type is MT.HEARTBEAT_RESP and m.context:
+            issued_at = decode_lease_probe(m.context)
+            if issued_at is not None and m.term == self._node.raft.term:
+                self._record_ack(m.from_, issued_at)
 
-    def _record_ack(self, from_id: int, now: float) -> None:
+    def _record_ack(self, from_id: int, heard_by: float) -> None:
         if from_id in (NONE, self._node_id) or self._node is None:
             return
         if self._node.raft.state is not StateType.LEADER:
@@ -365,7 +375,24 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
         voters = len(self._conf_state.voters)
         if peer is None or from_id not in self._conf_state.voters or voters <= 1:
             return
-        self._acks.record(from_id, now, voters)
+        self._acks.record(from_id, heard_by, voters)
+
+    def _maybe_probe_lease(self) -> None:
+        """A leader with followers starts a ReadIndex round stamped with the time, about once a
+        heartbeat interval; followers echo the stamp in their heartbeat answers and are credited
+        with it (lease.py). Raft holds the round until the leader committed in its term."""
+        node = self._node
+        assert node is not None
+        if node.raft.state is not StateType.LEADER or len(self._conf_state.voters) <= 1:
+            return
+        now = trio.current_time()
+        if now - self._lease_probe_at < self._cfg.heartbeat_tick * self._cfg.tick_interval:
+            return
+        self._lease_probe_at = now
+        try:
+            node.read_index(encode_lease_probe(now))
+        except CoreRaftError as exc:
+            logger.debug("lease probe not started: %s", exc)
 
     def _handle_requests(self) -> None:
         node = self._node
@@ -458,7 +485,7 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
             if rd.committed_entries:
                 await self._apply_entries(rd.committed_entries)
             if late:
-                self._send_messages(rd)
+                self._send_messages(rd, defer_commit_only=True)
             self._handle_read_states(rd)
             node.advance(rd)
             self._maybe_start_snapshot()
@@ -466,10 +493,11 @@ class RunLoop(StatusMixin, AdminMixin, ApplyMixin):
             self._resolve_ready_reads()
         self._refresh_status()
 
-    def _send_messages(self, rd: Ready) -> None:
+    def _send_messages(self, rd: Ready, defer_commit_only: bool = False) -> None:
+        send = self._dispatcher.defer if defer_commit_only else self._dispatcher.send
         for m in rd.messages:
             if m.to != NONE and m.to != self._node_id:
-                self._dispatcher.send(m)
+                send(m)
 
     async def _persist_ready(self, rd: Ready) -> None:
         if rd.snapshot is not None:

@@ -57,6 +57,7 @@ class EngineState:
     _last_contact_at: float | None
     _last_contact_from: int
     _acks: QuorumAckTracker
+    _lease_probe_at: float
     _single_node_ack: float | None
     _on_acquired: CallbackRegistry
     _on_lost: CallbackRegistry

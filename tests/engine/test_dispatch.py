@@ -72,14 +72,18 @@ async def test_full_lane_drops_and_failed_send_is_reported():
     assert error_code_name(TimeoutError()) == "DeadlineExceeded"
 
 
-async def test_commit_only_append_is_deferred_and_superseded(clock):
+def recording_dispatcher() -> tuple[Dispatcher, list[Message]]:
     sent: list[Message] = []
 
     class Record:
         async def send(self, m: Message) -> None:
             sent.append(m)
 
-    d = Dispatcher(Record(), 8, lambda nid, snap: None)
+    return Dispatcher(Record(), 8, lambda nid, snap: None), sent
+
+
+async def test_commit_only_append_is_deferred_and_superseded(clock):
+    d, sent = recording_dispatcher()
     async with trio.open_nursery() as nursery:
         d.start(nursery, defer_delay=0.002)
         d.ensure_peer(2)
@@ -104,13 +108,7 @@ async def test_commit_only_append_is_deferred_and_superseded(clock):
 
 
 async def test_commit_only_append_without_delay_leaves_at_once():
-    sent: list[Message] = []
-
-    class Record:
-        async def send(self, m: Message) -> None:
-            sent.append(m)
-
-    d = Dispatcher(Record(), 8, lambda nid, snap: None)
+    d, sent = recording_dispatcher()
     async with trio.open_nursery() as nursery:
         d.start(nursery)
         d.ensure_peer(2)

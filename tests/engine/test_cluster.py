@@ -7,7 +7,7 @@ import trio
 
 from tests.engine.kv import KV
 from trio_raft import State, TransferTarget, errors
-from trio_raft.testing.cluster import open_memory_cluster
+from trio_raft.testing.cluster import open_memory_cluster, wait_replicated
 
 
 async def test_failover_after_leader_crash(tmp_path, clock):
@@ -48,6 +48,31 @@ async def test_minority_partition_cannot_commit_and_loses_lease(tmp_path, clock)
         c.heal()
         await c.wait_applied(new.applied_index())
         assert "never" not in c.nodes[name].fsm.data
+
+
+async def test_leader_reports_each_peers_replication(tmp_path, clock):
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        name = c.leader_name()
+        others = sorted(n for n in c.nodes if n != name)
+        res = await leader.propose(b"set a 1")
+        for n in others:
+            await wait_replicated(leader, n, res.commit_index)
+        prs = leader.replication()
+        assert sorted(prs) == others
+        for n in others:
+            assert prs[n].id == n
+            assert prs[n].state == "replicate"
+            assert not prs[n].learner
+            assert prs[n].next == prs[n].match + 1
+            assert c.nodes[n].engine.replication() == {}
+        cut, kept = others
+        c.partition([cut], [name, kept])
+        res2 = await leader.propose(b"set b 2")
+        await wait_replicated(leader, kept, res2.commit_index)
+        assert leader.replication()[cut].match < res2.commit_index
+        c.heal()
+        await wait_replicated(leader, cut, res2.commit_index)
 
 
 async def test_follower_rejects_writes_and_reads(tmp_path, clock):
@@ -91,6 +116,7 @@ async def test_learner_add_catch_up_promote_remove(tmp_path, clock):
             await leader.promote_learner("n4", idx, warm.commit_index + 1000)
         with pytest.raises(errors.PromoteLearnerNotLearnerError):
             await leader.promote_learner("n2", idx, 1)
+        await wait_replicated(leader, "n4", warm.commit_index)
         idx2 = await leader.promote_learner("n4", idx, warm.commit_index)
         servers = (await leader.configuration()).servers
         assert {s.id: s.suffrage for s in servers}["n4"] == "voter"
@@ -313,6 +339,7 @@ async def test_wiped_member_rejoins_through_snapshot(tmp_path, clock):
         h = c.nodes[victim]
         assert h.fsm.data == c.nodes[name].fsm.data
         assert joiner.status().last_snapshot_index >= 40  # installed a snapshot, not a replay
+        await wait_replicated(leader, victim, warm.commit_index)
         await leader.promote_learner(victim, idx, warm.commit_index)
         voters = [s.id for s in (await leader.configuration()).servers if s.suffrage == "voter"]
         assert victim in voters

@@ -8,6 +8,7 @@ import trio
 import trio_raft
 from tests.engine.kv import KV
 from trio_raft import State, errors
+from trio_raft.testing.cluster import wait_replicated
 from trio_raft.testing.net import free_loopback_ports
 
 
@@ -114,5 +115,9 @@ async def test_grpc_learner_catches_up_through_streamed_snapshot(tmp_path):
                 await trio.sleep(0.02)
             assert fsms["n4"].data == fsms[leader._local_id].data
             assert engines["n4"].status().last_snapshot_index >= 40
+            # n4 applied it; the leader learns so when n4's answer arrives.
+            await wait_replicated(leader, "n4", warm.commit_index)
+            assert leader.replication()["n4"].learner
             await leader.promote_learner("n4", idx, warm.commit_index)
+            assert not leader.replication()["n4"].learner
             stop.set()

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import outcome
 import trio
 
+from trio_raft.core.messages import StateType
 from trio_raft.engine.config import OpenConfig, lease_duration
 from trio_raft.engine.envelope_support import EnvelopeMixin
 from trio_raft.engine.loop import RunLoop
@@ -22,6 +23,7 @@ from trio_raft.engine.requests import ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
     Configuration,
     LeaderInfo,
+    PeerProgress,
     ProposalResult,
     State,
     Status,
@@ -138,6 +140,32 @@ class Engine(EnvelopeMixin, RunLoop):
 
     def status(self) -> Status:
         return self._status
+
+    def replication(self) -> dict[str, PeerProgress]:
+        """The leader's view of every other member's log, keyed by server id.
+
+        Empty unless this engine is the leader. ``match`` moves when a peer's acknowledgement
+        arrives, which can be after the peer applied the entry; wait on it (not on the peer's
+        ``applied_index()``) before ``promote_learner`` with a ``min_applied_index``.
+        """
+        node = self._node
+        if node is None or self._closed or node.raft.state is not StateType.LEADER:
+            return {}
+        out: dict[str, PeerProgress] = {}
+        for nid, pr in node.raft.prs.progress.items():
+            if nid == self._node_id:
+                continue
+            p = self._peers.get(nid)
+            sid = p.id if p is not None else str(nid)
+            out[sid] = PeerProgress(
+                id=sid,
+                match=pr.match,
+                next=pr.next,
+                state=pr.state.value,
+                learner=pr.is_learner,
+                recent_active=pr.recent_active,
+            )
+        return out
 
     def lease_duration(self) -> float:
         return lease_duration(self._cfg)

@@ -54,6 +54,22 @@ class TransferTarget:
 
 
 @attrs.frozen
+class PeerProgress:
+    """What a leader knows of one peer's log (see ``Engine.replication``).
+
+    ``match`` is the highest index the peer has acknowledged holding; ``next`` the next index
+    the leader will send it; ``state`` is ``probe``, ``replicate`` or ``snapshot``.
+    """
+
+    id: str
+    match: int
+    next: int
+    state: str
+    learner: bool
+    recent_active: bool
+
+
+@attrs.frozen
 class ProposalResult:
     commit_index: int
     response: Any = None

@@ -210,6 +210,16 @@ class MemoryCluster:
                 await trio.sleep(0.01)
 
 
+async def wait_replicated(leader: Engine, id: str, index: int, timeout: float = 30.0) -> None:
+    """Wait until ``leader`` has heard that server ``id`` holds the log up to ``index``."""
+    with trio.fail_after(timeout):
+        while True:
+            pr = leader.replication().get(id)
+            if pr is not None and pr.match >= index:
+                return
+            await trio.sleep(0.01)
+
+
 @asynccontextmanager
 async def open_memory_cluster(
     base_dir: str | os.PathLike[str],

@@ -22,7 +22,8 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from grpclib.const import Status
 from kvproto.trio_raft.kv import v1 as pb
@@ -33,6 +34,7 @@ from trio_raft.testing.net import free_loopback_ports
 KVNODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvnode.py")
 NAMES = ("n1", "n2", "n3")
 POLL = 0.05
+T = TypeVar("T")
 VALUE_BYTES = 100
 
 
@@ -103,6 +105,18 @@ class Cluster:
                 return leaders[0]
             await asyncio.sleep(POLL)
         raise TimeoutError("no leader elected in time")
+
+
+async def retry_kv(call: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    """``call()`` again after a KVError (a busy node, a lost answer) until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except KVError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(POLL)
 
 
 class Load:
@@ -232,7 +246,7 @@ async def run_demo(args: argparse.Namespace, root: str) -> dict[str, Any]:
         say(f"== restarting {leader} with its original command line")
         await cluster.start(leader)
         t_restart = time.monotonic()
-        target = (await client.status(cluster.addrs[new_leader])).commit_index
+        target = (await cluster.wait_leader(client))[1].commit_index
         caught_up = None
         while time.monotonic() - t_restart < 60:
             with contextlib.suppress(KVError):
@@ -253,9 +267,9 @@ async def run_demo(args: argparse.Namespace, root: str) -> dict[str, Any]:
         say(f"== reading all {len(load.acked)} acknowledged writes back from leader {leader}")
         bad = await verify(cluster.addrs[leader], load.acked)
         sample = next(iter(load.acked))
-        local = await client.call_at(cluster.addrs[killed], "/trio_raft.kv.v1.KV/Get",
-                                     pb.GetRequest(key=sample, mode=pb.ReadMode.LOCAL),
-                                     pb.GetResponse)
+        local = await retry_kv(lambda: client.call_at(
+            cluster.addrs[killed], "/trio_raft.kv.v1.KV/Get",
+            pb.GetRequest(key=sample, mode=pb.ReadMode.LOCAL), pb.GetResponse))
         restarted_has_data = local.found and local.value == load.acked[sample]
         summary = {
             "acknowledged_writes": len(load.acked), "lost_or_wrong": len(bad),

@@ -63,7 +63,9 @@ async def _probe_was_member(args: argparse.Namespace, peers: list[trio_raft.Peer
     others = [p for p in peers if p.id != args.id]
     if not others:
         return None
-    client = KVClient(others[0].address, ssl_context=client_ssl(args.tls_dir), timeout=1.5)
+    # A peer that is not up refuses at once (the usual first start of a whole cluster); one
+    # that is up gets a generous deadline, so a busy peer is not mistaken for a silent one.
+    client = KVClient(others[0].address, ssl_context=client_ssl(args.tls_dir), timeout=5.0)
     try:
         async def ask(p: trio_raft.Peer) -> str | None:
             try:

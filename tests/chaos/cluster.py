@@ -254,10 +254,11 @@ class Cluster:
         return await self.wait_for("a leader", self.leader, timeout)
 
     async def admin(self, what: str, fn_name: str, *args: Any, timeout: float = 60.0,
-                    retry_on: tuple[str, ...] = ()) -> Any:
+                    retry_on: tuple[str, ...] = (), done_on: tuple[str, ...] = ()) -> Any:
         """An admin call at the current leader, retried (leaders change under faults) until it
         succeeds or ``timeout``. Errors whose message contains one of ``retry_on`` are retried
-        too; other non-UNAVAILABLE errors are raised."""
+        too; one containing one of ``done_on`` means an earlier try whose answer was lost took
+        effect (returns None); other non-UNAVAILABLE errors are raised."""
         deadline = trio.current_time() + timeout
         last: Exception | None = None
         while trio.current_time() < deadline:
@@ -269,6 +270,8 @@ class Cluster:
                         return await self.rpc(getattr(c, fn_name), *args)
                 except KVError as exc:
                     last = exc
+                    if any(d in exc.message for d in done_on):
+                        return None
                     retry = exc.status in (Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED) or (
                         "not the leader" in exc.message or "NotLeader" in exc.message
                         or any(r in exc.message for r in retry_on))

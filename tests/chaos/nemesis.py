@@ -249,7 +249,8 @@ async def churn(c: Cluster, victim: str, timeout: float = 90.0) -> None:
     c.log(f"churn {victim}: remove")
     while victim in await c.members():
         await c.admin(f"remove {victim}", "remove", victim, timeout=timeout,
-                      retry_on=("Pending", "Mismatch", "pending"))
+                      retry_on=("Pending", "Mismatch", "pending"),
+                      done_on=("TransportPeerUnknown",))
     # A removed node shuts itself down; if it is cut off it may never learn: kill it.
     with trio.move_on_after(15):
         await c.wait_for(f"{victim} to stop", _stopped(c, victim), 15)
@@ -264,7 +265,8 @@ async def churn(c: Cluster, victim: str, timeout: float = 90.0) -> None:
     c.log(f"churn {victim}: promote")
     while (await c.members()).get(victim) != "voter":
         await c.admin(f"promote {victim}", "promote", victim, timeout=timeout,
-                      retry_on=("NotCaughtUp", "Pending", "Mismatch", "pending"))
+                      retry_on=("NotCaughtUp", "Pending", "Mismatch", "pending"),
+                      done_on=("PromoteLearnerNotLearner",))
     c.log(f"churn {victim}: done")
 
 

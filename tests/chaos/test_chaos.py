@@ -53,6 +53,9 @@ async def test_proxy_cuts_delays_and_heals_links() -> None:
         with trio.move_on_after(0.3) as scope:
             await s.receive_some(10)
         assert scope.cancelled_caught
+        with trio.fail_after(10):  # the proxy holds "lost" at its gate
+            while not proxy.links[("a", "b")].stalled:
+                await trio.sleep(0.01)
         proxy.heal("a", "b")  # stalled connections are closed on heal
         assert await s.receive_some(10) == b""
         s2 = await trio.open_tcp_stream("127.0.0.1", pport)

@@ -67,7 +67,7 @@ class Cluster:
                 "--peers", self.peers, "--data-dir", os.path.join(self.root, name),
                 "--bootstrap", "--snapshot-every", "200",
                 "--metrics-listen", self.metrics[name],
-                "--tick-interval", "0.01", "--heartbeat-tick", "5", "--election-tick", "50"]
+                "--tick-interval", "0.01", "--heartbeat-tick", "10", "--election-tick", "100"]
 
     def start(self, name: str) -> None:
         log = open(os.path.join(self.root, f"{name}.log"), "ab")  # noqa: SIM115
@@ -80,13 +80,15 @@ class Cluster:
         return st if code == 0 else None
 
     def leader(self, exclude: str = "") -> str | None:
+        """The node that says it leads in the highest term (a deposed one may not know yet)."""
+        best: tuple[int, str] | None = None
         for n in self.addrs:
             if n == exclude or (n in self.procs and self.procs[n].poll() is not None):
                 continue
             st = self.status(n)
-            if st and st["state"] == "leader":
-                return n
-        return None
+            if st and st["state"] == "leader" and (best is None or st["term"] > best[0]):
+                best = (st["term"], n)
+        return best[1] if best else None
 
     def stop_all(self) -> dict[str, int]:
         for p in self.procs.values():

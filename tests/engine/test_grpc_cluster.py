@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 
@@ -21,8 +22,8 @@ def node_config(tmp_path, name: str, peers: list[trio_raft.Peer], fsm: KV,
     addr = next(p.address for p in peers if p.id == name)
     return trio_raft.OpenConfig(
         local_id=name, local_address=addr, data_dir=str(tmp_path / name), peers=peers,
-        bootstrap=True, state_machine=fsm, tick_interval=0.01, heartbeat_tick=2,
-        election_tick=20, **kw)
+        bootstrap=True, state_machine=fsm, tick_interval=0.01, heartbeat_tick=10,
+        election_tick=100, **kw)  # 1-2 s: a loaded machine's slow fsync must not elect
 
 
 async def run_node(cfg, engines: dict, stop: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -88,10 +89,9 @@ async def test_grpc_three_node_cluster(tmp_path):
 
 
 async def test_grpc_learner_catches_up_through_streamed_snapshot(tmp_path):
-    ports = free_ports(4)
+    ports = free_ports(3)
     names = ["n1", "n2", "n3"]
     peers = [trio_raft.Peer(n, f"127.0.0.1:{p}") for n, p in zip(names, ports)]
-    joiner_peer = trio_raft.Peer("n4", f"127.0.0.1:{ports[3]}")
     fsms = {n: KV() for n in [*names, "n4"]}
     engines: dict[str, trio_raft.Engine] = {}
     stop = trio.Event()
@@ -104,10 +104,12 @@ async def test_grpc_learner_catches_up_through_streamed_snapshot(tmp_path):
             leader = engines[await wait_leader(engines)]
             for i in range(60):
                 await leader.propose(f"set k{i} v{i}".encode())
-            assert leader.status().last_snapshot_index >= 40
+            with trio.fail_after(10):  # snapshots are written in the background
+                while leader.status().last_snapshot_index < 40:
+                    await trio.sleep(0.02)
+            # The joiner's port is picked only now, right before it is bound.
+            joiner_peer = trio_raft.Peer("n4", f"127.0.0.1:{free_ports(1)[0]}")
             jcfg = node_config(tmp_path, "n4", [*peers, joiner_peer], fsms["n4"], **extra)
-            import attrs
-
             await nursery.start(run_node, attrs.evolve(jcfg, bootstrap=False), engines, stop)
             idx = await leader.add_learner("n4", joiner_peer.address)
             warm = await leader.propose(b"set warm 1")

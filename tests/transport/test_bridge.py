@@ -86,7 +86,7 @@ async def test_aclose_cancels_pending_calls() -> None:
         await trio.sleep(0.05)
         t0 = trio.current_time()
         await bridge.aclose()
-        assert trio.current_time() - t0 < 1.0
+        assert trio.current_time() - t0 < 3.0
     assert results == ["closed", "closed"]
     assert bridge_threads() == []
     await bridge.aclose()  # idempotent

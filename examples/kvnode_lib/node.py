@@ -22,7 +22,6 @@ import os
 import signal
 import ssl
 import sys
-import time
 from functools import partial
 from typing import Any
 
@@ -90,33 +89,6 @@ def bootstrap_guard(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> No
             f"{args.id} as a member: its data was wiped. Remove it (`kvnode.py remove "
             f"{args.id}`), then start it with --join-as-learner and add it back "
             f"(`add-learner`, `promote`).")
-
-
-class _TimedDisk:
-    """Forwards to the engine's durable store, timing each Ready that must fsync.
-
-    A stopgap for the ``kvnode_wal_sync_seconds`` histogram: the engine has no public hook for
-    WAL sync timings yet, so this wraps its (private) persistence object.
-    """
-
-    def __init__(self, disk: Any, metrics: Metrics) -> None:
-        self._disk = disk
-        self._metrics = metrics
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._disk, name)
-
-    def save_ready(self, hard_state: Any, entries: Any, snapshot: Any, must_sync: bool) -> None:
-        t0 = time.perf_counter()
-        self._disk.save_ready(hard_state, entries, snapshot, must_sync)
-        if must_sync:
-            self._metrics.observe_wal_sync(time.perf_counter() - t0)
-
-
-def instrument_wal(engine: trio_raft.Engine, metrics: Metrics) -> None:
-    disk = getattr(engine, "_disk", None)
-    if disk is not None and hasattr(disk, "save_ready"):
-        engine._disk = _TimedDisk(disk, metrics)  # type: ignore[attr-defined]
 
 
 class PinnedTransport(GRPCTransport):
@@ -216,11 +188,11 @@ async def run_node(args: argparse.Namespace) -> int:
                 snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
                 tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
                 election_tick=args.election_tick,
+                persist_observer=metrics.observe_wal_sync,
                 test_persist_delay=persist_delay_reader(
                     getattr(args, "test_fsync_delay_file", None)))
             try:
                 async with trio_raft.open_engine(cfg) as engine:
-                    instrument_wal(engine, metrics)
                     node.engine = engine
                     metrics.refresh(engine, fsm)
                     print(json.dumps({"event": "ready", "id": args.id, "port": bound,

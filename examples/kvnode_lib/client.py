@@ -7,9 +7,11 @@ safe for writes too). Everything else is raised as :class:`KVError`, carrying th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
+from collections import deque
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
@@ -125,6 +127,11 @@ class KVClient:
                 return await self.call_at(exc.leader_address, path, request, reply_type)
             raise
 
+    def put_pipeline(self, address: str | None = None) -> PutPipeline:
+        """``async with c.put_pipeline() as p: await p.put(k, v)`` (from many tasks): puts over
+        one PutStream call at ``address`` (default: this client's), no leader following."""
+        return PutPipeline(self._channel(address or self.address), address or self.address)
+
     # -- KV ------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> pb.PutResponse:
         return await self.call(KV + "Put", pb.PutRequest(key=key, value=value), pb.PutResponse)
@@ -174,3 +181,105 @@ class KVClient:
     async def was_member(self, address: str, node_id: str) -> pb.WasMemberResponse:
         return await self.call_at(address, ADMIN + "WasMember", pb.WasMemberRequest(id=node_id),
                                   pb.WasMemberResponse)
+
+
+class PutPipeline:
+    """Puts in flight over one PutStream call; answers come back in order and are matched to
+    the waiting callers. The first failure ends the call and is raised to every caller still
+    waiting and every later one; its status says what became of their writes (kv.proto)."""
+
+    def __init__(self, channel: Channel, address: str) -> None:
+        self._channel = channel
+        self._address = address
+        self._cm: Any = None
+        self._stream: Any = None
+        self._waiting: deque[asyncio.Future[pb.PutResponse]] = deque()
+        self._send_lock = asyncio.Lock()
+        self._sending_ended = False
+        self._receiver: asyncio.Task[None] | None = None
+        self._error: KVError | None = None
+
+    async def __aenter__(self) -> PutPipeline:
+        self._cm = self._channel.request(KV + "PutStream", Cardinality.STREAM_STREAM,
+                                         pb.PutRequest, pb.PutResponse)
+        try:
+            self._stream = await self._cm.__aenter__()
+            await self._stream.send_request()
+        except (OSError, StreamTerminatedError, ssl.SSLError) as exc:
+            raise self._unavailable(exc) from None
+        self._receiver = asyncio.ensure_future(self._receive())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                await self._end_sending()
+                if self._receiver is not None:
+                    await asyncio.wait([self._receiver])  # the server's answers and status
+        finally:
+            if self._receiver is not None:
+                self._receiver.cancel()
+            self._fail(KVError(Status.UNAVAILABLE, "pipeline closed", "", self._address))
+            with contextlib.suppress(Exception):
+                await self._cm.__aexit__(None, None, None)
+
+    async def put(self, key: str, value: bytes) -> pb.PutResponse:
+        if self._error is not None:
+            raise self._error
+        fut: asyncio.Future[pb.PutResponse] = asyncio.get_running_loop().create_future()
+        async with self._send_lock:
+            self._waiting.append(fut)
+            if not self._sending_ended:
+                # A send fails when the call has ended; the receiver then fails ``fut`` with
+                # the call's status, which says more than the send's error.
+                try:
+                    await self._stream.send_message(pb.PutRequest(key=key, value=value))
+                except (GRPCError, OSError, StreamTerminatedError, ssl.SSLError):
+                    pass
+                except asyncio.CancelledError:
+                    # Whether it left is unknown, so answers can no longer be matched.
+                    self._fail(KVError(Status.UNAVAILABLE, "a put was cancelled while being "
+                                       "sent: pipeline closed", "", self._address))
+                    raise
+        return await fut
+
+    async def _end_sending(self) -> None:
+        async with self._send_lock:
+            if self._sending_ended:
+                return
+            self._sending_ended = True
+            with contextlib.suppress(Exception):
+                await self._stream.end()
+
+    async def _receive(self) -> None:
+        try:
+            async for reply in self._stream:
+                if self._error is not None:
+                    continue  # answers can no longer be matched (see put)
+                fut = self._waiting.popleft()
+                if not fut.done():  # its caller may have given up
+                    fut.set_result(reply)
+            # grpclib hands out the status once our side is ended too; the server waits for
+            # that after a failure (no request sent after its status is ever proposed).
+            await self._end_sending()
+            await self._stream.recv_trailing_metadata()  # raises GRPCError unless OK
+            error = KVError(Status.UNAVAILABLE, "the server ended the stream", "",
+                            self._address)
+        except GRPCError as exc:
+            tm = self._stream.trailing_metadata or {}
+            error = KVError(exc.status, exc.message or "", str(tm.get(LEADER_ADDRESS_KEY, "")),
+                            self._address)
+        except (OSError, StreamTerminatedError, ssl.SSLError) as exc:
+            error = self._unavailable(exc)
+        self._fail(error)
+
+    def _unavailable(self, exc: BaseException) -> KVError:
+        return KVError(Status.UNAVAILABLE, f"{type(exc).__name__}: {exc}", "", self._address)
+
+    def _fail(self, error: KVError) -> None:
+        if self._error is None:
+            self._error = error
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(self._error)

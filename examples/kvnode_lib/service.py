@@ -20,6 +20,7 @@ short message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from typing import Any
 import outcome
 import trio
 from grpclib.const import Cardinality, Handler, Status
+from grpclib.metadata import encode_grpc_message
 from kvproto.trio_raft.kv import v1 as pb
 
 import trio_raft
@@ -150,6 +152,64 @@ async def _send_stopping(stream: Any, exc: BaseException) -> None:
                                         status_message="node is stopping")
 
 
+#: Unanswered requests one PutStream call may have proposed at a time.
+STREAM_WINDOW = 1024
+#: Seconds a failed PutStream call waits for the client to end its side after the status.
+STREAM_LINGER = 10.0
+_StreamItem = tuple[pb.PutRequest, "asyncio.Future[Any]"] | Reply | None
+#: Statuses that guarantee the request was not applied.
+_NOT_APPLIED = (Status.FAILED_PRECONDITION, Status.INVALID_ARGUMENT)
+
+
+async def _settle_after_failure(queue: asyncio.Queue[_StreamItem], first: Reply) -> Reply:
+    """The status ending a PutStream whose request ``first`` failed: wait for the requests
+    proposed after it; their outcome is only "not applied" if all of theirs is."""
+    certain = first.status in _NOT_APPLIED
+    while not queue.empty():
+        item = queue.get_nowait()
+        if not isinstance(item, tuple):
+            continue
+        try:
+            await item[1]
+        except Reply as r:
+            certain = certain and r.status in _NOT_APPLIED
+        else:
+            certain = False
+    if certain:
+        return first
+    return Reply(Status.UNAVAILABLE, f"outcome unknown after: {first.message}")
+
+
+async def _end_stream_call(stream: Any, r: Reply) -> None:
+    """End a call whose client may still be sending with ``r``'s status, so that the client
+    reads every answer and the status.
+
+    grpclib's ``send_trailing_metadata`` resets such a stream right after a non-OK status, and
+    its client, seeing the reset, drops what it had not read yet, status included. So the
+    trailers are sent here without the reset, and the client is given ``STREAM_LINGER``
+    seconds to end its side (kvnode's client does so on reading the status) before the reset.
+    """
+    inner = getattr(stream, "_stream", None)
+    if inner is None:  # not the grpclib this was written against: the plain way
+        await _send_reply(stream, r)
+        return
+    if not getattr(stream, "_send_initial_metadata_done", False):
+        await stream.send_initial_metadata()
+    headers = [("grpc-status", str(r.status.value)),
+               ("grpc-message", encode_grpc_message(r.message))]
+    if r.leader_address:
+        headers.append((LEADER_ADDRESS_KEY, r.leader_address))
+    await inner.send_headers(headers, end_stream=True)
+    stream._send_trailing_metadata_done = True
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(STREAM_LINGER):
+            async for _ in stream:  # whatever the client still sends: never proposed
+                pass
+            return
+    with contextlib.suppress(Exception):
+        await stream.cancel()
+
+
 class _Base:
     """Unary handlers over raw grpclib streams (so errors can carry trailing metadata)."""
 
@@ -240,6 +300,73 @@ class KVService(_Base):
         "Delete": ("build_delete", "respond_delete", pb.DeleteRequest, pb.DeleteResponse),
         "CompareAndSwap": ("build_cas", "respond_cas", pb.CasRequest, pb.CasResponse),
     }
+
+    def __mapping__(self) -> dict[str, Handler]:
+        out = super().__mapping__()
+        out[self.path + "PutStream"] = Handler(self.put_stream, Cardinality.STREAM_STREAM,
+                                               pb.PutRequest, pb.PutResponse)
+        return out
+
+    async def put_stream(self, stream: Any) -> None:
+        """PutStream: each request is proposed as it arrives (at most ``STREAM_WINDOW`` of them
+        unanswered) and answered in order; the first failure ends the call (see kv.proto)."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        queue: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        stopped = False
+
+        async def read() -> None:
+            async for request in stream:
+                await window.acquire()
+                if stopped:
+                    return
+                try:
+                    if node.portal is None:
+                        raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
+                    data = self.build_put(request)  # validation and encoding, here on the loop
+                except Reply as r:
+                    queue.put_nowait(r)
+                    return
+                fut: asyncio.Future[Any] = loop.create_future()
+                node.portal.post(node.submit, data, fut, loop)
+                queue.put_nowait((request, fut))
+            queue.put_nowait(None)
+
+        async def answer() -> Reply | None:
+            nonlocal stopped
+            while True:
+                item = await queue.get()
+                if not isinstance(item, tuple):
+                    return item  # the client's end (None) or a malformed request
+                request, fut = item
+                try:
+                    result = await fut
+                except Reply as r:
+                    stopped = True  # nothing more is proposed once the reader sees this
+                    return await _settle_after_failure(queue, r)
+                await stream.send_message(self.respond_put(request, result))
+                window.release()
+
+        reader = asyncio.ensure_future(read())
+        try:
+            reply = await answer()
+        except Exception as exc:  # the bridge or the stream failed (e.g. shutting down)
+            log.debug("put stream ended outside the engine: %r", exc)
+            reply = Reply(Status.UNAVAILABLE, "outcome unknown: node is stopping")
+        finally:
+            stopped = True
+            reader.cancel()
+            await asyncio.wait([reader])
+            while not queue.empty():  # a client that went away: forget what it waited for
+                item = queue.get_nowait()
+                if isinstance(item, tuple):
+                    item[1].cancel()
+        if reply is not None:
+            try:
+                await _end_stream_call(stream, reply)
+            except Exception as exc:  # the connection is gone: no one to tell
+                log.debug("could not end a put stream: %r", exc)
 
     def build_put(self, req: pb.PutRequest) -> bytes:
         check_key(req.key)

@@ -26,6 +26,7 @@ def _run(cfg: RunConfig) -> Report:
     assert report.ok, detail
     assert report.linearizable and report.converged and report.reopened, detail
     assert report.op_counts.get("put:ok", 0) > 0 and report.op_counts.get("get:ok", 0) > 0
+    assert report.op_counts.get("stream-put:ok", 0) > 0  # writes over PutStream calls too
     assert report.durable_acked > 0
     return report
 

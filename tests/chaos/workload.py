@@ -13,23 +13,30 @@ too); LOCAL reads are not part of the history.
 
 A separate "durable" client puts fresh keys ``d/<n>`` only: every acknowledged one must be
 present on every node after the run.
+
+A "stream" client puts in bursts of ``STREAM_BURST`` writes in flight over one ``PutStream``
+call (each write has its own process number). An answered write -> ``ok``; the unanswered ones
+take the call's ending status: ``FAILED_PRECONDITION`` -> ``fail`` (kv.proto promises that none
+of them happened, which the checker then holds the service to), anything else -> ``unknown``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import Any
 
 import trio
 from grpclib.const import Status
-from kvnode_lib.client import KV, KVClient, KVError
+from kvnode_lib.client import KV, KVClient, KVError, PutPipeline
 from kvproto.trio_raft.kv import v1 as pb
 
 from tests.chaos.cluster import Cluster
 from trio_raft.testing.linearizability import CAS, DELETE, FAIL, GET, OK, PUT, UNKNOWN, Op
 
 CALL_TIMEOUT = 3.0
+STREAM_BURST = 8
 
 
 class History:
@@ -40,9 +47,9 @@ class History:
         self.durable_unknown: dict[str, bytes] = {}
         self.wrong_status: list[str] = []
 
-    def add(self, op: Op) -> None:
+    def add(self, op: Op, via: str = "") -> None:
         self.ops.append(op)
-        k = f"{op.kind}:{op.status}"
+        k = f"{via}{op.kind}:{op.status}"
         self.counts[k] = self.counts.get(k, 0) + 1
 
 
@@ -79,6 +86,8 @@ class Workload:
             for i in range(self.clients):
                 nursery.start_soon(self._client, i, random.Random(self.rng.random()))
             nursery.start_soon(self._durable_client, self.clients,
+                               random.Random(self.rng.random()))
+            nursery.start_soon(self._stream_client, self.clients + 1,
                                random.Random(self.rng.random()))
 
     async def _client(self, pid: int, rng: random.Random) -> None:
@@ -185,6 +194,73 @@ class Workload:
                 self.history.durable_acked[key] = value
         finally:
             await self.cluster.rpc(_close, client)
+
+
+    async def _stream_client(self, pid: int, rng: random.Random) -> None:
+        client = KVClient("127.0.0.1:1", timeout=CALL_TIMEOUT)
+        seq = 0
+        try:
+            while not self.stop.is_set():
+                puts = []
+                for _ in range(STREAM_BURST):
+                    seq += 1
+                    puts.append((rng.choice(self.keys), f"s{pid}-{seq}".encode()))
+                node = self._target(rng)
+                t0 = time.monotonic()
+                try:
+                    with trio.fail_after(CALL_TIMEOUT + 5):
+                        outcomes = await self.cluster.rpc(
+                            _put_burst, client, self.cluster.nodes[node].address, puts)
+                except trio.TooSlowError:
+                    for j, (key, value) in enumerate(puts):
+                        self.history.add(Op(pid + j, PUT, key, t0, None, UNKNOWN, value),
+                                         "stream-")
+                    self.hint = None
+                    continue
+                refused = False
+                for j, ((key, value), (t1, exc)) in enumerate(zip(puts, outcomes, strict=True)):
+                    if exc is None:
+                        self.history.add(Op(pid + j, PUT, key, t0, t1, OK, value), "stream-")
+                        self.hint = node
+                        continue
+                    if exc.status is Status.FAILED_PRECONDITION:
+                        status, refused = FAIL, True
+                        self._learn(exc)
+                    else:
+                        status = UNKNOWN
+                        if exc.status is Status.INVALID_ARGUMENT:
+                            self.history.wrong_status.append(str(exc))
+                        self.hint = None
+                    self.history.add(Op(pid + j, PUT, key, t0, t1, status, value), "stream-")
+                if refused:
+                    await trio.sleep(0.01)  # a retry interval
+        finally:
+            await self.cluster.rpc(_close, client)
+
+
+async def _put_burst(client: KVClient, address: str, puts: list[tuple[str, bytes]]
+                     ) -> list[tuple[float, KVError | None]]:
+    """asyncio: ``puts`` in flight together over one PutStream call at ``address``; for each,
+    when its answer or error arrived and the error (None when answered)."""
+    out: list[tuple[float, KVError | None] | None] = [None] * len(puts)
+
+    async def one(pipe: PutPipeline, j: int, key: str, value: bytes) -> None:
+        try:
+            await asyncio.wait_for(pipe.put(key, value), CALL_TIMEOUT)
+            out[j] = (time.monotonic(), None)
+        except KVError as exc:
+            out[j] = (time.monotonic(), exc)
+        except TimeoutError:
+            out[j] = (time.monotonic(), KVError(Status.DEADLINE_EXCEEDED, "no answer", "",
+                                                address))
+
+    try:
+        async with client.put_pipeline(address) as pipe:
+            await asyncio.gather(*(one(pipe, j, k, v) for j, (k, v) in enumerate(puts)))
+    except KVError as exc:  # the call could not be opened
+        out = [o or (time.monotonic(), exc) for o in out]
+    return [o or (time.monotonic(), KVError(Status.UNKNOWN, "no outcome", "", address))
+            for o in out]
 
 
 async def _close(c: KVClient) -> None:

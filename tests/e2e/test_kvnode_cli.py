@@ -173,6 +173,18 @@ def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) 
         text=True, timeout=60, cwd=ROOT)
     assert fill.returncode == 0, fill.stderr
     acked.update(json.loads(fill.stdout))
+    # PutStream: many writes in flight over one call, answered in order; the first failure
+    # ends the call with a status that speaks for the unanswered writes.
+    streamed = subprocess.run(
+        [sys.executable, "-c", _STREAM, cluster.addrs[leader], faddr], capture_output=True,
+        text=True, timeout=60, cwd=ROOT)
+    assert streamed.returncode == 0, streamed.stderr
+    st = json.loads(streamed.stdout)
+    assert st["ok"] == 200 and st["in_order"], st
+    assert st["bad"] == {"answered": 10, "bad": "INVALID_ARGUMENT", "later": "INVALID_ARGUMENT",
+                         "later_found": False}, st
+    assert st["follower"] == ["FAILED_PRECONDITION", cluster.addrs[leader]], st
+    acked.update({f"s{i:03d}": f"y{i}" for i in range(200)})
 
     # The leader's metrics: raft state, proposals and their latency, WAL syncs, snapshots.
     # (Engine gauges are refreshed every 0.5 s, so wait for them to catch up.)
@@ -246,6 +258,41 @@ async def main(addr, n):
     print(json.dumps(out))
 
 asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+_STREAM = r"""
+import asyncio, json, sys
+sys.path.insert(0, "examples")
+from kvnode_lib.client import KVClient, KVError
+
+async def main(addr, follower):
+    out = {}
+    async with KVClient(addr) as c:
+        async with c.put_pipeline() as p:
+            rs = await asyncio.gather(*(p.put(f"s{i:03d}", f"y{i}".encode())
+                                        for i in range(200)))
+        idx = [r.index for r in rs]
+        out["ok"] = len(rs)
+        out["in_order"] = idx == sorted(idx) and len(set(idx)) == 200
+        async with c.put_pipeline() as p:
+            calls = [p.put(f"b{i}", b"v") for i in range(10)]
+            calls += [p.put("", b"v"), p.put("after-bad", b"v")]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+        out["bad"] = {
+            "answered": sum(1 for g in got if not isinstance(g, BaseException)),
+            "bad": got[10].status.name if isinstance(got[10], KVError) else repr(got[10]),
+            "later": got[11].status.name if isinstance(got[11], KVError) else repr(got[11]),
+            "later_found": (await c.get("after-bad")).found,
+        }
+        try:
+            async with c.put_pipeline(follower) as p:
+                await p.put("never", b"v")
+            out["follower"] = "answered"
+        except KVError as exc:
+            out["follower"] = [exc.status.name, exc.leader_address]
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 _CHECK = r"""

@@ -32,6 +32,7 @@ __all__ = (
     "WasMemberResponse",
 )
 
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -474,6 +475,37 @@ class KvStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def put_stream(
+        self,
+        messages: "AsyncIterable[PutRequest] | Iterable[PutRequest]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[PutResponse]":
+        """
+        Many puts over one call, for clients with many writes in flight (one HTTP/2 stream instead
+        of a call per write). Each request gets one response, in request order. The call ends at
+        the first request that cannot be answered with a response: every earlier request was
+        answered, and the call's status speaks for the unanswered ones:
+          OK                   the client ended its side and every request was answered;
+          INVALID_ARGUMENT     that request was malformed; no unanswered request happened;
+          FAILED_PRECONDITION  not the leader (trailer `leader-address`); no unanswered request
+                               happened;
+          UNAVAILABLE          the unanswered requests may or may not have been applied.
+        """
+
+        async for response in self._stream_stream(
+            "/trio_raft.kv.v1.KV/PutStream",
+            messages,
+            PutRequest,
+            PutResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
     async def get(
         self,
         message: "GetRequest",
@@ -697,6 +729,24 @@ class KvBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def put_stream(
+        self, messages: "AsyncIterator[PutRequest]"
+    ) -> "AsyncIterator[PutResponse]":
+        """
+        Many puts over one call, for clients with many writes in flight (one HTTP/2 stream instead
+        of a call per write). Each request gets one response, in request order. The call ends at
+        the first request that cannot be answered with a response: every earlier request was
+        answered, and the call's status speaks for the unanswered ones:
+          OK                   the client ended its side and every request was answered;
+          INVALID_ARGUMENT     that request was malformed; no unanswered request happened;
+          FAILED_PRECONDITION  not the leader (trailer `leader-address`); no unanswered request
+                               happened;
+          UNAVAILABLE          the unanswered requests may or may not have been applied.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield PutResponse()
+
     async def get(self, message: "GetRequest") -> "GetResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -718,6 +768,16 @@ class KvBase(betterproto2_grpclib.ServiceBase):
         assert request is not None
         response = await self.put(request)
         await stream.send_message(response)
+
+    async def __rpc_put_stream(
+        self, stream: "grpclib.server.Stream[PutRequest, PutResponse]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.put_stream,
+            stream,
+            request,
+        )
 
     async def __rpc_get(self, stream: "grpclib.server.Stream[GetRequest, GetResponse]") -> None:
         request = await stream.recv_message()
@@ -754,6 +814,12 @@ class KvBase(betterproto2_grpclib.ServiceBase):
             "/trio_raft.kv.v1.KV/Put": grpclib.const.Handler(
                 self.__rpc_put,
                 grpclib.const.Cardinality.UNARY_UNARY,
+                PutRequest,
+                PutResponse,
+            ),
+            "/trio_raft.kv.v1.KV/PutStream": grpclib.const.Handler(
+                self.__rpc_put_stream,
+                grpclib.const.Cardinality.STREAM_STREAM,
                 PutRequest,
                 PutResponse,
             ),

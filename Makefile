@@ -43,6 +43,7 @@ bench: $(BIN)/.installed
 # Side by side with PySyncObj (installs it into its own venv under the temp dir).
 bench-vs: $(BIN)/.installed
 	$(BIN)/python bench/vs_pysyncobj.py
+	$(BIN)/python bench/engines_vs_pysyncobj.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

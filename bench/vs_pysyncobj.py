@@ -5,7 +5,9 @@
 Both clusters run on loopback, one OS process per node, and are driven by the same load
 generator (this process): ``c`` concurrent tasks send ``Put(key, 100-byte value)`` to the leader
 over gRPC (the KV service of protos/kv.proto, spread over up to 16 HTTP/2 connections) for a
-fixed duration; each task sends its next request when the previous one is acknowledged.
+fixed duration; each task sends its next request when the previous one is acknowledged. With
+``--rpc unary`` each write is one ``Put`` call; with ``--rpc stream`` the tasks sharing a
+connection send their writes over one ``PutStream`` call (answered in order); both by default.
 
 * kvnode: ``examples/kvnode.py serve``; an acknowledgement means committed by a quorum (WAL
   fsynced on each of them) and applied on the leader.
@@ -52,18 +54,36 @@ POLL = 0.05
 
 def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
              status: Callable[[Any], Awaitable[None]],
+             propose: Callable[[Any], Awaitable[Any]],
              cleanup: Callable[[], None] | None = None) -> None:
-    """Serve the KV service's ``Put`` and ``Status`` (grpclib, raw stream handlers) on
-    ``args.listen`` until SIGTERM/SIGINT."""
+    """Serve the KV service's ``Put``, ``PutStream`` and ``Status`` (grpclib, raw stream
+    handlers) on ``args.listen`` until SIGTERM/SIGINT. ``propose(request)`` returns an
+    awaitable settled once the write is acknowledged (PutStream answers them in order)."""
     from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
     from kvproto.trio_raft.kv import v1 as pb
+
+    async def put_stream(stream: Any) -> None:
+        pending: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def answer() -> None:
+            while (acked := await pending.get()) is not None:
+                await acked
+                await stream.send_message(pb.PutResponse(index=0))
+
+        answering = asyncio.ensure_future(answer())
+        async for request in stream:
+            pending.put_nowait(propose(request))
+        pending.put_nowait(None)
+        await answering
 
     class KV:
         def __mapping__(self) -> dict[str, Handler]:
             return {
                 "/trio_raft.kv.v1.KV/Put": Handler(put, Cardinality.UNARY_UNARY,
                                                    pb.PutRequest, pb.PutResponse),
+                "/trio_raft.kv.v1.KV/PutStream": Handler(put_stream, Cardinality.STREAM_STREAM,
+                                                         pb.PutRequest, pb.PutResponse),
                 "/trio_raft.kv.v1.KV/Status": Handler(status, Cardinality.UNARY_UNARY,
                                                       pb.StatusRequest, pb.StatusResponse),
             }
@@ -99,23 +119,30 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
     sync = SyncObj(peers[args.id], [a for n, a in peers.items() if n != args.id],
                    consumers=[store], conf=SyncObjConf(dynamicMembershipChange=False))
 
-    async def put(stream: Any) -> None:
-        req = await stream.recv_message()
+    def propose(req: Any) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[None] = loop.create_future()
 
         def settle(err: int) -> None:
-            if not fut.done():
-                fut.set_result(err)
+            if fut.done():
+                return
+            if err == FAIL_REASON.SUCCESS:
+                fut.set_result(None)
+            else:
+                fut.set_exception(RuntimeError(f"pysyncobj error {err}"))
 
         def done(_result: Any, err: int) -> None:  # PySyncObj's thread
             loop.call_soon_threadsafe(settle, err)
 
         store.set(req.key, req.value, callback=done)
-        err = await fut
-        if err != FAIL_REASON.SUCCESS:
+        return fut
+
+    async def put(stream: Any) -> None:
+        try:
+            await propose(await stream.recv_message())
+        except RuntimeError as exc:
             await stream.send_trailing_metadata(status=Status.UNAVAILABLE,
-                                                status_message=f"pysyncobj error {err}")
+                                                status_message=str(exc))
             return
         await stream.send_message(pb.PutResponse(index=0))
 
@@ -126,7 +153,7 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
         await stream.send_message(pb.StatusResponse(
             id=args.id, state=state, leader_address=str(leader or "")))
 
-    serve_kv(args, put, status, cleanup=sync.destroy)
+    serve_kv(args, put, status, propose, cleanup=sync.destroy)
 
 
 # -- the front-end ceiling: the same grpclib KV service with no replication behind it -----------
@@ -144,7 +171,10 @@ def null_node(args: argparse.Namespace) -> None:
         await stream.recv_message()
         await stream.send_message(pb.StatusResponse(id=args.id, state="leader"))
 
-    serve_kv(args, put, status)
+    async def acknowledged() -> None:
+        return None
+
+    serve_kv(args, put, status, lambda _request: acknowledged())
 
 
 # -- orchestration -------------------------------------------------------------------------------
@@ -204,8 +234,12 @@ async def find_leader(addrs: list[str], timeout: float = 60.0) -> str:
     raise TimeoutError("no leader")
 
 
-async def load(addr: str, concurrency: int, duration: float, size: int) -> dict[str, Any]:
-    from kvnode_lib.client import KVClient, KVError
+async def load(addr: str, concurrency: int, duration: float, size: int,
+               rpc: str = "unary") -> dict[str, Any]:
+    """``concurrency`` tasks putting back to back for ``duration`` seconds, over up to
+    ``MAX_CHANNELS`` connections: one unary ``Put`` call per write, or (``rpc="stream"``) one
+    long ``PutStream`` call per connection carrying the writes of the tasks that share it."""
+    from kvnode_lib.client import KVClient, KVError, PutPipeline
     from kvproto.trio_raft.kv import v1 as pb
 
     clients = [KVClient(addr, timeout=30.0) for _ in range(min(concurrency, MAX_CHANNELS))]
@@ -216,26 +250,37 @@ async def load(addr: str, concurrency: int, duration: float, size: int) -> dict[
     for c in clients:
         with contextlib.suppress(KVError):
             await c.put("warmup", value)
-    end = time.monotonic() + duration
+    pipes: list[PutPipeline] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if rpc == "stream":
+            pipes = [await stack.enter_async_context(c.put_pipeline()) for c in clients]
+        end = time.monotonic() + duration
 
-    async def worker(i: int) -> None:
-        nonlocal errors
-        c = clients[i % len(clients)]
-        n = 0
-        while time.monotonic() < end:
-            n += 1
-            t0 = time.perf_counter()
-            try:
-                await c.call_at(addr, "/trio_raft.kv.v1.KV/Put",
-                                pb.PutRequest(key=f"k{i}-{n}", value=value), pb.PutResponse)
-            except KVError:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
+        async def worker(i: int) -> None:
+            nonlocal errors
+            c = clients[i % len(clients)]
+            pipe = pipes[i % len(pipes)] if pipes else None
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+                t0 = time.perf_counter()
+                try:
+                    if pipe is not None:
+                        await pipe.put(f"k{i}-{n}", value)
+                    else:
+                        await c.call_at(addr, "/trio_raft.kv.v1.KV/Put",
+                                        pb.PutRequest(key=f"k{i}-{n}", value=value),
+                                        pb.PutResponse)
+                except KVError:
+                    errors += 1
+                    if pipe is not None:
+                        return  # the call has ended
+                    continue
+                latencies.append(time.perf_counter() - t0)
 
-    t_start = time.monotonic()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    elapsed = time.monotonic() - t_start
+        t_start = time.monotonic()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.monotonic() - t_start
     for c in clients:
         c.close()
     latencies.sort()
@@ -245,7 +290,7 @@ async def load(addr: str, concurrency: int, duration: float, size: int) -> dict[
             return 0.0
         return latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] * 1000
 
-    return {"concurrency": concurrency, "ops": len(latencies), "errors": errors,
+    return {"rpc": rpc, "concurrency": concurrency, "ops": len(latencies), "errors": errors,
             "seconds": round(elapsed, 2), "ops_per_s": round(len(latencies) / elapsed, 1),
             "p50_ms": round(pct(0.50), 2), "p99_ms": round(pct(0.99), 2)}
 
@@ -282,9 +327,11 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
         leader = await find_leader(list(api.values())[:len(procs.procs)])
         pids = [p.pid for p in procs.procs]
         leader_i = list(api.values()).index(leader)
-        for c in (int(x) for x in args.concurrency.split(",")):
+        settings = [(rpc, int(c)) for rpc in args.rpc.split(",")
+                    for c in args.concurrency.split(",")]
+        for rpc, c in settings:
             before, gen_before = cpu_seconds(pids), time.process_time()
-            r = await load(leader, c, args.duration, args.size)
+            r = await load(leader, c, args.duration, args.size, rpc)
             used = [b - a for a, b in zip(before, cpu_seconds(pids))]
             gen = time.process_time() - gen_before
             ops = max(r["ops"], 1)
@@ -318,20 +365,22 @@ def cpu_seconds(pids: list[int]) -> list[float]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    by = {(r["system"], r["concurrency"]): r for r in rows}
-    levels = sorted({r["concurrency"] for r in rows})
-    out = ["| in flight | kvnode ops/s | kvnode p50 / p99 ms | PySyncObj ops/s "
+    by = {(r["system"], r["rpc"], r["concurrency"]): r for r in rows}
+    settings = sorted({(r["rpc"], r["concurrency"]) for r in rows},
+                      key=lambda s: (s[0] != "unary", s[1]))
+    out = ["| rpc | in flight | kvnode ops/s | kvnode p50 / p99 ms | PySyncObj ops/s "
            "| PySyncObj p50 / p99 ms | throughput ratio | p50 ratio | front end alone ops/s |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in levels:
-        k, p = by.get(("kvnode", c)), by.get(("pysyncobj", c))
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rpc, c in settings:
+        k, p = by.get(("kvnode", rpc, c)), by.get(("pysyncobj", rpc, c))
         if k is None or p is None:
             continue
-        n = by.get(("null", c))
+        n = by.get(("null", rpc, c))
         tr = k["ops_per_s"] / p["ops_per_s"] if p["ops_per_s"] else float("inf")
         lr = p["p50_ms"] / k["p50_ms"] if k["p50_ms"] else float("inf")
         ceiling = f"{n['ops_per_s']:.0f}" if n is not None else "-"
-        out.append(f"| {c} | {k['ops_per_s']:.0f} | {k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
+        out.append(f"| {rpc} | {c} | {k['ops_per_s']:.0f} | "
+                   f"{k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
                    f"{p['ops_per_s']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
                    f"{tr:.2f}x | {lr:.1f}x lower | {ceiling} |")
     return "\n".join(out)
@@ -367,6 +416,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--concurrency", default="1,64,1024")
     ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--rpc", default="unary,stream",
+                    help="comma-separated subset of unary (a Put call per write) and stream "
+                         "(writes multiplexed over PutStream calls)")
     ap.add_argument("--systems", default="kvnode,pysyncobj,null",
                     help="comma-separated subset of kvnode,pysyncobj,null (null: the KV front end "
                          "alone, acknowledging without replication)")

@@ -8,10 +8,15 @@ binary records, so any key or value round-trips exactly:
     cas      b"C" | u8 flags (1: expect absent) | u32 key_len | key | u32 exp_len | expected | value
     member   b"M" | member id (UTF-8)          (internal: "this node has been a member with data")
 
-Snapshot payload (written by :meth:`KVSnapshot.write_to` in a worker thread):
+Snapshot payload (written by :meth:`KVSnapshot.write_to` in a worker thread), columnar so that
+both directions run mostly in C:
 
-    b"KVS1" | u64 entry_count | entry_count x (u32 key_len | key | u32 value_len | value)
+    b"KVS2" | u64 n | n x u32 key_len | n x u32 value_len | n keys | n values
             | u32 member_count | member_count x (u32 id_len | id)
+
+The earlier row layout is still read (``restore`` of an older node's snapshot):
+
+    b"KVS1" | u64 n | n x (u32 key_len | key | u32 value_len | value) | members as above
 
 All integers are big-endian. ``restore`` checks the magic and every length against the data it
 has, so a truncated or foreign payload is an error, never a half-restored store.
@@ -19,17 +24,23 @@ has, so a truncated or foreign payload is an error, never a half-restored store.
 
 from __future__ import annotations
 
+import array
+import itertools
 import struct
+import sys
+from collections.abc import Iterable
 from typing import IO, Any
 
 import attrs
 
-SNAPSHOT_MAGIC = b"KVS1"
+SNAPSHOT_MAGIC = b"KVS2"
+SNAPSHOT_MAGIC_V1 = b"KVS1"
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 512 * 1024
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_U32_CODE = next(c for c in "IL" if array.array(c).itemsize == 4)
 
 
 class CommandError(ValueError):
@@ -85,17 +96,17 @@ class KVSnapshot:
         self._members = sorted(members)
 
     def write_to(self, writer: IO[bytes]) -> int:
-        parts = [SNAPSHOT_MAGIC, _U64.pack(len(self._data))]
-        for key, value in self._data.items():
-            k = _key_bytes(key)
-            parts += (_U32.pack(len(k)), k, _U32.pack(len(value)), value)
-        parts.append(_U32.pack(len(self._members)))
+        keys = [k.encode("utf-8") for k in self._data]
+        values = list(self._data.values())
+        tail = [_U32.pack(len(self._members))]
         for member in self._members:
             m = member.encode("utf-8")
-            parts += (_U32.pack(len(m)), m)
-        blob = b"".join(parts)
-        writer.write(blob)
-        return len(blob)
+            tail += (_U32.pack(len(m)), m)
+        parts = (SNAPSHOT_MAGIC + _U64.pack(len(keys)), _u32_array(map(len, keys)),
+                 _u32_array(map(len, values)), b"".join(keys), b"".join(values), b"".join(tail))
+        for part in parts:  # a few large writes; no copy of the whole payload
+            writer.write(part)
+        return sum(map(len, parts))
 
     def close(self) -> None:
         self._data = {}
@@ -159,18 +170,55 @@ class KVStateMachine:
         self.snapshots_restored += 1
 
 
+def _u32_array(lengths: Iterable[int]) -> bytes:
+    a = array.array(_U32_CODE, lengths)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a.tobytes()
+
+
+def _read_u32_array(blob: bytes, pos: int, count: int) -> list[int]:
+    a = array.array(_U32_CODE)
+    a.frombytes(blob[pos:pos + 4 * count])
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a.tolist()
+
+
+def _slices(blob: bytes, start: int, lengths: list[int]) -> tuple[list[bytes], int]:
+    ends = list(itertools.accumulate(lengths, initial=start))
+    return [blob[a:b] for a, b in itertools.pairwise(ends)], ends[-1]
+
+
 def decode_snapshot(blob: bytes) -> tuple[dict[str, bytes], set[str]]:
     if not blob:
         return {}, set()
-    if blob[:4] != SNAPSHOT_MAGIC or len(blob) < 12:
+    if blob[:4] not in (SNAPSHOT_MAGIC, SNAPSHOT_MAGIC_V1) or len(blob) < 12:
         raise CommandError("not a kvnode snapshot (bad magic)")
     (count,) = _U64.unpack_from(blob, 4)
     pos = 12
     data: dict[str, bytes] = {}
-    for _ in range(count):
-        key, pos = _take(blob, pos)
-        value, pos = _take(blob, pos)
-        data[key.decode("utf-8")] = value
+    if blob[:4] == SNAPSHOT_MAGIC_V1:
+        for _ in range(count):
+            key, pos = _take(blob, pos)
+            value, pos = _take(blob, pos)
+            data[key.decode("utf-8")] = value
+    else:
+        if 8 * count > len(blob) - pos:
+            raise CommandError("truncated snapshot (entry lengths)")
+        klens = _read_u32_array(blob, pos, count)
+        vlens = _read_u32_array(blob, pos + 4 * count, count)
+        pos += 8 * count
+        if pos + sum(klens) + sum(vlens) > len(blob):
+            raise CommandError("truncated snapshot (keys and values)")
+        keys, pos = _slices(blob, pos, klens)
+        values, pos = _slices(blob, pos, vlens)
+        try:
+            data = dict(zip([k.decode("utf-8") for k in keys], values, strict=True))
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"snapshot key is not UTF-8: {exc}") from None
+        if len(data) != count:
+            raise CommandError("duplicate keys in snapshot")
     members: set[str] = set()
     if pos + 4 > len(blob):
         raise CommandError("truncated snapshot")

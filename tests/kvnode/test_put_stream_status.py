@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from typing import Any
 
-_EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "examples")
-if _EXAMPLES not in sys.path:
-    sys.path.insert(0, _EXAMPLES)
-
-from grpclib.const import Status  # noqa: E402
-from kvnode_lib.service import Reply, _settle_after_failure  # noqa: E402
-from kvproto.trio_raft.kv import v1 as pb  # noqa: E402
+from grpclib.const import Status
+from kvnode_lib.service import Reply, _settle_after_failure
+from kvproto.trio_raft.kv import v1 as pb
 
 NOT_LEADER = Reply(Status.FAILED_PRECONDITION, "not the leader", "127.0.0.1:7001")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -159,6 +160,27 @@ STREAM_LINGER = 10.0
 _StreamItem = tuple[pb.PutRequest, "asyncio.Future[Any]"] | Reply | None
 #: Statuses that guarantee the request was not applied.
 _NOT_APPLIED = (Status.FAILED_PRECONDITION, Status.INVALID_ARGUMENT)
+
+
+_NOTHING: Any = object()
+_MESSAGE_PREFIX = struct.Struct(">?I")  # gRPC framing: compressed flag, length
+
+
+async def _send_messages(stream: Any, messages: list[Any]) -> None:
+    """Send ``messages`` on a server stream in one DATA write (a gRPC DATA frame may carry
+    several length-prefixed messages), instead of a write per message."""
+    inner, codec = getattr(stream, "_stream", None), getattr(stream, "_codec", None)
+    if inner is None or codec is None or len(messages) == 1:
+        for m in messages:
+            await stream.send_message(m)
+        return
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    parts = []
+    for m in messages:
+        body = codec.encode(m, type(m))
+        parts += (_MESSAGE_PREFIX.pack(False, len(body)), body)
+    await inner.send_data(b"".join(parts))
 
 
 async def _settle_after_failure(queue: asyncio.Queue[_StreamItem], first: Reply) -> Reply:
@@ -335,18 +357,36 @@ class KVService(_Base):
 
         async def answer() -> Reply | None:
             nonlocal stopped
+            item = await queue.get()
             while True:
-                item = await queue.get()
                 if not isinstance(item, tuple):
                     return item  # the client's end (None) or a malformed request
-                request, fut = item
-                try:
-                    result = await fut
-                except Reply as r:
+                # Answer it and every later one already settled, in one write.
+                replies: list[pb.PutResponse] = []
+                failure: Reply | None = None
+                while True:
+                    request, fut = item
+                    try:
+                        result = await fut
+                    except Reply as r:
+                        failure = r
+                        break
+                    replies.append(self.respond_put(request, result))
+                    if queue.empty():
+                        item = _NOTHING
+                        break
+                    item = queue.get_nowait()
+                    if not isinstance(item, tuple) or not item[1].done():
+                        break  # answered on the next round
+                if replies:
+                    await _send_messages(stream, replies)
+                    for _ in replies:
+                        window.release()
+                if failure is not None:
                     stopped = True  # nothing more is proposed once the reader sees this
-                    return await _settle_after_failure(queue, r)
-                await stream.send_message(self.respond_put(request, result))
-                window.release()
+                    return await _settle_after_failure(queue, failure)
+                if item is _NOTHING:
+                    item = await queue.get()
 
         reader = asyncio.ensure_future(read())
         try:

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import IO, Any
@@ -217,14 +215,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from vs_pysyncobj import pysyncobj_python
+    from vs_pysyncobj import prepare
 
-    cache = os.path.join(tempfile.gettempdir(), "trio-raft-bench")
-    os.makedirs(cache, exist_ok=True)
-    py = pysyncobj_python(cache)
-    print(json.dumps({"event": "machine", "python": platform.python_version(),
-                      "cpus": os.cpu_count(), "platform": platform.platform(),
-                      "duration_s": args.duration}), flush=True)
+    py = prepare(args.duration)
     rows = run_trio_raft(args) + run_pysyncobj(args, py)
     print()
     print(table(rows), flush=True)

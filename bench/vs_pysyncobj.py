@@ -386,13 +386,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-async def orchestrate(args: argparse.Namespace) -> None:
+def prepare(duration: float) -> str:
+    """Print the machine line; return the python of PySyncObj's venv (made once, cached)."""
     cache = os.path.join(tempfile.gettempdir(), "trio-raft-bench")
     os.makedirs(cache, exist_ok=True)
     py = pysyncobj_python(cache)
     print(json.dumps({"event": "machine", "python": platform.python_version(),
                       "cpus": os.cpu_count(), "platform": platform.platform(),
-                      "duration_s": args.duration}), flush=True)
+                      "duration_s": duration}), flush=True)
+    return py
+
+
+async def orchestrate(args: argparse.Namespace) -> None:
+    py = prepare(args.duration)
     base = tempfile.mkdtemp(prefix="vs-pysyncobj-")
     try:
         rows = []

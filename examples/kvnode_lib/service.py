@@ -355,10 +355,13 @@ class KVService(_Base):
                 queue.put_nowait((request, fut))
             queue.put_nowait(None)
 
+        held: list[_StreamItem] = []  # taken from the queue, not answered yet
+
         async def answer() -> Reply | None:
             nonlocal stopped
             item = await queue.get()
             while True:
+                held[:] = [item]
                 if not isinstance(item, tuple):
                     return item  # the client's end (None) or a malformed request
                 # Answer it and every later one already settled, in one write.
@@ -378,6 +381,7 @@ class KVService(_Base):
                     item = queue.get_nowait()
                     if not isinstance(item, tuple) or not item[1].done():
                         break  # answered on the next round
+                held[:] = [item]
                 if replies:
                     await _send_messages(stream, replies)
                     for _ in replies:
@@ -399,7 +403,8 @@ class KVService(_Base):
             reader.cancel()
             await asyncio.wait([reader])
             while not queue.empty():  # a client that went away: forget what it waited for
-                item = queue.get_nowait()
+                held.append(queue.get_nowait())
+            for item in held:
                 if isinstance(item, tuple):
                     item[1].cancel()
         if reply is not None:

@@ -109,13 +109,21 @@ class KVClient:
             raise
         except GRPCError as exc:
             raise KVError(exc.status, exc.message or "", "", address) from None
-        except (TimeoutError, OSError, StreamTerminatedError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, StreamTerminatedError, ssl.SSLError,
+                AttributeError) as exc:
+            # AttributeError: grpclib (0.4.x) can hand out a connection it is tearing down
+            # after the peer dropped it ('Connection' object has no attribute '_transport').
             # A dead connection is dropped so the next call reconnects.
-            with contextlib.suppress(Exception):
-                self._channels.pop(address).close()
+            self._drop_channel(address, ch)
             status = Status.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else (
                 Status.UNAVAILABLE)
             raise KVError(status, f"{type(exc).__name__}: {exc}", "", address) from None
+
+    def _drop_channel(self, address: str, ch: Channel) -> None:
+        if self._channels.get(address) is ch:  # not one another call opened since
+            del self._channels[address]
+            with contextlib.suppress(Exception):
+                ch.close()
 
     async def call(self, path: str, request: Any, reply_type: type[R], *,
                    follow: bool = True) -> R:
@@ -205,7 +213,8 @@ class PutPipeline:
         try:
             self._stream = await self._cm.__aenter__()
             await self._stream.send_request()
-        except (OSError, StreamTerminatedError, ssl.SSLError) as exc:
+        except (OSError, StreamTerminatedError, ssl.SSLError, AttributeError) as exc:
+            # AttributeError: see KVClient.call_at
             raise self._unavailable(exc) from None
         self._receiver = asyncio.ensure_future(self._receive())
         return self
@@ -269,7 +278,7 @@ class PutPipeline:
             tm = self._stream.trailing_metadata or {}
             error = KVError(exc.status, exc.message or "", str(tm.get(LEADER_ADDRESS_KEY, "")),
                             self._address)
-        except (OSError, StreamTerminatedError, ssl.SSLError) as exc:
+        except Exception as exc:  # a dropped connection, or grpclib tearing one down
             error = self._unavailable(exc)
         self._fail(error)
 

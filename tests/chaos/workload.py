@@ -76,6 +76,19 @@ class Workload:
         if owner is not None:
             self.hint = owner
 
+    def _status_of(self, exc: KVError) -> str:
+        """The history status of a failed call (see the module docstring); follows the
+        leader hint it carries."""
+        if exc.status is Status.FAILED_PRECONDITION:
+            self._learn(exc)
+            if not exc.leader_address:
+                self.hint = None
+            return FAIL
+        if exc.status is Status.INVALID_ARGUMENT:  # the workload never sends a bad request
+            self.history.wrong_status.append(str(exc))
+        self.hint = None
+        return UNKNOWN
+
     async def _call(self, client: KVClient, node: str, method: str, request: Any,
                     reply_type: type) -> Any:
         address = self.cluster.nodes[node].address
@@ -127,16 +140,7 @@ class Workload:
                         reply = await self._call(client, node, method, req, rt)
                 except KVError as exc:
                     t1 = time.monotonic()
-                    if exc.status is Status.FAILED_PRECONDITION:
-                        status = FAIL
-                        self._learn(exc)
-                        if not exc.leader_address:
-                            self.hint = None
-                    else:
-                        status = UNKNOWN
-                        if exc.status is Status.INVALID_ARGUMENT:
-                            self.history.wrong_status.append(str(exc))
-                        self.hint = None
+                    status = self._status_of(exc)
                     self.history.add(Op(pid, kind, key, t0, t1, status,
                                         value if kind in (PUT, CAS) else None, expected))
                     if status == FAIL:
@@ -195,7 +199,6 @@ class Workload:
         finally:
             await self.cluster.rpc(_close, client)
 
-
     async def _stream_client(self, pid: int, rng: random.Random) -> None:
         client = KVClient("127.0.0.1:1", timeout=CALL_TIMEOUT)
         seq = 0
@@ -223,14 +226,8 @@ class Workload:
                         self.history.add(Op(pid + j, PUT, key, t0, t1, OK, value), "stream-")
                         self.hint = node
                         continue
-                    if exc.status is Status.FAILED_PRECONDITION:
-                        status, refused = FAIL, True
-                        self._learn(exc)
-                    else:
-                        status = UNKNOWN
-                        if exc.status is Status.INVALID_ARGUMENT:
-                            self.history.wrong_status.append(str(exc))
-                        self.hint = None
+                    status = self._status_of(exc)
+                    refused = refused or status == FAIL
                     self.history.add(Op(pid + j, PUT, key, t0, t1, status, value), "stream-")
                 if refused:
                     await trio.sleep(0.01)  # a retry interval

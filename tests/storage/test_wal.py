@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_raft.core.messages import ConfState, Entry, EntryType, HardState, SnapshotMetadata
@@ -148,6 +148,26 @@ def test_cut_purge_and_read_at_snapshot(tmp_path) -> None:
             w.read_all(260, 1)  # no marker
 
 
+def test_overwritten_suffix_across_cuts_reads_and_purges(tmp_path) -> None:
+    d = tmp_path / "wal"
+    with WAL.create(d, segment_size=1024) as w:
+        for i in range(1, 41):  # term 1 up to 40, over several segments
+            w.save(HardState(1, 1, min(i - 1, 20)), [Entry(1, i, data=b"x" * 40)])
+        high = w.segments[-1].index
+        # A term-2 leader overwrites everything after 20, then the log grows again.
+        w.save(HardState(2, 2, 20), [Entry(2, 21, data=b"y" * 40)])
+        for i in range(22, 61):
+            w.save(HardState(2, 2, i - 1), [Entry(2, i, data=b"y" * 40)])
+        names = [seg.index for seg in w.segments]
+        assert min(names[names.index(high) + 1:]) < high  # a later segment is named lower
+        w.save_snapshot(SnapshotMetadata(ConfState([1]), 30, 2), HardState(2, 2, 60))
+        w.release_to(30)
+        assert w.purge(keep=1)
+    with WAL.open(d, segment_size=1024) as w:
+        c = w.read_all(30, 2)
+        assert [(e.term, e.index) for e in c.entries] == [(2, i) for i in range(31, 61)]
+
+
 def test_purge_keeps_unreleased_and_newest(tmp_path) -> None:
     with WAL.create(tmp_path / "wal", segment_size=1024) as w:
         for i in range(1, 101):
@@ -219,6 +239,10 @@ entry_batches = st.lists(
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batches=entry_batches, segment_size=st.sampled_from([512, 4096, 1 << 20]))
+# A conflicting suffix overwritten after a cut, then another cut: the newer segment's name is
+# lower than the one before it, and the WAL must still open and replay.
+@example(batches=[(0, [b""] * 12, False), *[(0, [], False)] * 9, (3, [b""], False)],
+         segment_size=512)
 def test_roundtrip_matches_model(tmp_path_factory, batches, segment_size: int) -> None:
     d = tmp_path_factory.mktemp("wal") / "wal"
     model: list[Entry] = []

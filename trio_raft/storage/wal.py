@@ -5,6 +5,10 @@ Theory of operation
 * The WAL directory holds segments named ``%016x-%016x.wal``: a sequence number (0, 1, 2, ...,
   contiguous) and the index of the first entry expected in the segment (the last entry index
   written so far, plus one, when the segment was cut). Only the newest segment is written to.
+  A leader overwriting a conflicting suffix shortens the log, so a later segment can carry a
+  lower index than an earlier one. Either way, whatever the log holds at or above a segment's
+  index was written in that segment or a later one, which is all that reading from a snapshot
+  and releasing old segments rely on.
 * :meth:`WAL.save` appends entry records then one state record in a single ``write`` and fsyncs
   when there were entries or the term or vote changed; a commit-only change is written but not
   fsynced (raft can recompute the commit index). :meth:`WAL.save_snapshot` appends a snapshot
@@ -113,8 +117,6 @@ def _list_segments(dirpath: str) -> list[Segment]:
     for prev, cur in itertools.pairwise(segs):
         if cur.seq != prev.seq + 1:
             raise rec.corrupt(cur.path, 0, f"segment sequence gap after {prev.path}")
-        if cur.index < prev.index:
-            raise rec.corrupt(cur.path, 0, f"segment index goes backwards after {prev.path}")
     return segs
 
 

@@ -23,21 +23,53 @@ from trio_raft.core.errors import (
 )
 
 # --------------------------------------------------------------------------------------------
-# Engine-level sentinels (the seed's raftengine package)
+# Outcomes of a request (docs/api.md, "Errors and outcomes")
 # --------------------------------------------------------------------------------------------
 
 
-class NotLeaderError(RaftError):
+class NotAppliedError(RaftError):
+    """The request was refused before raft saw it: it certainly was not applied, and retrying
+    it (here later, or on the leader) is always safe. Base of the "not applied" family."""
+    default_message = "raft engine: request not applied"
+
+
+class OutcomeUnknownError(RaftError):
+    """The request reached raft but this node stopped following it: it may or may not be
+    applied. Resolve by reading the state back, or make the command idempotent (a request id
+    the state machine remembers) and retry it. Base of the "outcome unknown" family; never
+    a subclass of :class:`NotAppliedError` nor the other way round."""
+    default_message = "raft engine: outcome unknown"
+
+
+class NotLeaderError(NotAppliedError):
     """This node is not the leader; the request certainly was not applied."""
     default_message = "raft engine: not leader"
 
 
-class LeadershipLostError(NotLeaderError):
+class LeadershipLostError(OutcomeUnknownError):
     """Leadership was lost while the request waited: its outcome is unknown, it may still commit."""
     default_message = "raft engine: leadership lost"
 
 
-class LeadershipTransferInProgressError(RaftError):
+class EngineClosedError(NotAppliedError):
+    """The engine is closed (or was closing) when the call was made, or the request was still
+    queued, unseen by raft, when it closed: not applied. After a fatal error its
+    ``__cause__`` is that error."""
+    default_message = "raft engine is closed"
+
+
+class EngineClosedWhileWaitingError(OutcomeUnknownError):
+    """The engine was closed while the request waited for raft: its outcome is unknown."""
+    default_message = "raft engine closed while the request waited"
+
+
+class EngineFailedError(OutcomeUnknownError):
+    """A fatal error stopped the engine while the request waited: its outcome is unknown.
+    ``__cause__`` is the fatal error (which ``open_engine`` raises once, as itself)."""
+    default_message = "raft engine stopped on a fatal error while the request waited"
+
+
+class LeadershipTransferInProgressError(NotAppliedError):
     """A leadership transfer is in flight; proposals and reads fail fast until it ends."""
     default_message = "raft engine: leadership transfer in progress"
 
@@ -82,32 +114,27 @@ class LeadershipTransferNotLeaderError(NotLeaderError):
     default_message = "raft engine: leadership transfer requires leader"
 
 
-class MembershipChangePendingError(RaftError):
+class MembershipChangePendingError(NotAppliedError):
     """At most one configuration change may be pending."""
     default_message = "raft engine: membership change blocked by pending config change"
 
 
-class EnvelopeCutoverInProgressError(RaftError):
+class EnvelopeCutoverInProgressError(NotAppliedError):
     """The envelope cutover barrier is up; retry the proposal shortly."""
     default_message = "raft engine: envelope cutover in progress"
 
 
-class EngineClosedError(RaftError):
-    """The engine was closed while the request waited, or before it was made."""
-    default_message = "raft engine is closed"
-
-
-class StepQueueFullError(RaftError):
+class StepQueueFullError(NotAppliedError):
     """The engine's inbound step queue is full; the sender retries."""
     default_message = "raft engine: inbound step queue is full"
 
 
-class ConfigIndexMismatchError(RaftError):
+class ConfigIndexMismatchError(NotAppliedError):
     """``prev_index`` did not equal the current configuration index."""
     default_message = "raft engine: configuration index does not match"
 
 
-class FailedPreconditionError(RaftError):
+class FailedPreconditionError(NotAppliedError):
     """A membership precondition does not hold."""
     default_message = "raft engine: failed precondition"
 
@@ -128,7 +155,7 @@ class PromoteLearnerNotCaughtUpError(FailedPreconditionError):
     default_message = "raft engine: promote target is not caught up"
 
 
-class TooManyPendingConfigsError(RaftError):
+class TooManyPendingConfigsError(NotAppliedError):
     default_message = "raft engine: too many pending configuration changes"
 
 
@@ -136,7 +163,7 @@ class ConfChangeContextTooLargeError(RaftError):
     default_message = "raft engine: configuration change context too large"
 
 
-class TransportPeerUnknownError(RaftError):
+class TransportPeerUnknownError(NotAppliedError):
     """The named peer is unknown to the engine or transport."""
     default_message = "raft engine: peer is not configured"
 

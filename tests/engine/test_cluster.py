@@ -37,7 +37,7 @@ async def test_minority_partition_cannot_commit_and_loses_lease(tmp_path, clock)
         lost: list[int] = []
         leader.register_leader_loss_callback(lambda: lost.append(1))
         c.partition([name], others)
-        with pytest.raises(errors.NotLeaderError):
+        with pytest.raises(errors.LeadershipLostError):  # it waited in raft: outcome unknown
             with trio.fail_after(30):
                 await leader.propose(b"set never 1")
         assert leader.state() is not State.LEADER
@@ -310,7 +310,7 @@ async def test_inbound_queue_full_is_counted_and_refused(tmp_path, clock):
         for _ in range(1100):
             m = Message(MessageType.HEARTBEAT, to=me, from_=leader_id, term=1)
             try:
-                await follower._handle_transport_message(m)
+                await follower._loop.handle_inbound(m)
             except errors.StepQueueFullError:
                 refused += 1
         assert refused == 1100 - 1024
@@ -384,7 +384,7 @@ async def test_leader_applies_before_sending_the_new_commit_index(tmp_path, cloc
         assert name is not None
         handle = c.nodes[name]
         events: list[tuple[str, int]] = []
-        dispatcher = leader._dispatcher  # white box: the leader's outbound lanes
+        dispatcher = leader._loop.dispatcher  # white box: the leader's outbound lanes
         real_send = dispatcher.send
 
         def send(m):  # type: ignore[no-untyped-def]
@@ -455,9 +455,9 @@ async def test_a_late_answer_does_not_renew_the_lease(tmp_path, clock):
         await trio.sleep(leader.lease_duration() + 0.05)
         assert not leader.lease_valid() and leader.state() is State.LEADER
         follower = next(h.engine for n, h in c.nodes.items() if n != name)
-        late = Message(MessageType.HEARTBEAT_RESP, leader._node_id, follower._node_id,
+        late = Message(MessageType.HEARTBEAT_RESP, leader._loop.node_id, follower._loop.node_id,
                        leader.status().term, context=encode_lease_probe(issued))
-        leader._step(late)  # white box: the answer arrives now
+        leader._loop._step(late)  # white box: the answer arrives now
         assert not leader.lease_valid()
         ack = leader.last_quorum_ack()
         assert ack is not None and ack <= issued

@@ -7,9 +7,28 @@ import trio.testing
 
 from trio_raft.core.messages import Entry, Message, MessageType
 from trio_raft.engine.dispatch import Dispatcher, coalesce_appends, error_code_name
+from trio_raft.engine.types import Peer
 from trio_raft.errors import DispatchError
+from trio_raft.transport.base import TransportPeer
 
 MT = MessageType
+
+
+class PeerTable:
+    """The peer-table half of a transport: what the dispatcher tells it about peers."""
+
+    def __init__(self) -> None:
+        self.peers: dict[int, TransportPeer] = {}
+
+    def upsert_peer(self, peer: TransportPeer) -> None:
+        self.peers[peer.node_id] = peer
+
+    def remove_peer(self, node_id: int) -> None:
+        self.peers.pop(node_id, None)
+
+
+def peer(node_id: int) -> Peer:
+    return Peer(f"n{node_id}", f"127.0.0.1:{7000 + node_id}", node_id)
 
 
 def app(index: int, log_term: int, n: int, commit: int, term: int = 2) -> Message:
@@ -48,7 +67,7 @@ async def test_full_lane_drops_and_failed_send_is_reported():
     sent: list[Message] = []
     gate = trio.Event()
 
-    class Slow:
+    class Slow(PeerTable):
         async def send(self, m: Message) -> None:
             await gate.wait()
             sent.append(m)
@@ -57,7 +76,7 @@ async def test_full_lane_drops_and_failed_send_is_reported():
     d = Dispatcher(Slow(), 2, lambda nid, snap: reports.append((nid, snap)))
     async with trio.open_nursery() as nursery:
         d.start(nursery)
-        d.ensure_peer(2)
+        d.add_peer(peer(2))
         for i in range(6):
             d.send(Message(MT.APP, to=2, from_=1, term=1, index=100 * i))
         await trio.testing.wait_all_tasks_blocked()
@@ -75,7 +94,7 @@ async def test_full_lane_drops_and_failed_send_is_reported():
 def recording_dispatcher() -> tuple[Dispatcher, list[Message]]:
     sent: list[Message] = []
 
-    class Record:
+    class Record(PeerTable):
         async def send(self, m: Message) -> None:
             sent.append(m)
 
@@ -86,8 +105,8 @@ async def test_commit_only_append_is_deferred_and_superseded(clock):
     d, sent = recording_dispatcher()
     async with trio.open_nursery() as nursery:
         d.start(nursery, defer_delay=0.002)
-        d.ensure_peer(2)
-        d.ensure_peer(3)
+        d.add_peer(peer(2))
+        d.add_peer(peer(3))
         commit_only = app(20, 2, 0, commit=20)
         to3 = Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=20, commit=20)
         d.defer(commit_only)
@@ -102,6 +121,7 @@ async def test_commit_only_append_is_deferred_and_superseded(clock):
         # Held again, then the peer is removed: nothing leaves.
         d.defer(Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=20, commit=21))
         d.remove_peer(3)
+        assert 3 not in d.transport.peers and 2 in d.transport.peers
         await trio.sleep(0.01)
         assert len(sent) == 2
         nursery.cancel_scope.cancel()
@@ -111,7 +131,7 @@ async def test_commit_only_append_without_delay_leaves_at_once():
     d, sent = recording_dispatcher()
     async with trio.open_nursery() as nursery:
         d.start(nursery)
-        d.ensure_peer(2)
+        d.add_peer(peer(2))
         d.defer(app(20, 2, 0, commit=20))
         await trio.sleep(0)
         await trio.testing.wait_all_tasks_blocked()

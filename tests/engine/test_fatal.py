@@ -1,4 +1,5 @@
-"""Fatal errors end the engine: waiters get the error, applied stops before the bad entry."""
+"""Fatal errors end the engine: waiters learn their outcome is unknown (the fatal error as
+cause), applied stops before the bad entry, and the error leaves ``open_engine`` as itself."""
 
 from __future__ import annotations
 
@@ -44,16 +45,20 @@ async def test_halt_apply_is_fatal(tmp_path):
             before = engine.applied_index()
             try:
                 await engine.propose(b"halt")
-            except errors.FSMApplyHaltError as exc:
+            except errors.EngineFailedError as exc:
                 seen.append(exc)
             await trio.sleep_forever()  # cancelled by the engine's failure
     engine = engine_ref[0]
     assert len(seen) == 1
+    assert isinstance(seen[0], errors.OutcomeUnknownError)
+    assert isinstance(seen[0].__cause__, errors.FSMApplyHaltError)
     assert engine.state() is State.SHUTDOWN
     assert engine.applied_index() == before
     assert isinstance(engine.err(), errors.FSMApplyHaltError)
-    with pytest.raises(errors.FSMApplyHaltError):
+    with pytest.raises(errors.EngineClosedError) as later:  # refused: certainly not applied
         await engine.propose(b"set a 1")
+    assert isinstance(later.value, errors.NotAppliedError)
+    assert later.value.__cause__ is engine.err()
 
 
 async def test_exception_in_apply_is_fatal_and_replayed_after_restart(tmp_path):
@@ -61,8 +66,9 @@ async def test_exception_in_apply_is_fatal_and_replayed_after_restart(tmp_path):
     with pytest.raises(ValueError, match="bug in the state machine"):
         async with trio_raft.open_engine(cfg(tmp_path, fsm)) as engine:
             await engine.propose(b"set a 1")
-            with pytest.raises(ValueError):
+            with pytest.raises(errors.EngineFailedError) as waiter:
                 await engine.propose(b"crash")
+            assert isinstance(waiter.value.__cause__, ValueError)
     # After a restart the failing entry is replayed, not skipped.
     fsm2 = HaltingKV()
     with pytest.raises(ValueError):

@@ -115,7 +115,7 @@ async def test_grpc_learner_catches_up_through_streamed_snapshot(tmp_path):
             warm = await leader.propose(b"set warm 1")
             while engines["n4"].applied_index() < warm.commit_index:
                 await trio.sleep(0.02)
-            assert fsms["n4"].data == fsms[leader._local_id].data
+            assert fsms["n4"].data == fsms[leader._loop.local_id].data
             assert engines["n4"].status().last_snapshot_index >= 40
             # n4 applied it; the leader learns so when n4's answer arrives.
             await wait_replicated(leader, "n4", warm.commit_index)

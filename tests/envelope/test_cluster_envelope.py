@@ -93,7 +93,7 @@ async def test_cutover_under_eight_writers(tmp_path, clock, kek):
                 assert d.split(b" ")[-1] not in wal, f"{n_}: plaintext above the cutover"
         assert sequences[0] == sequences[1] == sequences[2]
         # Every entry above the cutover on disk is an envelope.
-        storage = leader._storage
+        storage = leader._loop.storage
         for ent in storage.entries(cutover + 1, storage.last_index() + 1):
             env = decode_proposal(ent.data)
             if env is not None:
@@ -206,8 +206,7 @@ async def test_leader_crash_during_cutover_never_mixes_regimes(tmp_path, clock, 
                     acked.append(data)
                     j += 1
                     await trio.sleep(0.002)
-                except (errors.NotLeaderError, errors.EnvelopeCutoverInProgressError,
-                        errors.EngineClosedError):
+                except (errors.NotAppliedError, errors.OutcomeUnknownError):
                     await trio.sleep(0.002)
 
         async with trio.open_nursery() as n:
@@ -216,18 +215,19 @@ async def test_leader_crash_during_cutover_never_mixes_regimes(tmp_path, clock, 
             await trio.sleep(0.05)
 
             async def enable() -> None:
-                with contextlib.suppress(errors.NotLeaderError, errors.EngineClosedError):
+                with contextlib.suppress(errors.NotAppliedError, errors.OutcomeUnknownError):
                     await leader.enable_raft_envelope(ciphers[lname])
 
             queued = trio.Event()
-            real_submit = leader._submit
+            loop = leader._loop  # white box: learn when the marker is queued
+            real_submit = loop.submit
 
             def submit(req):
                 real_submit(req)
                 if is_control(getattr(req, "data", b"")):
                     queued.set()
 
-            leader._submit = submit  # type: ignore[method-assign]
+            loop.submit = submit  # type: ignore[method-assign]
             n.start_soon(enable)
             with trio.fail_after(5):
                 await queued.wait()

@@ -14,12 +14,9 @@ from tests.envelope.helpers import RecordingKV, TolerantKV, open_cipher, wal_byt
 from trio_raft import State, errors
 from trio_raft.engine import engine as engine_mod
 from trio_raft.engine.contexts import decode_proposal
-from trio_raft.engine.envelope_support import (
-    CUTOVER_FILE,
-    EncryptionScanner,
-    load_cutover,
-)
+from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.envelope import Cipher, EncryptionScanError, ReservedPrefixError, parse
+from trio_raft.storage.cutover import CUTOVER_FILE, load_cutover, save_cutover
 
 
 class SpyEngine(engine_mod.Engine):
@@ -27,8 +24,8 @@ class SpyEngine(engine_mod.Engine):
 
     instances: list[engine_mod.Engine] = []
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, loop):
+        super().__init__(loop)
         SpyEngine.instances.append(self)
 
 
@@ -51,7 +48,7 @@ class FlakyCipher(Cipher):
 
 
 def payload_at(engine, index: int) -> bytes:
-    ent = engine._storage.entries(index, index + 1)[0]
+    ent = engine._loop.storage.entries(index, index + 1)[0]
     env = decode_proposal(ent.data)
     assert env is not None
     return env[1]
@@ -122,8 +119,8 @@ async def test_unwrap_failure_is_fatal_and_the_entry_replays(tmp_path, kek):
             async def waiter(data: bytes) -> None:
                 try:
                     await engine.propose(data)
-                except errors.RaftUnwrapFailedError as exc:
-                    seen.append(exc)
+                except (errors.EngineFailedError, errors.EngineClosedError) as exc:
+                    seen.append(exc)  # seen by raft: unknown; still queued: not applied
 
             async with trio.open_nursery() as n:
                 n.start_soon(waiter, b"set b 2")
@@ -132,12 +129,15 @@ async def test_unwrap_failure_is_fatal_and_the_entry_replays(tmp_path, kek):
     engine = refs[0]
     assert isinstance(info.value.__cause__, errors.IntegrityError)
     assert "halting apply" in str(info.value)
-    assert len(seen) == 2 and all(e is info.value for e in seen)
+    # Each waiter got its own error, caused by the one fatal error.
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert all(e.__cause__ is info.value for e in seen)
     assert engine.state() is State.SHUTDOWN
     assert engine.applied_index() == good.commit_index  # not past the failing entry
     assert [d for _, d in fsm.log][-1] == b"set a 1"
-    with pytest.raises(errors.RaftUnwrapFailedError):
+    with pytest.raises(errors.EngineClosedError) as later:  # refused: not applied
         await engine.propose(b"set d 4")
+    assert later.value.__cause__ is info.value
     # A restart with a working cipher replays the very entry that failed (not skipped).
     cipher.fail_unwrap = False
     fsm2 = RecordingKV()
@@ -181,14 +181,15 @@ async def test_barrier_refuses_propose_but_admits_propose_admin(tmp_path, kek, m
         await engine.propose(b"set a 1")
         gate = trio.Event()
         entered = trio.Event()
-        original = engine._env_wait_log_applied
+        envelope = engine._loop.gate  # white box: hold the cutover while the log drains
+        original = envelope.wait_log_applied
 
-        async def held() -> None:
+        async def held(port) -> None:
             entered.set()
             await gate.wait()
-            await original()
+            await original(port)
 
-        monkeypatch.setattr(engine, "_env_wait_log_applied", held)
+        monkeypatch.setattr(envelope, "wait_log_applied", held)
         result: list[int] = []
         async with trio.open_nursery() as n:
             n.start_soon(lambda: _collect(engine.enable_raft_envelope(cipher), result))
@@ -261,7 +262,6 @@ async def test_rotation_is_replicated_and_old_keys_still_read(tmp_path, kek):
 
 
 def test_cutover_file_is_checked(tmp_path):
-    from trio_raft.engine.envelope_support import save_cutover
     from trio_raft.envelope import KeyStoreCorruptError
 
     save_cutover(str(tmp_path), 12)
@@ -287,5 +287,5 @@ async def test_damaged_proposal_header_above_cutover_is_not_skipped(tmp_path, ke
         from trio_raft.core.messages import Entry
 
         with pytest.raises(errors.RaftUnwrapFailedError, match="not a proposal envelope"):
-            engine._apply_normal(Entry(1, cutover + 50, data=b"\x09garbage"))
-        engine._apply_normal(Entry(1, cutover + 51))  # an empty no-op is fine
+            engine._loop.applier.apply_normal(Entry(1, cutover + 50, data=b"\x09garbage"))
+        engine._loop.applier.apply_normal(Entry(1, cutover + 51))  # an empty no-op is fine

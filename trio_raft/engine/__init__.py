@@ -1,8 +1,9 @@
 """The trio driver around the sans-IO core: open_engine, Engine and the public value types."""
 
 from trio_raft.engine.config import OpenConfig, derive_node_id, parse_peers
-from trio_raft.engine.engine import Engine, join_role_violation_count, open_engine
+from trio_raft.engine.engine import Engine, open_engine
 from trio_raft.engine.factory import Factory, FactoryConfig
+from trio_raft.engine.membership import join_role_violation_count
 from trio_raft.engine.types import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,

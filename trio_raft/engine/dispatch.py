@@ -1,5 +1,8 @@
-"""Outbound message dispatch: per peer, one bounded lane (and one sender task) for the
-heartbeat/vote traffic and one for replication, so a slow peer never blocks the run loop.
+"""Outbound message dispatch and the engine's links to its peers.
+
+Per remote peer, one bounded lane (and one sender task) for the heartbeat/vote traffic and one
+for replication, so a slow peer never blocks the run loop. :meth:`Dispatcher.add_peer` and
+:meth:`Dispatcher.remove_peer` keep the transport's peer table and the lanes in step.
 
 A full lane drops the message and counts it; raft retries through probes and heartbeats. A send
 that fails is counted by error code and reported back to the run loop, which tells raft the peer
@@ -15,13 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 import trio
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
-from trio_raft.transport.base import error_code
+from trio_raft.engine.types import Peer
+from trio_raft.transport.base import Transport, TransportPeer, error_code
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ HEARTBEAT_LANE_CAPACITY = 512
 
 
 def error_code_name(exc: BaseException) -> str:
-    """The gRPC-status-like name a dispatch failure is counted under (spec b.8)."""
+    """The gRPC status name a dispatch failure is counted under (``docs/api.md``, counters)."""
     if isinstance(exc, trio.Cancelled):
         return "Canceled"
     return error_code(exc)
@@ -84,7 +87,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        transport: Any,
+        transport: Transport | None,
         normal_capacity: int,
         report: Callable[[int, bool], None],
     ) -> None:
@@ -125,7 +128,14 @@ class Dispatcher:
             for m in pending.values():
                 self.send(m)
 
-    def ensure_peer(self, node_id: int) -> None:
+    def add_peer(self, peer: Peer) -> None:
+        """Tell the transport where ``peer`` lives and open its lanes (idempotent)."""
+        if self.transport is None or not peer.address:
+            return
+        self.transport.upsert_peer(TransportPeer(peer.node_id, peer.id, peer.address))
+        self._ensure_lanes(peer.node_id)
+
+    def _ensure_lanes(self, node_id: int) -> None:
         if node_id in self._lanes or self._nursery is None or self.transport is None:
             return
         lanes = PeerLanes(node_id, self.normal_capacity)
@@ -134,15 +144,23 @@ class Dispatcher:
         self._nursery.start_soon(self._worker, lanes, lanes.normal_recv)
 
     def remove_peer(self, node_id: int) -> None:
+        """Forget ``node_id``: its lanes close (their sender tasks end) and the transport drops
+        it."""
+        if self.transport is not None:
+            self.transport.remove_peer(node_id)
+        self._drop_lanes(node_id)
+
+    def _drop_lanes(self, node_id: int) -> None:
         self._deferred.pop(node_id, None)
         lanes = self._lanes.pop(node_id, None)
         if lanes is not None:
             lanes.close()
 
     def close(self) -> None:
+        """Close every lane (the transport keeps its peers: it may outlive the engine)."""
         self._deferred.clear()
         for node_id in list(self._lanes):
-            self.remove_peer(node_id)
+            self._drop_lanes(node_id)
 
     def send(self, m: Message) -> None:
         """Queue ``m`` without blocking; a missing peer or a full lane is a counted drop."""
@@ -179,11 +197,13 @@ class Dispatcher:
                             return
                     if m.type is MessageType.APP:
                         m, carry = coalesce_appends(m, recv, self.max_coalesced_bytes)
+                    transport = self.transport
+                    assert transport is not None
                     try:
                         if m.type is MessageType.SNAP:
-                            await self.transport.send_snapshot(m)
+                            await transport.send_snapshot(m)
                         else:
-                            await self.transport.send(m)
+                            await transport.send(m)
                     except trio.Cancelled:
                         raise
                     except Exception as exc:

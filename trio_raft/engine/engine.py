@@ -1,25 +1,30 @@
-"""The Engine: trio_raft's public API over the sans-IO core.
+"""The Engine: trio_raft's public API, a thin facade over the run loop.
 
-Everything that touches the RawNode happens in one task, the run loop (``loop.py``). Public
-methods either read state the loop caches after every Ready (plain methods), or put a request
-in the loop's inbox and await a :class:`Waiter` (async methods). Cancelling a waiting caller only
-stops the wait: an entry already handed to raft may still commit.
+Everything that touches raft happens in one task, the run loop (``loop.py``), and its
+collaborators. Public methods either read state the loop publishes after every Ready (plain
+methods), or put a request in the loop's inbox and await its outcome (async methods).
+Cancelling a waiting caller only stops the wait: an entry already handed to raft may still
+commit. Open an engine with :func:`open_engine`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import outcome
 import trio
 
-from trio_raft.core.messages import StateType
-from trio_raft.engine.config import OpenConfig, lease_duration
-from trio_raft.engine.envelope_support import EnvelopeMixin
+from trio_raft._groups import caused_by, sole_failure
+from trio_raft.engine.admin import wait_for_transfer
+from trio_raft.engine.config import OpenConfig, lease_duration, with_defaults
+from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
-from trio_raft.engine.requests import ProposeRequest, ReadRequest
+from trio_raft.engine.opening import open_state
+from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
     Configuration,
     LeaderInfo,
@@ -27,35 +32,30 @@ from trio_raft.engine.types import (
     ProposalResult,
     State,
     Status,
+    TransferTarget,
 )
 from trio_raft.engine.waiters import CallbackWaiter, Waiter
+from trio_raft.envelope.cipher import Cipher
 from trio_raft.errors import (
     EngineClosedError,
-    LeadershipTransferInProgressError,
+    LeadershipTransferNotReadyError,
+    LeadershipTransferTargetError,
     NotLeaderError,
+    PeerIDRequiredError,
+    PromoteLearnerMinAppliedZeroError,
 )
+from trio_raft.transport.base import Transport
 
 logger = logging.getLogger(__name__)
 
-_join_role_violation_total = 0
 
-
-def join_role_violation_count() -> int:
-    """Process-wide count of join-as-learner alarms (a learner-joined node found to be a voter)."""
-    return _join_role_violation_total
-
-
-def _bump_join_role_violation() -> None:
-    global _join_role_violation_total
-    _join_role_violation_total += 1
-
-
-class Engine(EnvelopeMixin, RunLoop):
+class Engine:
     """A running Raft node. Create it with :func:`open_engine`."""
 
-    _yielded = False
+    def __init__(self, loop: RunLoop) -> None:
+        self._loop = loop
 
-    # -- proposals ---------------------------------------------------------------------
+    # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
         """Replicate ``data`` and apply it; returns the commit index and the FSM's response.
 
@@ -82,29 +82,25 @@ class Engine(EnvelopeMixin, RunLoop):
         There is no cancellation: like a cancelled :meth:`propose`, an entry already handed
         to raft may still commit.
         """
-        self._raise_if_closed()
-        payload = self._envelope_payload(bytes(data), False)
-        self._submit(
-            ProposeRequest(self._next_request_id(), payload, CallbackWaiter(on_done), False)
-        )
+        loop = self._loop
+        loop.check_open()
+        payload = loop.gate.payload_for(bytes(data), False)
+        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(on_done)))
 
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._raise_if_closed()
-        data = self._envelope_payload(data, admin)  # wrap above the cutover (envelope_support)
-        w = Waiter()
-        rid = self._next_request_id()
-        self._submit(ProposeRequest(rid, data, w, admin))
-        try:
-            result: ProposalResult = await w.wait()
-            return result
-        finally:
-            self._pending_proposals.discard(rid, w)
+        loop = self._loop
+        loop.check_open()
+        payload = loop.gate.payload_for(data, admin)  # wrapped above the cutover
+        result = await loop.run_request(
+            ProposeRequest(loop.new_request_id(), payload, Waiter(), admin))
+        assert isinstance(result, ProposalResult)
+        return result
 
-    # -- reads -------------------------------------------------------------------------
+    # -- reads ---------------------------------------------------------------------------------
     async def linearizable_read(self) -> int:
         """ReadIndex round: returns the read index once the local applied index reaches it."""
-        return int(await self._read(wait_applied=True))
+        return await self._read(wait_applied=True)
 
     async def verify_leader(self) -> None:
         """Confirm leadership with a quorum round (no apply wait)."""
@@ -112,34 +108,30 @@ class Engine(EnvelopeMixin, RunLoop):
 
     async def _read(self, *, wait_applied: bool) -> int:
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._raise_if_closed()
-        w = Waiter()
-        rid = self._next_request_id()
-        self._submit(ReadRequest(rid, w, wait_applied))
-        try:
-            return int(await w.wait())
-        finally:
-            self._pending_reads.discard(rid, w)
+        loop = self._loop
+        loop.check_open()
+        index = await loop.run_request(ReadRequest(loop.new_request_id(), Waiter(), wait_applied))
+        return int(index)
 
     async def check_serving(self) -> None:
         """Raise NotLeaderError unless the cached state is leader (no network round)."""
         await trio.lowlevel.checkpoint()
-        self._raise_if_closed()
-        if self._status.state is not State.LEADER:
+        self._loop.check_open()
+        if self._loop.status.state is not State.LEADER:
             raise NotLeaderError()
 
-    # -- cached state ------------------------------------------------------------------
+    # -- cached state --------------------------------------------------------------------------
     def applied_index(self) -> int:
-        return self._applied
+        return self._loop.applied
 
     def state(self) -> State:
-        return self._status.state
+        return self._loop.status.state
 
     def leader(self) -> LeaderInfo:
-        return self._status.leader
+        return self._loop.status.leader
 
     def status(self) -> Status:
-        return self._status
+        return self._loop.status
 
     def replication(self) -> dict[str, PeerProgress]:
         """The leader's view of every other member's log, keyed by server id.
@@ -148,38 +140,31 @@ class Engine(EnvelopeMixin, RunLoop):
         arrives, which can be after the peer applied the entry; wait on it (not on the peer's
         ``applied_index()``) before ``promote_learner`` with a ``min_applied_index``.
         """
-        node = self._node
-        if node is None or self._closed or node.raft.state is not StateType.LEADER:
+        loop = self._loop
+        if loop.closed or not loop.is_leader():
             return {}
+        peers = loop.membership.peers
         out: dict[str, PeerProgress] = {}
-        for nid, pr in node.raft.prs.progress.items():
-            if nid == self._node_id:
+        for nid, pr in loop.node.raft.prs.progress.items():
+            if nid == loop.node_id:
                 continue
-            p = self._peers.get(nid)
+            p = peers.get(nid)
             sid = p.id if p is not None else str(nid)
-            out[sid] = PeerProgress(
-                id=sid,
-                match=pr.match,
-                next=pr.next,
-                state=pr.state.value,
-                learner=pr.is_learner,
-                recent_active=pr.recent_active,
-            )
+            out[sid] = PeerProgress(id=sid, match=pr.match, next=pr.next, state=pr.state.value,
+                                    learner=pr.is_learner, recent_active=pr.recent_active)
         return out
 
     def lease_duration(self) -> float:
-        return lease_duration(self._cfg)
+        return lease_duration(self._loop.cfg)
 
     def last_quorum_ack(self) -> float | None:
         """trio clock instant by which a quorum last answered this leader; None when unknown."""
-        if self._status.state is not State.LEADER:
+        if self._loop.status.state is not State.LEADER:
             return None
-        if self._single_node_ack is not None:
-            return self._single_node_ack
-        return self._acks.published
+        return self._loop.lease.last_quorum_ack()
 
     def lease_valid(self) -> bool:
-        """Whether a lease read may be served locally now (caller-side validity of spec b.6)."""
+        """Whether a lease read may be served locally now (``docs/api.md``, leases)."""
         ack = self.last_quorum_ack()
         if ack is None:
             return False
@@ -188,74 +173,186 @@ class Engine(EnvelopeMixin, RunLoop):
 
     async def configuration(self) -> Configuration:
         await trio.lowlevel.checkpoint()
-        return self._configuration()
+        return self._loop.membership.configuration()
 
-    # -- callbacks ---------------------------------------------------------------------
+    # -- membership and transfers --------------------------------------------------------------
+    async def add_voter(self, id: str, address: str, prev_index: int = 0) -> int:
+        return await self._admin(AdminAction.ADD_VOTER, id=id, address=address,
+                                 prev_index=prev_index)
+
+    async def add_learner(self, id: str, address: str, prev_index: int = 0) -> int:
+        return await self._admin(AdminAction.ADD_LEARNER, id=id, address=address,
+                                 prev_index=prev_index)
+
+    async def promote_learner(self, id: str, prev_index: int = 0, min_applied_index: int = 0,
+                              skip_min_applied_check: bool = False) -> int:
+        """Make learner ``id`` a voter once the leader has seen it hold the log up to
+        ``min_applied_index`` (``replication()`` shows the leader's view)."""
+        if not id:
+            raise PeerIDRequiredError()
+        if min_applied_index == 0 and not skip_min_applied_check:
+            raise PromoteLearnerMinAppliedZeroError()
+        return await self._admin(AdminAction.PROMOTE_LEARNER, id=id, prev_index=prev_index,
+                                 min_applied_index=min_applied_index,
+                                 skip_min_applied_check=skip_min_applied_check)
+
+    async def remove_server(self, id: str, prev_index: int = 0) -> int:
+        return await self._admin(AdminAction.REMOVE_SERVER, id=id, prev_index=prev_index)
+
+    async def transfer_leadership(self) -> None:
+        """Hand leadership to the first other server of the configuration."""
+        m = self._loop.membership
+        servers = m.configuration().servers
+        if not servers:
+            raise LeadershipTransferNotReadyError("empty configuration")
+        target = next((s for s in servers if s.id != m.local_id), None)
+        if target is None:
+            raise LeadershipTransferNotReadyError("no other server")
+        await self._transfer([m.transfer_target(target.id, target.address)], None)
+
+    async def transfer_leadership_to_server(self, id: str, address: str = "") -> None:
+        await self._transfer([self._loop.membership.transfer_target(id, address)], None)
+
+    async def transfer_leadership_to_server_if_eligible(
+        self, candidates: Sequence[TransferTarget], max_lag: int
+    ) -> None:
+        """Transfer to the first candidate that is a recently active voter whose match index
+        lags the leader's last index by at most ``max_lag``."""
+        m = self._loop.membership
+        targets = [m.transfer_target(c.id, c.address) for c in candidates]
+        await self._transfer(targets, max(0, max_lag))
+
+    async def _admin(self, action: AdminAction, **kw: Any) -> int:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
+        loop.check_open()
+        result = await loop.run_request(AdminRequest(loop.new_request_id(), action, Waiter(),
+                                                     **kw))
+        return int(result)
+
+    async def _transfer(self, targets: list[int], max_lag: int | None) -> None:
+        target = await self._admin(AdminAction.TRANSFER, targets=tuple(targets), max_lag=max_lag)
+        if target == 0:
+            raise LeadershipTransferTargetError()
+        loop = self._loop
+        await wait_for_transfer(target, lambda: loop.status, lambda: int(loop.node.raft.lead),
+                                loop.check_open)
+
+    # -- the raft envelope (docs/envelope.md) --------------------------------------------------
+    async def enable_raft_envelope(self, cipher: Cipher | None) -> int:
+        """Move the cluster to wrapped entries; returns the cutover index (the marker's index).
+
+        Raises the barrier, waits for the log to drain into the state machine, proposes the
+        cleartext marker (it carries the active key, sealed by the KEK, so every node installs
+        it) and returns once the marker has applied here; wrapping is on from then. Idempotent
+        once a cutover exists. NotLeaderError / LeadershipLostError as for proposals; after
+        LeadershipLostError the marker may still commit (nodes switch when they apply it).
+        """
+        return await self._loop.gate.enable(cipher, self._loop)
+
+    async def rotate_raft_key(self) -> int:
+        """Replicate a new data key and make it the active one on every node; returns its id.
+        Older keys stay installed to read older entries."""
+        return await self._loop.gate.rotate(self._loop)
+
+    def raft_cutover_index(self) -> int | None:
+        """The cutover index in force (None: inert, nothing is unwrapped)."""
+        return self._loop.gate.cutover_index()
+
+    def raft_cipher(self) -> Cipher | None:
+        return self._loop.gate.cipher
+
+    def encryption_scanner(self) -> EncryptionScanner:
+        return EncryptionScanner(lambda: self._loop.storage)
+
+    # -- callbacks -----------------------------------------------------------------------------
     def register_leader_acquired_callback(
         self, fn: Callable[[], object] | None
     ) -> Callable[[], None]:
-        return self._on_acquired.register(fn)
+        return self._loop.status_view.on_acquired.register(fn)
 
     def register_leader_loss_callback(self, fn: Callable[[], object] | None) -> Callable[[], None]:
-        return self._on_lost.register(fn)
+        return self._loop.status_view.on_lost.register(fn)
 
-    # -- counters ----------------------------------------------------------------------
+    # -- counters ------------------------------------------------------------------------------
     def dispatch_drop_count(self) -> int:
-        return self._dispatcher.stats.drop_count
+        return self._loop.dispatcher.stats.drop_count
 
     def dispatch_error_count(self) -> int:
-        return self._dispatcher.stats.error_count
+        return self._loop.dispatcher.stats.error_count
 
     def dispatch_error_counts_by_code(self) -> dict[str, int]:
-        return dict(self._dispatcher.stats.errors_by_code)
+        return dict(self._loop.dispatcher.stats.errors_by_code)
 
     def step_queue_full_count(self) -> int:
-        return self._step_queue_full
+        return self._loop.inbox.full_count
 
-    # -- lifecycle ---------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
     def err(self) -> BaseException | None:
-        return self._run_error
+        """The fatal error that stopped the engine, if one did."""
+        return self._loop.error
 
     async def wait_closed(self) -> None:
-        await self._done.wait()
+        await self._loop.done.wait()
 
     async def aclose(self) -> None:
         """Close the engine: pending callers get EngineClosedError; tasks stop."""
-        self._close_requested = True
-        self._wake()
+        self._loop.request_close()
         with trio.CancelScope(shield=True):
-            await self._done.wait()
+            await self._loop.done.wait()
 
-    def _raise_if_closed(self) -> None:
-        if self._closed:
-            if self._run_error is not None:
-                raise self._run_error
-            raise EngineClosedError()
 
-    def _check_transfer(self) -> None:
-        if self._lead_transferee:
-            raise LeadershipTransferInProgressError()
+def build_transport(cfg: OpenConfig, num_peers: int) -> tuple[Transport | None, bool]:
+    """The transport to use and whether the engine owns it: the configured one, else a
+    GRPCTransport serving ``local_address`` when there are other peers, else none."""
+    if cfg.transport is not None:
+        return cfg.transport, False
+    if num_peers <= 1:
+        return None, False
+    from trio_raft.transport.grpc import GRPCTransport
+
+    return GRPCTransport(local_address=cfg.local_address), True  # type: ignore[return-value]
 
 
 @asynccontextmanager
 async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
-    """Open (and on exit close) an engine. A fatal error cancels the block and is re-raised."""
-    engine = Engine(config)
-    await engine._open_disk()
+    """Open the engine on ``config`` for the block; leaving the block closes it.
+
+    Exceptions arrive as themselves (``docs/api.md``): the block's own exception; the
+    engine's fatal error, once, when one stopped it (the block is cancelled then); a group only
+    when the block failed and the engine failed independently. Configuration and storage
+    errors at open are raised before the block runs.
+    """
+    cfg = with_defaults(config)
+    io = DiskRunner(cfg.blocking_io)
+    opened = await io.run(open_state, cfg)
+    failure: BaseException | None = None
+    yielded = False
     try:
-        async with trio.open_nursery() as nursery:
-            engine._nursery = nursery
-            await nursery.start(engine._run)
-            if not engine._closed:
-                engine._yielded = True
-                try:
-                    yield engine
-                finally:
-                    await engine.aclose()
-            nursery.cancel_scope.cancel()
+        transport, owns = build_transport(cfg, len(opened.peers))
+        loop = RunLoop(cfg, opened, io, transport, owns_transport=owns)
+        engine = Engine(loop)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(loop.run, nursery)
+                if not loop.closed:
+                    yielded = True
+                    try:
+                        yield engine
+                    finally:
+                        await engine.aclose()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            failure = sole_failure(group)
     finally:
-        await engine._close_disk()
-    if engine._run_error is not None:
-        raise engine._run_error
-    if not engine._yielded:
+        with trio.CancelScope(shield=True):
+            await io.run(opened.disk.close)
+    fatal = loop.error
+    if fatal is not None:
+        if failure is None or isinstance(failure, trio.Cancelled) or caused_by(failure, fatal):
+            raise fatal
+        raise BaseExceptionGroup("the engine failed and so did the block", [fatal, failure])
+    if failure is not None:
+        raise failure
+    if not yielded:
         raise EngineClosedError("engine stopped during startup")

@@ -1,20 +1,38 @@
-"""Leader lease bookkeeping: since when has a quorum of followers certainly heard from us?
+"""Leader lease: since when has a quorum of voters certainly heard from this leader?
 
-The spec (b.6) credits a follower with the time its answer was *received*. An answer that waited
-in a socket (the leader was paused, the network slow) would then refresh the lease although the
-follower may have voted for someone else since. Here a follower is credited with the time the
-leader *issued* the lease probe it echoes (see ``RunLoop._maybe_probe_lease``): a lower bound of
-when that follower last heard from this leader, however late the answer arrives.
+A follower that answers a heartbeat has heard from the leader, and will not vote for anyone else
+until an election timeout has passed since then (Raft thesis §6.4.1: a leader may serve reads
+locally while that holds). Crediting the follower with the time its answer was *received* would
+be wrong when the answer waited in a socket (the leader paused, the network slow): the follower
+may have voted for someone else since. So the leader stamps a ReadIndex round with the trio
+clock instant it was issued (a *lease probe*, ``contexts.encode_lease_probe``), followers echo
+the stamp in their heartbeat answers, and each is credited with the issue instant: a lower bound
+of when it last heard from this leader, however late the answer arrives.
 
-Times are trio clock instants (``trio.current_time()``), so leases follow MockClock in tests.
+``Lease`` owns the probe timing and the per-voter credit (:class:`QuorumAckTracker`). The
+instant it publishes, ``last_quorum_ack``, is the ``q``-th most recent credit with
+``q = voters // 2`` (with the leader itself, a majority). A single voter is its own quorum: the
+instant is "now" at every status refresh. Times are trio clock instants, so leases follow
+MockClock in tests.
 """
 
 from __future__ import annotations
 
+import logging
+
+import trio
+
+from trio_raft.core.errors import RaftError as CoreRaftError
+from trio_raft.core.messages import NONE, Message, MessageType, StateType
+from trio_raft.core.rawnode import RawNode
+from trio_raft.engine.contexts import decode_lease_probe, encode_lease_probe
+
+logger = logging.getLogger(__name__)
+
 
 class QuorumAckTracker:
-    """Records the last response time of each voter follower and publishes the instant by which
-    a quorum of them had answered: the ``q``-th most recent ack, ``q = voters // 2``."""
+    """Records the last credit of each voter follower and publishes the instant by which a
+    quorum of them had answered: the ``q``-th most recent credit, ``q = voters // 2``."""
 
     __slots__ = ("_acks", "published")
 
@@ -44,9 +62,66 @@ class QuorumAckTracker:
             return
         q = voter_count_after // 2
         if q <= 0:
-            return  # keep the published instant (spec: removal with q <= 0)
+            return
         self._recompute(q)
 
     def reset(self) -> None:
         self._acks.clear()
         self.published = None
+
+
+class Lease:
+    """Probe timing and quorum credit of this node's leader lease (module docstring)."""
+
+    def __init__(self, node: RawNode, node_id: int, probe_interval: float) -> None:
+        self._node = node
+        self._node_id = node_id
+        self._probe_interval = probe_interval
+        self._probe_at = float("-inf")
+        self.acks = QuorumAckTracker()
+        #: "now" at the last status refresh while this node is the only voter and leader.
+        self.single_node_ack: float | None = None
+
+    def maybe_probe(self, voters: int) -> None:
+        """On a tick: a leader with followers starts a stamped ReadIndex round about once a
+        heartbeat interval. Raft holds the round until the leader committed in its term."""
+        node = self._node
+        if node.raft.state is not StateType.LEADER or voters <= 1:
+            return
+        now = trio.current_time()
+        if now - self._probe_at < self._probe_interval:
+            return
+        self._probe_at = now
+        try:
+            node.read_index(encode_lease_probe(now))
+        except CoreRaftError as exc:
+            logger.debug("lease probe not started: %s", exc)
+
+    def on_heartbeat_response(self, m: Message, voter_ids: tuple[int, ...] | list[int]) -> None:
+        """Credit a voter that echoed a probe stamp in this term."""
+        if m.type is not MessageType.HEARTBEAT_RESP or not m.context:
+            return
+        issued_at = decode_lease_probe(m.context)
+        node = self._node
+        if issued_at is None or m.term != node.raft.term:
+            return
+        if m.from_ in (NONE, self._node_id) or node.raft.state is not StateType.LEADER:
+            return
+        if m.from_ not in voter_ids or len(voter_ids) <= 1:
+            return
+        self.acks.record(m.from_, issued_at, len(voter_ids))
+
+    def on_refresh(self, is_leader: bool, voters: int) -> None:
+        self.single_node_ack = trio.current_time() if is_leader and voters <= 1 else None
+
+    def remove_peer(self, node_id: int, voters_after: int) -> None:
+        self.acks.remove_peer(node_id, voters_after)
+
+    def reset(self) -> None:
+        self.acks.reset()
+
+    def last_quorum_ack(self) -> float | None:
+        """For a leader: the instant by which a quorum last answered (None when unknown)."""
+        if self.single_node_ack is not None:
+            return self.single_node_ack
+        return self.acks.published

@@ -1,22 +1,35 @@
-"""Opening an engine's durable state: peers resolution and validation (spec a.3 steps 2-13).
+"""Opening an engine's durable state: which peers, which data, which configuration.
 
-Synchronous (file I/O); the engine runs it in a worker thread before anything starts, so every
-configuration error is raised by ``open_engine`` before a task exists.
+``open_state`` runs before any task exists (in a worker thread: it does file I/O), so every
+configuration and storage error is raised by ``open_engine`` itself. In order:
+
+1. the peers: the configured ``peers``, unless the data dir already has a peers file (then that
+   file wins: membership changes recorded since the first start are newer than the command
+   line); a ``bootstrap_seed`` must equal the one recorded at the first start;
+2. the configuration is validated (``config.validate``) and the peers normalised (ids derived,
+   the local node merged in, conflicts refused, sorted by node id);
+3. the data dir is opened or initialised (``trio_raft.storage.recovery.open_disk_state``:
+   restart, bootstrap or join) and the state machine restored from the newest snapshot;
+4. the snapshot's membership is checked against the peers (a data dir of another cluster is
+   refused with ClusterMismatchError) and the peers' suffrage taken from it;
+5. the peers file is rewritten for the recovered index; the fence is raised over configuration
+   changes in the log that are not applied yet; the envelope cutover file is read.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import attrs
 
 from trio_raft.core.messages import ConfState, EntryType
-from trio_raft.engine.applier import to_persisted
+from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.config import OpenConfig, normalize_peers, validate
+from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer
 from trio_raft.errors import ClusterMismatchError
-from trio_raft.storage.peers import load_persisted_peers, save_persisted_peers
+from trio_raft.storage.cutover import load_cutover
+from trio_raft.storage.peers import PersistedPeer, load_persisted_peers, save_persisted_peers
 from trio_raft.storage.recovery import DiskPersistence, open_disk_state
 
 logger = logging.getLogger(__name__)
@@ -25,20 +38,23 @@ logger = logging.getLogger(__name__)
 @attrs.frozen(eq=False)
 class OpenedState:
     disk: DiskPersistence
-    storage: Any
+    storage: MemoryStorage
     peers: tuple[Peer, ...]
     conf_state: ConfState
     config_index: int
     applied: int
     fence: int
+    #: The envelope cutover recorded on this node (None: none recorded).
+    cutover: int | None
 
 
-def _from_persisted(pp: Any) -> Peer:
+def _from_persisted(pp: PersistedPeer) -> Peer:
     return Peer(pp.id, pp.address, pp.node_id, pp.suffrage)
 
 
 def validate_conf_state(cs: ConfState, peers: list[Peer]) -> None:
-    """Spec a.3 step 8: the snapshot's membership must match the peers, voters in order."""
+    """The snapshot's membership must match the peers: the same voters (in node id order)
+    and the same learners."""
     if cs.is_joint():
         raise ClusterMismatchError("joint consensus state is not supported")
     voters = [p.node_id for p in peers if p.suffrage != SUFFRAGE_LEARNER]
@@ -56,6 +72,7 @@ def validate_conf_state(cs: ConfState, peers: list[Peer]) -> None:
 
 
 def open_state(cfg: OpenConfig) -> OpenedState:
+    """See the module docstring; the caller closes ``OpenedState.disk``."""
     peers: list[Peer] = list(cfg.peers)
     persisted = load_persisted_peers(cfg.data_dir) if cfg.data_dir else None
     if persisted is not None:
@@ -101,6 +118,7 @@ def open_state(cfg: OpenConfig) -> OpenedState:
         for e in disk.entries:
             if e.index > disk.applied_index and e.type is not EntryType.NORMAL:
                 fence = e.index
+        cutover = load_cutover(disk.data_dir)
         return OpenedState(
             disk=disk.persistence,
             storage=disk.storage,
@@ -109,6 +127,7 @@ def open_state(cfg: OpenConfig) -> OpenedState:
             config_index=snap_index,
             applied=disk.applied_index,
             fence=fence,
+            cutover=cutover,
         )
     except BaseException:
         disk.persistence.close()

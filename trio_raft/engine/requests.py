@@ -1,4 +1,8 @@
-"""Requests callers put in the run loop's inbox."""
+"""Requests callers put in the run loop's inbox (see ``inbox.py``).
+
+Each carries the id the engine matches the outcome by (inside the log entry for proposals and
+membership changes, inside the ReadIndex context for reads) and the :class:`Waiter` to settle.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ class ProposeRequest:
     request_id: int
     data: bytes
     waiter: Waiter
+    #: Admitted while the envelope cutover barrier is up (``Engine.propose_admin``).
     admin: bool = False
 
 
@@ -21,6 +26,7 @@ class ProposeRequest:
 class ReadRequest:
     request_id: int
     waiter: Waiter
+    #: ``linearizable_read`` waits until the read index is applied; ``verify_leader`` does not.
     wait_applied: bool
 
 
@@ -43,6 +49,9 @@ class AdminRequest:
     min_applied_index: int = 0
     skip_min_applied_check: bool = False
     #: Transfer only: candidate targets (node ids) in order, and the allowed match lag
-    #: (None: no eligibility gates, as TransferLeadership / TransferLeadershipToServer).
+    #: (None: no eligibility gates, as ``transfer_leadership`` / ``..._to_server``).
     targets: tuple[int, ...] = ()
     max_lag: int | None = None
+
+
+Request = ProposeRequest | ReadRequest | AdminRequest

@@ -1,9 +1,15 @@
-"""One-shot result slots that callers await while the run loop works on their request."""
+"""One-shot result slots that callers await while the run loop works on their request.
+
+A :class:`Waiter` is settled exactly once, by the run loop (or by shutdown); later settlements
+are ignored. :class:`WaiterTable` maps request ids to waiters so the loop can find the caller of
+an entry it applies; the caller removes its own entry when it stops waiting (cancellation), so
+nothing is left behind.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import outcome
@@ -15,15 +21,12 @@ log = logging.getLogger(__name__)
 class Waiter:
     """Resolved (or failed) exactly once by the run loop; awaited by one caller."""
 
-    __slots__ = ("_error", "_event", "_result", "target", "wait_applied")
+    __slots__ = ("_error", "_event", "_result")
 
     def __init__(self) -> None:
         self._event = trio.Event()
         self._result: Any = None
         self._error: BaseException | None = None
-        #: Read requests: the read index once raft answered (0 while unknown).
-        self.target = 0
-        self.wait_applied = True
 
     @property
     def done(self) -> bool:
@@ -56,8 +59,6 @@ class CallbackWaiter(Waiter):
     def __init__(self, on_done: Callable[[outcome.Outcome[Any]], object]) -> None:
         self._on_done = on_done
         self._fired = False
-        self.target = 0
-        self.wait_applied = True
 
     @property
     def done(self) -> bool:
@@ -96,20 +97,23 @@ class WaiterTable:
     def pop(self, key: int) -> Waiter | None:
         return self._items.pop(key, None)
 
-    def get(self, key: int) -> Waiter | None:
-        return self._items.get(key)
-
     def discard(self, key: int, w: Waiter) -> None:
+        """Remove ``key`` if it still maps to ``w`` (a caller that stopped waiting)."""
         if self._items.get(key) is w:
             del self._items[key]
 
-    def fail_all(self, error_factory: Any) -> None:
-        items, self._items = self._items, {}
-        for w in items.values():
-            w.fail(error_factory())
+    def fail_all(self, error_factory: Callable[[], BaseException],
+                 skip: frozenset[int] = frozenset()) -> None:
+        """Fail every waiter but those in ``skip``, each with a fresh exception from
+        ``error_factory``."""
+        items = self._items
+        self._items = {k: w for k, w in items.items() if k in skip}
+        for k, w in items.items():
+            if k not in skip:
+                w.fail(error_factory())
 
-    def items(self) -> list[tuple[int, Waiter]]:
-        return list(self._items.items())
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self._items))
 
     def __len__(self) -> int:
         return len(self._items)

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from trio_raft._groups import open_owning_nursery
 from trio_raft.engine.config import OpenConfig, derive_node_id
 from trio_raft.engine.engine import Engine, open_engine
 from trio_raft.engine.types import Peer, State
@@ -134,7 +135,7 @@ class MemoryCluster:
         try:
             with trio.CancelScope() as scope:
                 h.cancel = scope
-                async with trio.open_nursery() as inner:
+                async with open_owning_nursery() as inner:
                     await inner.start(transport.serve)
                     async with open_engine(cfg) as engine:
                         h.engine = engine
@@ -230,8 +231,10 @@ async def open_memory_cluster(
     start: bool = True,
     **config: Any,
 ) -> AsyncIterator[MemoryCluster]:
+    """A cluster of ``size`` nodes (or the given names) for the block; exceptions from the
+    block arrive as themselves."""
     names = [f"n{i + 1}" for i in range(size)] if isinstance(size, int) else list(size)
-    async with trio.open_nursery() as nursery:
+    async with open_owning_nursery() as nursery:
         cluster = MemoryCluster(base_dir, names, make_fsm, nursery, seed=seed, config=config)
         if start:
             for name in names:

@@ -1,0 +1,327 @@
+"""The raft envelope in the engine: wrap on propose, unwrap on apply, the cutover barrier, key
+records, and the encryption scanner (``docs/envelope.md``).
+
+Regimes. An entry at or below the *cutover index* is cleartext; an entry strictly above it
+carries a wrapped payload (``trio_raft.envelope``) inside the usual proposal envelope
+``0x01 | request id | payload``. The cutover is the index of the cleartext *cutover marker*, an
+envelope control record (``trio_raft.envelope.control``). It is resolved as:
+``OpenConfig.raft_cutover_index()`` when that callable is given (it wins; None or >= 2**64-1
+means inert); otherwise the index this node recorded when it applied the marker
+(``trio_raft.storage.cutover``); otherwise inert (nothing is unwrapped).
+
+Control records (marker, rotation) are handled here, before the state machine: they install the
+KEK-sealed key they carry into this node's cipher (and activate it); the marker also sets the
+cutover. A control record whose key cannot be installed (no cipher, wrong KEK, damaged) is
+fatal like an unwrap failure; a rotation that reuses an installed key id with other material
+(two leaders raced) is ignored on every node alike, so the first one wins.
+
+The invariant the barrier protects: no cleartext user entry may land above the marker.
+
+* ``enable`` raises the barrier (non-admin proposals get the retryable
+  EnvelopeCutoverInProgressError), waits until everything already in the log has applied,
+  proposes the marker and waits for it to apply. Admin proposals are admitted until the marker
+  is queued.
+* From the moment the marker is queued until it applies (on any node: a node tracks markers it
+  appends, so a new leader with an unapplied marker in its log behaves the same), every
+  cleartext proposal is refused when it is built, and cleartext requests already queued are
+  failed (they would be admitted after the marker).
+* The payload is wrapped or not synchronously right before the request is queued, and the
+  marker's apply fails whatever cleartext is still queued, so a proposal built in one regime is
+  never admitted in the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from trio_raft.core.errors import CompactedError, UnavailableError
+from trio_raft.core.messages import Entry, EntryType
+from trio_raft.core.storage import MemoryStorage
+from trio_raft.engine.contexts import decode_proposal
+from trio_raft.engine.inbox import Inbox
+from trio_raft.engine.requests import ProposeRequest, Request
+from trio_raft.engine.types import ProposalResult
+from trio_raft.engine.waiters import Waiter, WaiterTable
+from trio_raft.envelope.cipher import Cipher
+from trio_raft.envelope.control import ControlRecord, Opcode, decode_control, is_control
+from trio_raft.envelope.errors import (
+    EncryptionScanError,
+    KeyConflictError,
+    ReservedPrefixError,
+)
+from trio_raft.errors import (
+    EnvelopeCutoverInProgressError,
+    NilKeystoreError,
+    NotLeaderError,
+    RaftUnwrapFailedError,
+)
+from trio_raft.storage.cutover import save_cutover
+
+logger = logging.getLogger(__name__)
+
+MAX_U64 = (1 << 64) - 1
+SCAN_BATCH_BYTES = 64 << 20
+
+
+class RequestPort(Protocol):
+    """What ``enable``/``rotate`` need from the run loop to get a record committed."""
+
+    @property
+    def applied(self) -> int: ...
+
+    def check_open(self) -> None: ...
+
+    def is_leader(self) -> bool: ...
+
+    def last_log_index(self) -> int: ...
+
+    def new_request_id(self) -> int: ...
+
+    async def run_request(self, req: Request) -> object: ...
+
+
+def control_payload(ent: Entry) -> bytes | None:
+    """The payload of a normal proposal entry that is an envelope control record, else None."""
+    if ent.type is not EntryType.NORMAL:
+        return None
+    env = decode_proposal(ent.data)
+    if env is None or not is_control(env[1]):
+        return None
+    return env[1]
+
+
+@attrs.frozen
+class EncryptionScanner:
+    """Answers whether a log range holds envelope control records (marker, rotation)."""
+
+    storage: Callable[[], MemoryStorage | None]
+    batch_bytes: int = SCAN_BATCH_BYTES
+
+    def has_encryption_relevant_entry_in_range(self, start_exclusive: int,
+                                               end_inclusive: int) -> bool:
+        storage = self.storage()
+        if storage is None:
+            raise EncryptionScanError("no log storage")
+        if end_inclusive >= MAX_U64:
+            raise EncryptionScanError("end index must be below 2**64-1")
+        lo = start_exclusive + 1
+        while lo <= end_inclusive:
+            batch: Sequence[Entry] = storage.entries(lo, end_inclusive + 1, self.batch_bytes)
+            if not batch:
+                raise EncryptionScanError(f"unscanned gap at index {lo}")
+            for ent in batch:
+                if control_payload(ent) is not None:
+                    return True
+            lo = batch[-1].index + 1
+        return False
+
+
+class EnvelopeGate:
+    """See the module docstring."""
+
+    def __init__(self, *, cipher: Cipher | None, configured: Callable[[], int] | None,
+                 recorded: int | None, data_dir: str, inbox: Inbox,
+                 proposals: WaiterTable, applied: Callable[[], int],
+                 tick_interval: float) -> None:
+        self.cipher = cipher
+        self._configured = configured
+        #: The cutover recorded on this node (cutover file / marker apply), None before.
+        self._recorded = recorded
+        self._data_dir = data_dir
+        self._inbox = inbox
+        self._proposals = proposals
+        self._applied = applied
+        self._tick_interval = tick_interval
+        self._enabling = False
+        self._marker_req: ProposeRequest | None = None
+        #: Newest marker appended while cleartext and not yet applied (0: none).
+        self._marker_floor = 0
+
+    # -- views ---------------------------------------------------------------------------------
+    def cutover_index(self) -> int | None:
+        """The cutover in force (None: inert, nothing is unwrapped)."""
+        value = self._configured() if self._configured is not None else self._recorded
+        if value is None or value >= MAX_U64:
+            return None
+        return int(value)
+
+    def _marker_in_flight(self) -> bool:
+        req = self._marker_req
+        return (req is not None and not req.waiter.done) or self._marker_floor > self._applied()
+
+    # -- propose side --------------------------------------------------------------------------
+    def payload_for(self, data: bytes, admin: bool) -> bytes:
+        """The payload to put in the proposal envelope (called right before queueing)."""
+        if self.cutover_index() is not None:
+            if self.cipher is None:
+                raise NilKeystoreError("no raft cipher wired; cannot wrap above the cutover")
+            return bytes(self.cipher.wrap(data))
+        if is_control(data):
+            raise ReservedPrefixError()
+        if self._marker_in_flight() or (self._enabling and not admin):
+            raise EnvelopeCutoverInProgressError()
+        return data
+
+    def reject_reason(self, admin: bool) -> BaseException | None:
+        """Loop side: why a proposal must not be admitted now (None: admit it)."""
+        if admin or self.cutover_index() is not None:
+            return None
+        if self._enabling or self._marker_in_flight():
+            return EnvelopeCutoverInProgressError()
+        return None
+
+    # -- log side ------------------------------------------------------------------------------
+    def note_appended(self, entries: Sequence[Entry]) -> None:
+        """Track cutover markers written to the log while still cleartext."""
+        if self.cutover_index() is not None:
+            return
+        for ent in entries:
+            payload = control_payload(ent)
+            if payload is None or payload[0] != Opcode.CUTOVER:
+                continue
+            self._marker_floor = max(self._marker_floor, ent.index)
+            req = self._marker_req
+            env = decode_proposal(ent.data)
+            if req is not None and env is not None and env[0] == req.request_id:
+                self._marker_req = None  # the floor tracks it from here
+            self._fail_queued_cleartext()
+
+    def note_unapplied(self, storage: MemoryStorage, applied: int) -> None:
+        """At open: track markers in the log above the applied index."""
+        if self.cutover_index() is not None:
+            return
+        lo, hi = applied + 1, storage.last_index() + 1
+        if lo >= hi:
+            return
+        try:
+            entries = storage.entries(max(lo, storage.first_index()), hi)
+        except (CompactedError, UnavailableError):
+            return
+        self.note_appended(entries)
+
+    def _fail_queued_cleartext(self) -> None:
+        """Fail queued proposals built in the cleartext regime (they would land above the
+        marker). Control records stay."""
+        queue = self._inbox.requests
+        kept: deque[Request] = deque()
+        failed = 0
+        while queue:
+            req = queue.popleft()
+            if isinstance(req, ProposeRequest) and not is_control(req.data):
+                self._proposals.discard(req.request_id, req.waiter)
+                req.waiter.fail(EnvelopeCutoverInProgressError())
+                failed += 1
+            else:
+                kept.append(req)
+        queue.extend(kept)
+        if failed:
+            logger.info("envelope cutover: failed %d queued cleartext proposal(s)", failed)
+
+    # -- apply side ----------------------------------------------------------------------------
+    def apply_control(self, index: int, payload: bytes) -> int | None:
+        """Apply ``payload`` if it is a control record (returns the key id it installed, 0
+        when ignored); None when it is not one (an ordinary proposal)."""
+        if not is_control(payload):
+            return None
+        cipher = self.cipher
+        try:
+            rec = decode_control(payload)
+            if cipher is None:
+                raise NilKeystoreError("no raft cipher wired")
+            cipher.install_sealed(rec.key_id, rec.sealed_dek, activate=True)
+        except KeyConflictError as exc:
+            logger.warning("entry %d: key rotation ignored: %s", index, exc)
+            return 0
+        except Exception as exc:
+            raise RaftUnwrapFailedError(f"entry {index}: cannot install key: {exc}") from exc
+        if rec.opcode is Opcode.CUTOVER:
+            if self._recorded is None:
+                save_cutover(self._data_dir, index)
+                self._recorded = index
+                logger.info("raft envelope cutover at index %d (key id %d)", index, rec.key_id)
+                self._fail_queued_cleartext()
+            elif self._recorded != index:
+                logger.warning("entry %d: another cutover marker ignored (cutover is %d)",
+                               index, self._recorded)
+            if self._marker_floor <= index:
+                self._marker_floor = 0
+        return int(rec.key_id)
+
+    def check_non_proposal(self, ent: Entry) -> None:
+        """Only empty no-ops and proposal envelopes are written above the cutover; anything
+        else there was damaged and must not be skipped silently."""
+        cutover = self.cutover_index()
+        if ent.data and cutover is not None and ent.index > cutover:
+            raise RaftUnwrapFailedError(f"entry {ent.index}: not a proposal envelope")
+
+    def unwrap(self, index: int, payload: bytes) -> bytes:
+        cutover = self.cutover_index()
+        if cutover is None or index <= cutover:
+            return payload
+        if self.cipher is None:
+            raise RaftUnwrapFailedError(f"entry {index}: no raft cipher wired")
+        try:
+            return bytes(self.cipher.unwrap(payload))
+        except Exception as exc:
+            raise RaftUnwrapFailedError(f"entry {index}: {exc}") from exc
+
+    # -- the cutover and rotation --------------------------------------------------------------
+    async def enable(self, cipher: Cipher | None, port: RequestPort) -> int:
+        """The cutover (``Engine.enable_raft_envelope``); returns the marker's index."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        port.check_open()
+        if cipher is None:
+            raise NilKeystoreError("enable_raft_envelope needs a cipher")
+        current = self.cutover_index()
+        if current is not None:
+            self.cipher = cipher
+            return current
+        if self._enabling or self._marker_in_flight():
+            raise EnvelopeCutoverInProgressError("another cutover is running")
+        if not port.is_leader():
+            raise NotLeaderError()
+        self.cipher = cipher
+        self._enabling = True
+        req: ProposeRequest | None = None
+        try:
+            await self.wait_log_applied(port)
+            key_id, sealed = cipher.active_or_new_sealed_key()
+            record = ControlRecord(Opcode.CUTOVER, key_id, sealed).encode()
+            req = ProposeRequest(port.new_request_id(), record, Waiter(), True)
+            self._marker_req = req
+            result = await port.run_request(req)
+            assert isinstance(result, ProposalResult)
+            logger.info("raft envelope enabled: cutover index %d, key id %d",
+                        result.commit_index, key_id)
+            return result.commit_index
+        finally:
+            self._enabling = False
+            if req is not None and req.waiter.done and self._marker_req is req:
+                self._marker_req = None
+
+    async def wait_log_applied(self, port: RequestPort) -> None:
+        """Wait until everything in the log when this was called has applied."""
+        target = port.last_log_index()
+        while port.applied < target:
+            port.check_open()
+            if not port.is_leader():
+                raise NotLeaderError("leadership lost during the envelope cutover")
+            await trio.sleep(self._tick_interval)
+
+    async def rotate(self, port: RequestPort) -> int:
+        """Replicate a new data key and make it the active one on every node; returns its id."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        port.check_open()
+        cipher = self.cipher
+        if cipher is None:
+            raise NilKeystoreError("no raft cipher wired")
+        key_id, sealed = cipher.new_sealed_key()
+        record = ControlRecord(Opcode.ROTATE, key_id, sealed).encode()
+        await port.run_request(ProposeRequest(port.new_request_id(), record, Waiter(), True))
+        return int(key_id)

@@ -1,0 +1,67 @@
+"""Writing each Ready's log changes to disk, and mirroring them into raft's log storage.
+
+``LogWriter.persist`` takes the part of a Ready that must be durable before anything that
+depends on it happens (Raft paper §5.3, Figure 2 "persistent state"): entries and hard state
+go to the WAL in one write, fsynced when raft requires it (``Ready.must_sync``), so every
+proposal drained in one turn of the run loop shares one fsync (group commit). Only once the
+write returned are the entries appended to the in-memory ``MemoryStorage`` raft reads from.
+
+A hard state that only moves the commit index needs no fsync (the commit index is recomputed
+from a quorum after a restart): it is written on the trio thread when no other writer holds the
+WAL, skipping a worker-thread round trip that would cost more than the write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import trio
+
+from trio_raft.core.messages import Ready
+from trio_raft.core.storage import MemoryStorage
+from trio_raft.engine.diskio import DiskRunner
+from trio_raft.storage.recovery import DiskPersistence
+
+
+class LogWriter:
+    """See the module docstring."""
+
+    def __init__(self, *, disk: DiskPersistence, storage: MemoryStorage, io: DiskRunner,
+                 observer: Callable[[float], None] | None = None,
+                 test_delay: Callable[[], float] | None = None) -> None:
+        self._disk = disk
+        self._storage = storage
+        self._io = io
+        #: Called with the seconds each WAL write (and fsync) took.
+        self._observer = observer
+        #: Tests only: seconds to wait before each WAL write (a slow disk).
+        self._test_delay = test_delay
+
+    async def persist(self, rd: Ready) -> None:
+        """Make ``rd``'s entries, hard state and snapshot marker durable (the snapshot's
+        payload and ``.snap`` file are installed before, by the applier)."""
+        hs = rd.hard_state
+        if (
+            hs is not None
+            and not rd.entries
+            and rd.snapshot is None
+            and not rd.must_sync
+            and self._disk.try_save_state(hs)
+        ):
+            self._storage.set_hard_state(hs)
+            return
+        if not (rd.entries or hs is not None or rd.snapshot is not None):
+            return
+        if self._test_delay is not None:
+            delay = self._test_delay()
+            if delay > 0:
+                await trio.sleep(delay)
+        started = time.perf_counter()
+        await self._io.run(self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
+        if self._observer is not None:
+            self._observer(time.perf_counter() - started)
+        if rd.entries:
+            self._storage.append(rd.entries)
+        if hs is not None:
+            self._storage.set_hard_state(hs)

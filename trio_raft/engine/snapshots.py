@@ -1,0 +1,113 @@
+"""Local snapshots of the state machine: when to take one, writing it, compacting behind it.
+
+``Snapshots`` owns the engine's snapshot *writing*: the periodic snapshot (every
+``snapshot_every`` applied entries, in a task of the engine's nursery so applying goes on
+meanwhile) and the snapshot taken when a configuration change applies (``applier.py``), so the
+newest snapshot always carries the newest membership. The state machine's ``snapshot()`` is
+called on the trio thread and must be quick (it captures a handle); the handle's ``write_to``
+streams the state into ``fsm-snap/%016x.fsm`` in a worker thread.
+
+Invariants:
+
+* The index a snapshot is labelled with and the state machine handle are taken with no
+  checkpoint in between, so they describe the same state (``position()`` is read right before
+  ``snapshot()``). A snapshot labelled below the state it holds would replay entries twice.
+* One snapshot write at a time (``_lock``): the periodic worker and configuration-change
+  snapshots share the data dir's retention, which is not safe to run concurrently.
+* A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
+* The log is compacted only behind a snapshot that is durable (``.fsm`` and ``.snap`` fsynced,
+  marker in the WAL), keeping ``snapshot_catchup_entries`` entries for slow followers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import trio
+
+from trio_raft.core.errors import CompactedError, SnapOutOfDateError, UnavailableError
+from trio_raft.core.messages import ConfState
+from trio_raft.core.storage import MemoryStorage
+from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine.types import StateMachine
+from trio_raft.storage.recovery import DiskPersistence
+
+logger = logging.getLogger(__name__)
+
+
+class Snapshots:
+    """See the module docstring."""
+
+    def __init__(self, *, fsm: StateMachine, disk: DiskPersistence, storage: MemoryStorage,
+                 io: DiskRunner, position: Callable[[], tuple[int, ConfState]],
+                 every: int, catchup_entries: int,
+                 protected: Callable[[], frozenset[int]] = frozenset) -> None:
+        self._fsm = fsm
+        self._disk = disk
+        self._storage = storage
+        self._io = io
+        #: (applied index, conf state) of the state machine right now.
+        self._position = position
+        self._every = every
+        self._catchup_entries = catchup_entries
+        #: Received ``.fsm`` files not installed yet; retention keeps them.
+        self._protected = protected
+        self._lock = trio.Lock()
+        self._in_flight = False
+
+    def due(self, applied: int) -> bool:
+        """Whether a periodic snapshot should start now."""
+        if self._in_flight or applied == 0:
+            return False
+        return applied - self._storage.snapshot().metadata.index >= self._every
+
+    def start_periodic(self, nursery: trio.Nursery,
+                       on_error: Callable[[BaseException], None]) -> None:
+        self._in_flight = True
+        nursery.start_soon(self._periodic, on_error)
+
+    async def _periodic(self, on_error: Callable[[BaseException], None]) -> None:
+        try:
+            await self.write(None, None, compact=True)
+        except Exception as exc:
+            on_error(exc)
+        finally:
+            self._in_flight = False
+
+    async def write(self, index: int | None, cs: ConfState | None, *, compact: bool) -> None:
+        """Snapshot the state machine at ``index`` (which must be its applied index now; None:
+        the position as of when the write starts), persist it and optionally compact."""
+        async with self._lock:
+            await self._write_locked(index, cs, compact=compact)
+
+    async def _write_locked(self, index: int | None, cs: ConfState | None, *,
+                            compact: bool) -> None:
+        if index is None or cs is None:
+            index, cs = self._position()
+        if index <= self._storage.snapshot().metadata.index:
+            return
+        handle = self._fsm.snapshot()
+        try:
+            token = await self._io.run(self._disk.write_fsm_snapshot, handle, index,
+                                       self._protected())
+        finally:
+            handle.close()
+        if index <= self._storage.snapshot().metadata.index:
+            return
+        try:
+            snap = self._storage.create_snapshot(index, cs, token)
+        except (SnapOutOfDateError, CompactedError, UnavailableError):
+            return
+        set_durable = getattr(self._fsm, "set_durable_applied_index", None)
+        if set_durable is not None:
+            set_durable(index)
+        await self._io.run(self._disk.save_snapshot, snap)
+        if compact:
+            target = index - self._catchup_entries
+            if target > self._storage.first_index():
+                with contextlib.suppress(CompactedError, UnavailableError):
+                    self._storage.compact(target)
+        await self._io.run(self._disk.purge)
+        logger.info("snapshot written at index %d", index)

@@ -216,6 +216,12 @@ class PeerFormatInvalidError(ConfigError):
     default_message = "raft peer format is invalid (want id=host:port)"
 
 
+class JoinAsLearnerBootstrapError(ConfigError):
+    """``join_as_learner`` and ``bootstrap`` contradict each other: a joining node never forms
+    a cluster."""
+    default_message = "raft engine: join_as_learner cannot bootstrap"
+
+
 class ClusterMismatchError(ConfigError):
     default_message = "raft persisted cluster does not match configured peers"
 
@@ -438,6 +444,12 @@ class EncryptionScanError(EnvelopeError):
 class RaftUnwrapFailedError(RaftError):
     """An entry above the cutover could not be unwrapped. Fatal: apply halts on that entry."""
     default_message = "raft envelope unwrap failed; halting apply"
+
+
+class JoinedAsVoterError(RaftError):
+    """A node started with ``join_as_learner`` was added as a voter: it refuses to serve (the
+    engine stops) until an operator removes it and adds it back as a learner."""
+    default_message = "raft engine: join_as_learner node was added as a voter"
 
 
 class FSMApplyHaltError(RaftError):

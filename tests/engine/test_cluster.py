@@ -75,17 +75,24 @@ async def test_leader_reports_each_peers_replication(tmp_path, clock):
         await wait_replicated(leader, cut, res2.commit_index)
 
 
-async def test_follower_rejects_writes_and_reads(tmp_path, clock):
+async def test_follower_rejects_writes_and_serves_linearizable_reads(tmp_path, clock):
     async with open_memory_cluster(tmp_path, 3, KV) as c:
-        await c.wait_for_leader()
-        follower = next(h.engine for h in c.running() if h.engine.state() is State.FOLLOWER)
+        leader = await c.wait_for_leader()
+        handle = next(h for h in c.running() if h.engine.state() is State.FOLLOWER)
+        follower = handle.engine
         with pytest.raises(errors.NotLeaderError):
             await follower.propose(b"set a 1")
         with pytest.raises(errors.NotLeaderError):
-            await follower.linearizable_read()
+            await follower.verify_leader()
         with pytest.raises(errors.NotLeaderError):
             await follower.check_serving()
         assert follower.leader().id == c.leader_name()
+        # A follower read: the leader confirms the read index, the follower applies up to it
+        # and serves the read from its own state machine (docs/api.md, reads).
+        written = await leader.propose(b"set a 2")
+        index = await follower.linearizable_read()
+        assert index >= written.commit_index
+        assert follower.applied_index() >= index and handle.fsm.data["a"] == "2"
 
 
 async def test_learner_add_catch_up_promote_remove(tmp_path, clock):
@@ -345,7 +352,9 @@ async def test_wiped_member_rejoins_through_snapshot(tmp_path, clock):
         assert victim in voters
 
 
-async def test_join_as_learner_alarm_when_added_as_voter(tmp_path, clock):
+async def test_join_as_learner_refuses_to_become_a_voter(tmp_path, clock):
+    """A node started with join_as_learner that is added with add_voter (an operator's
+    mistake) stops with JoinedAsVoterError before it installs anything; the cluster goes on."""
     import trio_raft
 
     before = trio_raft.join_role_violation_count()
@@ -354,12 +363,52 @@ async def test_join_as_learner_alarm_when_added_as_voter(tmp_path, clock):
         idx = leader.status().configuration_index
         joiner = await c.start("n4", bootstrap=False, peers=["n1", "n2", "n3", "n4"],
                                join_as_learner=True)
-        # The operator mistakenly adds the learner-joiner as a voter: the alarm latches once.
         await leader.add_voter("n4", c.nodes["n4"].address, idx)
-        res = await leader.propose(b"set x 1")
-        await c.wait_applied(res.commit_index, ["n4"])
+        with trio.fail_after(10):
+            await c.nodes["n4"].stopped.wait()
+        assert isinstance(c.nodes["n4"].error, errors.JoinedAsVoterError)
+        assert joiner.state() is State.SHUTDOWN
+        assert joiner.applied_index() == 0 and c.nodes["n4"].fsm.data == {}
         assert trio_raft.join_role_violation_count() == before + 1
-        assert joiner.state() is not State.SHUTDOWN  # it keeps running
+        res = await leader.propose(b"set x 1")  # 3 of 4 voters still make a quorum
+        assert res.commit_index > idx
+        # Restarted with the same flag, it refuses again (the configuration is unchanged).
+        await c.start("n4", bootstrap=False, peers=["n1", "n2", "n3", "n4"],
+                      join_as_learner=True)
+        with trio.fail_after(10):
+            await c.nodes["n4"].stopped.wait()
+        assert isinstance(c.nodes["n4"].error, errors.JoinedAsVoterError)
+
+
+async def test_join_as_learner_never_bootstraps(tmp_path):
+    from tests.engine.test_single_node import cfg
+
+    with pytest.raises(errors.JoinAsLearnerBootstrapError):
+        async with trio_raft_open(cfg(tmp_path, join_as_learner=True, bootstrap=True)):
+            pass
+    # Even when it is the only peer it knows of, it waits to be added instead of forming a
+    # cluster of its own.
+    me = trio_raft_peer("n1", "127.0.0.1:7001")
+    async with trio_raft_open(cfg(tmp_path, join_as_learner=True, bootstrap=False,
+                                  peers=[me])) as engine:
+        assert (await engine.configuration()).servers == ()
+        with trio.move_on_after(1):
+            while engine.state() is not State.LEADER:
+                await trio.sleep(0.05)
+        assert engine.state() is not State.LEADER
+        assert engine.applied_index() == 0
+
+
+def trio_raft_open(config):  # type: ignore[no-untyped-def]
+    import trio_raft
+
+    return trio_raft.open_engine(config)
+
+
+def trio_raft_peer(id: str, address: str):  # type: ignore[no-untyped-def]
+    import trio_raft
+
+    return trio_raft.Peer(id, address)
 
 
 async def test_factory_applies_its_tunables(tmp_path):
@@ -438,10 +487,11 @@ async def test_propose_nowait_on_a_follower_reports_not_leader(tmp_path, clock):
 
 
 async def test_a_late_answer_does_not_renew_the_lease(tmp_path, clock):
-    """A follower is credited with the time the leader issued the probe it echoes, not with when
-    its answer arrived: an answer that waited (a paused leader, a slow network) renews nothing."""
+    """A follower is credited with the time the leader started the round it echoes, not with
+    when its answer arrived: an answer that waited (a paused leader, a slow network) renews
+    nothing."""
     from trio_raft.core.messages import Message, MessageType
-    from trio_raft.engine.contexts import encode_lease_probe
+    from trio_raft.engine.contexts import encode_read_context
 
     async with open_memory_cluster(tmp_path, 3, KV, heartbeat_tick=10, election_tick=100) as c:
         leader = await c.wait_for_leader(timeout=60)
@@ -451,12 +501,15 @@ async def test_a_late_answer_does_not_renew_the_lease(tmp_path, clock):
             while not leader.lease_valid():
                 await trio.sleep(0.01)
         issued = trio.current_time()
+        # white box: the newest round the leader started (its lease probes and reads)
+        round_id, started = list(leader._loop.reads._started.items())[-1]
+        assert started <= issued
         c.partition([name], [n for n in c.nodes if n != name])
         await trio.sleep(leader.lease_duration() + 0.05)
         assert not leader.lease_valid() and leader.state() is State.LEADER
         follower = next(h.engine for n, h in c.nodes.items() if n != name)
         late = Message(MessageType.HEARTBEAT_RESP, leader._loop.node_id, follower._loop.node_id,
-                       leader.status().term, context=encode_lease_probe(issued))
+                       leader.status().term, context=encode_read_context(round_id))
         leader._loop._step(late)  # white box: the answer arrives now
         assert not leader.lease_valid()
         ack = leader.last_quorum_ack()

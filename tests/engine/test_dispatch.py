@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from trio_raft.core.messages import Entry, Message, MessageType
-from trio_raft.engine.dispatch import Dispatcher, coalesce_appends, error_code_name
+from trio_raft.engine.dispatch import Dispatcher, SendReport, coalesce_appends, error_code_name
 from trio_raft.engine.types import Peer
 from trio_raft.errors import DispatchError
 from trio_raft.transport.base import TransportPeer
@@ -87,7 +87,7 @@ async def test_full_lane_drops_and_failed_send_is_reported():
         d.close()
     assert d.stats.error_count == len(sent) > 0
     assert d.stats.errors_by_code == {"Unavailable": len(sent)}
-    assert (7, False) in reports
+    assert (7, SendReport.UNREACHABLE) in reports
     assert error_code_name(TimeoutError()) == "DeadlineExceeded"
 
 
@@ -137,3 +137,29 @@ async def test_commit_only_append_without_delay_leaves_at_once():
         await trio.testing.wait_all_tasks_blocked()
         assert [m.commit for m in sent] == [20]
         nursery.cancel_scope.cancel()
+
+
+async def test_delivered_snapshot_is_reported_so_raft_probes_again():
+    """A peer that crashes before installing a delivered snapshot never acknowledges it;
+    reporting the delivery lets raft probe it (and send a new snapshot) instead of waiting."""
+    reports: list[tuple[int, SendReport]] = []
+
+    class Snapshots(PeerTable):
+        async def send(self, m: Message) -> None:
+            raise AssertionError("not a snapshot")
+
+        async def send_snapshot(self, m: Message) -> None:
+            if m.to == 3:
+                raise DispatchError("peer down", code="Unavailable")
+
+    d = Dispatcher(Snapshots(), 4, lambda nid, r: reports.append((nid, r)))
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.add_peer(peer(2))
+        d.add_peer(peer(3))
+        d.send(Message(MT.SNAP, to=2, from_=1, term=1))
+        d.send(Message(MT.SNAP, to=3, from_=1, term=1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert sorted(reports, key=lambda r: r[0]) == [(2, SendReport.SNAPSHOT_SENT),
+                                                   (3, SendReport.SNAPSHOT_FAILED)]

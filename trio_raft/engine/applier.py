@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import trio
+
 from trio_raft.core.messages import (
     ConfChange,
     ConfChangeType,
@@ -73,6 +75,8 @@ class Applier:
         self._set_apply_index = getattr(fsm, "set_apply_index", None)
         #: Set once a configuration change removed this node: the engine then stops.
         self.removed_self = False
+        #: True while ``StateMachine.restore`` runs (``install_snapshot``).
+        self.restoring = False
 
     # -- committed entries ---------------------------------------------------------------------
     async def apply(self, entries: Sequence[Entry]) -> None:
@@ -121,6 +125,7 @@ class Applier:
         cc = ConfChange.decode(ent.data)
         cs = self._node.apply_conf_change(cc)
         m = self._membership
+        m.check_join_role(cs)
         if ent.index > m.config_index:
             change = m.plan_change(ent.index, cc, cs)
             await self._persist_membership(change)
@@ -164,17 +169,31 @@ class Applier:
 
     # -- snapshots from the leader -------------------------------------------------------------
     async def install_snapshot(self, snap: Snapshot) -> None:
-        """Restore the state machine from ``snap`` and adopt its membership."""
+        """Restore the state machine from ``snap`` and adopt its membership.
+
+        The thread rules of ``docs/api.md``: no snapshot is written meanwhile (the snapshot
+        lock is held); before ``restore`` starts the loop yields twice, so every task released
+        earlier by a read (its waiter set before the first yield) has run; while it runs no
+        read is released and the applied index does not move (the run loop is here).
+        """
         if not snap.data:
             raise SnapshotRequiredError(f"snapshot at index {snap.metadata.index} has no data")
         m = self._membership
         cs = snap.metadata.conf_state
+        m.check_join_role(cs)
         members = peers_for_conf_state(m.peers, cs)
         m.require_addresses(members)
-        await self._io.run(restore_snapshot_state, self._fsm, snap, self._disk.fsm_dir)
-        self._storage.apply_snapshot(snap)
         idx = snap.metadata.index
-        self.applied = max(self.applied, idx)
+        async with self._snapshots.lock:
+            self.restoring = True
+            try:
+                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+                await self._io.run(restore_snapshot_state, self._fsm, snap, self._disk.fsm_dir)
+                self._storage.apply_snapshot(snap)
+                self.applied = max(self.applied, idx)
+            finally:
+                self.restoring = False
         m.note_applied(idx)
         m.commit(idx, cs, members)
         await self._io.run(write_current_persisted_peers, self._disk.data_dir, idx,

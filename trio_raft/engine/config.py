@@ -8,10 +8,11 @@ from typing import Any
 
 import attrs
 
-from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer, StateMachine
+from trio_raft.engine.types import SUFFRAGE_VOTER, Peer, StateMachine
 from trio_raft.errors import (
     ConfigError,
     DataDirRequiredError,
+    JoinAsLearnerBootstrapError,
     LocalPeerMissingError,
     NodeIDRequiredError,
     NoPeersConfiguredError,
@@ -84,6 +85,10 @@ class OpenConfig:
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
     raft_cipher: Any = None
     raft_cutover_index: Callable[[], int] | None = None
+    #: This node joins an existing cluster and must be added as a learner first: it never
+    #: bootstraps (``bootstrap=True`` is refused), starts empty even with one peer listed, and
+    #: stops with JoinedAsVoterError if the first configuration it receives lists it as a
+    #: voter. No effect once it has received a configuration (a restart after joining).
     join_as_learner: bool = False
     pre_vote: bool = True
     #: Seed for the core's election-timeout RNG (None: from the OS).
@@ -139,6 +144,8 @@ def validate(cfg: OpenConfig) -> None:
         raise StateMachineUnsetError()
     if cfg.election_tick <= cfg.heartbeat_tick:
         raise ConfigError("election tick must be greater than heartbeat tick")
+    if cfg.join_as_learner and cfg.bootstrap:
+        raise JoinAsLearnerBootstrapError()
 
 
 def lease_duration(cfg: OpenConfig) -> float:
@@ -211,5 +218,3 @@ def normalize_peers(
     return out
 
 
-def is_learner(p: Peer) -> bool:
-    return p.suffrage == SUFFRAGE_LEARNER

@@ -1,5 +1,11 @@
-"""Byte envelopes the engine puts around proposals, read requests and membership changes so it
-can match what raft hands back to the caller waiting for it (spec b.4, b.5, c.2)."""
+"""Byte envelopes the engine puts around proposals, ReadIndex rounds and membership changes so
+it can match what raft hands back to the caller waiting for it. Layouts in ``docs/formats.md``.
+
+* proposal entry data: ``0x01 | request id u64 | payload``;
+* ReadIndex context: ``0x02 | round id u64``;
+* configuration change context: ``0x03 | request id u64 | node id u64 | len(id) u16 |
+  len(address) u16 | id | address``.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,8 @@ from trio_raft.errors import ConfChangeContextTooLargeError
 PROPOSAL_VERSION = 0x01
 READ_VERSION = 0x02
 CONF_VERSION = 0x03
-LEASE_VERSION = 0x04
 
 _ID = struct.Struct(">BQ")
-_LEASE = struct.Struct(">Bd")
 _CONF = struct.Struct(">BQQHH")
 HEADER_SIZE = _ID.size  # 9
 
@@ -31,26 +35,15 @@ def decode_proposal(data: bytes) -> tuple[int, bytes] | None:
     return _ID.unpack_from(data)[1], data[HEADER_SIZE:]
 
 
-def encode_read_context(request_id: int) -> bytes:
-    return _ID.pack(READ_VERSION, request_id)
+def encode_read_context(round_id: int) -> bytes:
+    """The context of one ReadIndex round (``reads.py``)."""
+    return _ID.pack(READ_VERSION, round_id)
 
 
 def decode_read_context(ctx: bytes) -> int | None:
     if len(ctx) != HEADER_SIZE or ctx[0] != READ_VERSION:
         return None
     return int(_ID.unpack(ctx)[1])
-
-
-def encode_lease_probe(issued_at: float) -> bytes:
-    """Context of a leader's lease probe: a ReadIndex round stamped with the (trio clock) time
-    it was issued. A follower echoing it heard from the leader after that time."""
-    return _LEASE.pack(LEASE_VERSION, issued_at)
-
-
-def decode_lease_probe(ctx: bytes) -> float | None:
-    if len(ctx) != _LEASE.size or ctx[0] != LEASE_VERSION:
-        return None
-    return float(_LEASE.unpack(ctx)[1])
 
 
 @attrs.frozen

@@ -6,7 +6,9 @@ for replication, so a slow peer never blocks the run loop. :meth:`Dispatcher.add
 
 A full lane drops the message and counts it; raft retries through probes and heartbeats. A send
 that fails is counted by error code and reported back to the run loop, which tells raft the peer
-is unreachable (or that a snapshot failed).
+is unreachable (or that a snapshot failed). A snapshot that was delivered is reported too: raft
+then probes the peer again instead of waiting for it to acknowledge the snapshot, which a peer
+that crashed before installing it would never do.
 
 A leader's append that carries no entries, only a new commit index, may be deferred for a short
 delay (:meth:`Dispatcher.defer`): when an append to the same peer leaves first it carries that
@@ -16,6 +18,7 @@ answer per write at low load.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable
 
@@ -29,6 +32,19 @@ from trio_raft.transport.base import Transport, TransportPeer, error_code
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_LANE_CAPACITY = 512
+
+
+class SendReport(enum.Enum):
+    """What the run loop is told about a send (``RawNode.report_unreachable`` /
+    ``report_snapshot``)."""
+
+    UNREACHABLE = "unreachable"
+    SNAPSHOT_FAILED = "snapshot-failed"
+    SNAPSHOT_SENT = "snapshot-sent"
+
+
+def failure_report(m: Message) -> SendReport:
+    return SendReport.SNAPSHOT_FAILED if m.type is MessageType.SNAP else SendReport.UNREACHABLE
 
 
 def error_code_name(exc: BaseException) -> str:
@@ -89,12 +105,12 @@ class Dispatcher:
         self,
         transport: Transport | None,
         normal_capacity: int,
-        report: Callable[[int, bool], None],
+        report: Callable[[int, SendReport], None],
     ) -> None:
         self.transport = transport
         self.normal_capacity = normal_capacity
         self.stats = DispatchStats()
-        self._report = report  # (node_id, is_snapshot)
+        self._report = report
         self._lanes: dict[int, PeerLanes] = {}
         self._nursery: trio.Nursery | None = None
         #: Upper bound on the entry bytes of one coalesced append.
@@ -169,13 +185,13 @@ class Dispatcher:
         lanes = self._lanes.get(m.to)
         if lanes is None:
             self.stats.record_drop()
-            self._report(m.to, m.type is MessageType.SNAP)
+            self._report(m.to, failure_report(m))
             return
         try:
             lanes.lane_for(m).send_nowait(m)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self.stats.record_drop()
-            self._report(m.to, m.type is MessageType.SNAP)
+            self._report(m.to, failure_report(m))
 
     async def _worker(
         self, lanes: PeerLanes, recv: trio.MemoryReceiveChannel[Message]
@@ -202,13 +218,14 @@ class Dispatcher:
                     try:
                         if m.type is MessageType.SNAP:
                             await transport.send_snapshot(m)
+                            self._report(m.to, SendReport.SNAPSHOT_SENT)
                         else:
                             await transport.send(m)
                     except trio.Cancelled:
                         raise
                     except Exception as exc:
                         self.stats.record_error(exc)
-                        self._report(m.to, m.type is MessageType.SNAP)
+                        self._report(m.to, failure_report(m))
 
 
 def coalesce_appends(

@@ -124,6 +124,12 @@ class Engine:
     def applied_index(self) -> int:
         return self._loop.applied
 
+    def restoring(self) -> bool:
+        """True while the state machine is being restored from a snapshot (in a worker thread):
+        a read of the state machine that does not go through :meth:`linearizable_read` or
+        :meth:`verify_leader` must not trust what it sees meanwhile (``docs/api.md``)."""
+        return self._loop.applier.restoring
+
     def state(self) -> State:
         return self._loop.status.state
 

@@ -6,7 +6,8 @@ Owns the queues the run loop drains each turn (see ``loop.py``) and the event th
 * ``priority`` and ``bulk``: inbound raft messages. Heartbeats, votes, read-index traffic and
   timeout-now (``PRIORITY_MESSAGE_TYPES``) queue apart from appends and snapshots, so a flood of
   appends never delays an election or a lease;
-* ``reports``: send failures from the dispatcher (peer unreachable, snapshot failed);
+* ``reports``: what the dispatcher learned sending (peer unreachable, snapshot failed or
+  delivered);
 * ``ticks``: elapsed tick intervals not yet given to raft.
 
 Invariants: only the run loop takes items out; anything may put items in (from the trio thread)
@@ -23,6 +24,7 @@ from collections import deque
 import trio
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message
+from trio_raft.engine.dispatch import SendReport
 from trio_raft.engine.requests import Request
 from trio_raft.errors import StepQueueFullError
 
@@ -47,7 +49,7 @@ class Inbox:
         self.requests: deque[Request] = deque()
         self.priority: deque[Message] = deque()
         self.bulk: deque[Message] = deque()
-        self.reports: deque[tuple[int, bool]] = deque()
+        self.reports: deque[tuple[int, SendReport]] = deque()
         self.ticks = 0
         self.close_requested = False
         self.bulk_capacity = bulk_capacity
@@ -90,12 +92,13 @@ class Inbox:
         queue.append(m)
         self.wake()
 
-    def put_report(self, node_id: int, is_snapshot: bool) -> None:
-        """A send to ``node_id`` failed (dropped when the queue is full: raft probes again)."""
+    def put_report(self, node_id: int, report: SendReport) -> None:
+        """What a send to ``node_id`` came to (dropped when the queue is full: raft probes
+        again)."""
         if len(self.reports) >= self.bulk_capacity:
             logger.warning("dispatch report queue full; dropping report for %x", node_id)
             return
-        self.reports.append((node_id, is_snapshot))
+        self.reports.append((node_id, report))
         self.wake()
 
     def put_tick(self) -> None:

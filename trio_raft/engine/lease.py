@@ -4,12 +4,13 @@ A follower that answers a heartbeat has heard from the leader, and will not vote
 until an election timeout has passed since then (Raft thesis §6.4.1: a leader may serve reads
 locally while that holds). Crediting the follower with the time its answer was *received* would
 be wrong when the answer waited in a socket (the leader paused, the network slow): the follower
-may have voted for someone else since. So the leader stamps a ReadIndex round with the trio
-clock instant it was issued (a *lease probe*, ``contexts.encode_lease_probe``), followers echo
-the stamp in their heartbeat answers, and each is credited with the issue instant: a lower bound
-of when it last heard from this leader, however late the answer arrives.
+may have voted for someone else since. So the leader remembers when it started each ReadIndex
+round (``reads.py``: user reads and, when none ran for a heartbeat interval, a lease probe),
+followers echo the round's context in their heartbeat answers, and each is credited with the
+round's start instant: a lower bound of when it last heard from this leader, however late the
+answer arrives.
 
-``Lease`` owns the probe timing and the per-voter credit (:class:`QuorumAckTracker`). The
+``Lease`` owns the per-voter credit (:class:`QuorumAckTracker`). The
 instant it publishes, ``last_quorum_ack``, is the ``q``-th most recent credit with
 ``q = voters // 2`` (with the leader itself, a majority). A single voter is its own quorum: the
 instant is "now" at every status refresh. Times are trio clock instants, so leases follow
@@ -18,16 +19,12 @@ MockClock in tests.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 
 import trio
 
-from trio_raft.core.errors import RaftError as CoreRaftError
 from trio_raft.core.messages import NONE, Message, MessageType, StateType
 from trio_raft.core.rawnode import RawNode
-from trio_raft.engine.contexts import decode_lease_probe, encode_lease_probe
-
-logger = logging.getLogger(__name__)
 
 
 class QuorumAckTracker:
@@ -71,45 +68,27 @@ class QuorumAckTracker:
 
 
 class Lease:
-    """Probe timing and quorum credit of this node's leader lease (module docstring)."""
+    """The quorum credit of this node's leader lease (module docstring)."""
 
-    def __init__(self, node: RawNode, node_id: int, probe_interval: float) -> None:
+    def __init__(self, node: RawNode, node_id: int) -> None:
         self._node = node
         self._node_id = node_id
-        self._probe_interval = probe_interval
-        self._probe_at = float("-inf")
         self.acks = QuorumAckTracker()
         #: "now" at the last status refresh while this node is the only voter and leader.
         self.single_node_ack: float | None = None
 
-    def maybe_probe(self, voters: int) -> None:
-        """On a tick: a leader with followers starts a stamped ReadIndex round about once a
-        heartbeat interval. Raft holds the round until the leader committed in its term."""
+    def on_heartbeat_response(self, m: Message, voter_ids: Sequence[int],
+                              started_at: float | None) -> None:
+        """Credit a voter that echoed, in this term, a round this leader started at
+        ``started_at`` (None: not one of its rounds, no credit)."""
+        if m.type is not MessageType.HEARTBEAT_RESP or started_at is None:
+            return
         node = self._node
-        if node.raft.state is not StateType.LEADER or voters <= 1:
+        if m.term != node.raft.term or node.raft.state is not StateType.LEADER:
             return
-        now = trio.current_time()
-        if now - self._probe_at < self._probe_interval:
+        if m.from_ in (NONE, self._node_id) or m.from_ not in voter_ids or len(voter_ids) <= 1:
             return
-        self._probe_at = now
-        try:
-            node.read_index(encode_lease_probe(now))
-        except CoreRaftError as exc:
-            logger.debug("lease probe not started: %s", exc)
-
-    def on_heartbeat_response(self, m: Message, voter_ids: tuple[int, ...] | list[int]) -> None:
-        """Credit a voter that echoed a probe stamp in this term."""
-        if m.type is not MessageType.HEARTBEAT_RESP or not m.context:
-            return
-        issued_at = decode_lease_probe(m.context)
-        node = self._node
-        if issued_at is None or m.term != node.raft.term:
-            return
-        if m.from_ in (NONE, self._node_id) or node.raft.state is not StateType.LEADER:
-            return
-        if m.from_ not in voter_ids or len(voter_ids) <= 1:
-            return
-        self.acks.record(m.from_, issued_at, len(voter_ids))
+        self.acks.record(m.from_, started_at, len(voter_ids))
 
     def on_refresh(self, is_leader: bool, voters: int) -> None:
         self.single_node_ack = trio.current_time() if is_leader and voters <= 1 else None

@@ -52,7 +52,7 @@ from trio_raft.engine.applier import Applier
 from trio_raft.engine.config import OpenConfig
 from trio_raft.engine.contexts import encode_proposal
 from trio_raft.engine.diskio import DiskRunner
-from trio_raft.engine.dispatch import Dispatcher
+from trio_raft.engine.dispatch import Dispatcher, SendReport
 from trio_raft.engine.envelope_gate import EnvelopeGate
 from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
 from trio_raft.engine.lease import Lease
@@ -120,9 +120,10 @@ class RunLoop:
             peers=opened.peers, conf_state=opened.conf_state,
             config_index=opened.config_index, fence=opened.fence,
             join_as_learner=cfg.join_as_learner)
-        self.reads = Reads(self.node)
-        self.lease = Lease(self.node, cfg.node_id, cfg.heartbeat_tick * cfg.tick_interval)
-        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_failed)
+        self.reads = Reads(self.node, retry_after=cfg.election_tick * cfg.tick_interval,
+                           probe_interval=cfg.heartbeat_tick * cfg.tick_interval)
+        self.lease = Lease(self.node, cfg.node_id)
+        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_report)
         self.status_view = StatusView(self.node, self.membership, self.storage)
         self.gate = EnvelopeGate(
             cipher=cfg.raft_cipher, configured=cfg.raft_cutover_index, recorded=opened.cutover,
@@ -270,9 +271,9 @@ class RunLoop:
             await trio.sleep_until(deadline)
             self.inbox.put_tick()
 
-    def _on_send_failed(self, node_id: int, is_snapshot: bool) -> None:
+    def _on_send_report(self, node_id: int, report: SendReport) -> None:
         if not self.closed:
-            self.inbox.put_report(node_id, is_snapshot)
+            self.inbox.put_report(node_id, report)
 
     # -- one turn -----------------------------------------------------------------------------
     def _take_inbox(self) -> None:
@@ -280,20 +281,19 @@ class RunLoop:
         ticks, inbox.ticks = inbox.ticks, 0
         for _ in range(min(ticks, 2 * self.cfg.election_tick)):
             node.tick()
-        if ticks:
-            self.lease.maybe_probe(self.membership.voter_count())
         while inbox.priority:
             self._step(inbox.priority.popleft())
         while inbox.bulk:
             self._step(inbox.bulk.popleft())
         while inbox.reports:
-            node_id, is_snap = inbox.reports.popleft()
-            if is_snap:
-                node.report_snapshot(node_id, False)
-            else:
+            node_id, report = inbox.reports.popleft()
+            if report is SendReport.UNREACHABLE:
                 node.report_unreachable(node_id)
+            else:
+                node.report_snapshot(node_id, report is SendReport.SNAPSHOT_SENT)
         if inbox.requests:
             self._take_requests()
+        self._start_read_rounds()
 
     def _step(self, m: Message) -> None:
         self.status_view.note_contact(m)
@@ -304,7 +304,9 @@ class RunLoop:
         except CoreRaftError as exc:
             logger.debug("ignored %s from %x: %s", m.type.name, m.from_, exc)
             return
-        self.lease.on_heartbeat_response(m, self.membership.conf_state.voters)
+        if m.context:
+            self.lease.on_heartbeat_response(m, self.membership.conf_state.voters,
+                                             self.reads.started_at(m.context))
 
     def _take_requests(self) -> None:
         batch: list[ProposeRequest] = []
@@ -315,7 +317,7 @@ class RunLoop:
                 if self._admit(req):
                     batch.append(req)
             elif isinstance(req, ReadRequest):
-                self.reads.start(req, self._reject_reason(admin=True))
+                self.reads.admit(req, self._read_reject_reason(req))
             else:
                 self.admin.handle(req)
         if not batch:
@@ -338,6 +340,20 @@ class RunLoop:
             req.waiter.fail(err)
             return False
         return True
+
+    def _read_reject_reason(self, req: ReadRequest) -> BaseException | None:
+        """Linearizable reads are served by any node that knows a leader (the leader confirms
+        the read index); ``verify_leader`` only on the leader."""
+        r = self.node.raft
+        if r.state is StateType.LEADER or not req.wait_applied:
+            return self._reject_reason(admin=True)
+        if r.state is not StateType.FOLLOWER or r.lead == NONE:
+            return NotLeaderError("no known leader to confirm the read")
+        return None
+
+    def _start_read_rounds(self) -> None:
+        self.reads.start_rounds(is_leader=self.is_leader(),
+                                has_followers=self.membership.voter_count() > 1)
 
     def _reject_reason(self, admin: bool) -> BaseException | None:
         r = self.node.raft
@@ -374,6 +390,7 @@ class RunLoop:
             if late:
                 self._send(rd, defer_commit_only=True)
             self.reads.on_ready(rd)
+            self._start_read_rounds()  # the next round starts as soon as one completes
             node.advance(rd)
             self._maybe_snapshot()
             self._refresh_status()

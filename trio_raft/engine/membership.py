@@ -18,7 +18,6 @@ or above the applied index.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import attrs
@@ -44,6 +43,7 @@ from trio_raft.engine.types import (
     Server,
 )
 from trio_raft.errors import (
+    JoinedAsVoterError,
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
     PeerAddressRequiredError,
@@ -52,13 +52,12 @@ from trio_raft.errors import (
 )
 from trio_raft.storage.peers import PersistedPeer
 
-logger = logging.getLogger(__name__)
-
 _join_role_violation_total = 0
 
 
 def join_role_violation_count() -> int:
-    """Process-wide count of join-as-learner alarms (a learner-joined node found to be a voter)."""
+    """Process-wide count of nodes started with ``join_as_learner`` that were added as voters
+    (each stopped with JoinedAsVoterError)."""
     return _join_role_violation_total
 
 
@@ -109,9 +108,9 @@ class Membership:
         self.conf_state = conf_state
         self.config_index = config_index
         self.fence = fence
-        self._join_as_learner = join_as_learner
-        self._join_alarm_fired = False
-        self.check_join_role()
+        #: ``join_as_learner`` and no configuration received yet (``config.py``).
+        self.awaiting_learner_role = join_as_learner and not (
+            conf_state.voters or conf_state.learners)
 
     # -- views -------------------------------------------------------------------------------
     def configuration(self) -> Configuration:
@@ -198,21 +197,20 @@ class Membership:
         self.peers = {p.node_id: p for p in members}
         self.conf_state = cs
         self.config_index = max(self.config_index, index)
-        self.check_join_role()
 
-    def check_join_role(self) -> None:
-        """A node started with ``join_as_learner`` that finds itself a voter raises the alarm
-        once (an operator added it as a voter by mistake)."""
+    def check_join_role(self, cs: ConfState) -> None:
+        """Before a configuration is adopted: a node joining as a learner refuses to become a
+        voter without having been a learner (JoinedAsVoterError, fatal)."""
         global _join_role_violation_total
-        if (not self._join_as_learner or self._join_alarm_fired
-                or self.node_id not in self.conf_state.voters):
+        if not self.awaiting_learner_role:
             return
-        self._join_alarm_fired = True
-        _join_role_violation_total += 1
-        logger.error(
-            "join-as-learner node %s is listed as a voter: an operator added it as a voter",
-            self.local_id,
-        )
+        if self.node_id in cs.voters:
+            _join_role_violation_total += 1
+            raise JoinedAsVoterError(
+                f"node {self.local_id} joined with join_as_learner but the configuration "
+                f"lists it as a voter: remove it and add it back as a learner")
+        if self.node_id in cs.learners:
+            self.awaiting_learner_role = False
 
     # -- resolving the peers named in admin calls ---------------------------------------------
     def admin_peer(self, req: AdminRequest) -> Peer:

@@ -91,7 +91,8 @@ def open_state(cfg: OpenConfig) -> OpenedState:
     peers = normalize_peers(
         local, peers, allow_incomplete=persisted is not None, allow_self_bootstrap=cfg.bootstrap
     )
-    disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine)
+    disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine,
+                           join=cfg.join_as_learner)
     try:
         snap = disk.snapshot
         cs = snap.metadata.conf_state

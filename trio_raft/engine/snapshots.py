@@ -57,6 +57,11 @@ class Snapshots:
         self._lock = trio.Lock()
         self._in_flight = False
 
+    @property
+    def lock(self) -> trio.Lock:
+        """Held while a snapshot is written; the applier holds it while it restores one."""
+        return self._lock
+
     def due(self, applied: int) -> bool:
         """Whether a periodic snapshot should start now."""
         if self._in_flight or applied == 0:

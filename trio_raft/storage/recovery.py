@@ -283,13 +283,14 @@ def _create_wal_atomically(data_dir: str, metadata: bytes, segment_size: int,
 
 
 def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedPeer],
-                    bootstrap: bool, state_machine: StateMachine | None, *,
+                    bootstrap: bool, state_machine: StateMachine | None, *, join: bool = False,
                     wal_metadata: bytes = b"", segment_size: int = SEGMENT_SIZE,
                     max_wal_files: int = MAX_WAL_FILES,
                     max_snap_files: int = snaps.MAX_SNAP_FILES) -> DiskState:
     """Open (or initialise) ``data_dir`` following the recovery order of the module docstring.
 
-    ``peers`` are the configured peers (used only for a fresh data dir); ``state_machine`` is
+    ``peers`` are the configured peers (used only for a fresh data dir; ``join`` forces the join
+    layout even for a single peer); ``state_machine`` is
     restored from the recovered snapshot (restart) or snapshotted into the boot state
     (bootstrap). Raises the storage errors of the layers below (WALCorruptError,
     WALUnrepairableError, WALSnapshotNotFoundError, FSMSnapshot*Error, SnapshotFileError
@@ -343,7 +344,7 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
     if not peers:
         raise NoPeersConfiguredError()
     storage = MemoryStorage()
-    if len(peers) == 1 or bootstrap:
+    if (len(peers) == 1 or bootstrap) and not join:
         if state_machine is None:
             raise ValueError("bootstrapping a data dir needs a state machine")
         handle = state_machine.snapshot()

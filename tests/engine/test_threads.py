@@ -1,0 +1,147 @@
+"""The state machine's thread rules (docs/api.md): ``restore`` runs in a worker thread, and a
+reader that reads the state machine right after ``linearizable_read()`` returns never sees a
+half-restored state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from typing import IO, Any
+
+import trio
+
+import trio_raft
+from tests.engine.kv import KVSnapshot
+from tests.engine.test_single_node import cfg
+from trio_raft.storage.fsm_snapshot import fsm_snapshot_path
+from trio_raft.testing.cluster import open_memory_cluster
+
+KEYS = 120
+
+
+class SlowRestoreKV:
+    """``set k v`` commands; ``restore`` empties the dict and refills it key by key, slowly,
+    from a worker thread: anyone looking meanwhile sees a mixture."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self.restore_threads: list[str] = []
+        self.restoring_now = False
+
+    def apply(self, data: bytes) -> Any:
+        _, k, v = data.decode().split(" ", 2)
+        self.data[k] = v
+        return None
+
+    def snapshot(self) -> KVSnapshot:
+        return KVSnapshot(self.data)
+
+    def restore(self, reader: IO[bytes]) -> None:
+        self.restoring_now = True
+        self.restore_threads.append(threading.current_thread().name)
+        blob = reader.read()
+        new = json.loads(blob) if blob else {}
+        try:
+            self.data.clear()
+            for k, v in new.items():
+                self.data[k] = v
+                time.sleep(0.002)
+        finally:
+            self.restoring_now = False
+
+
+def consistent(view: dict[str, str]) -> bool:
+    """All keys present, all written by the same round."""
+    return len(view) >= KEYS and len({view[f"k{i}"] for i in range(KEYS)}) == 1
+
+
+async def test_reads_never_see_a_half_restored_state_machine(tmp_path):
+    async with open_memory_cluster(tmp_path, 3, SlowRestoreKV, blocking_io=False,
+                                   snapshot_every=40, snapshot_catchup_entries=0) as c:
+        leader = await c.wait_for_leader()
+        for i in range(KEYS):
+            await leader.propose(b"set k%d one" % i)
+        name = c.leader_name()
+        follower = next(n for n in c.nodes if n != name)
+        await c.wait_applied(leader.applied_index(), [follower])
+        fsm = c.nodes[follower].fsm
+        engine = c.engine(follower)
+        seen: list[str] = []
+        during_restore = 0
+        done = trio.Event()
+        target = 1 << 62
+
+        async def reader() -> None:
+            nonlocal during_restore
+            while not done.is_set():
+                try:
+                    await engine.linearizable_read()
+                except Exception:
+                    await trio.sleep(0.001)
+                    continue
+                view = dict(fsm.data)  # right after the read, no await in between
+                during_restore += fsm.restoring_now
+                assert consistent(view), f"half-restored view: {len(view)} keys"
+                seen.append(view["k0"])
+                await trio.sleep(0)
+
+        async def until_caught_up() -> None:
+            while engine.applied_index() < target or seen.count("two") < 20:
+                await trio.sleep(0.01)
+            done.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                for _ in range(4):
+                    n.start_soon(reader)
+                while seen.count("one") < 20:
+                    await trio.sleep(0.01)
+                c.isolate(follower)
+                for i in range(KEYS):  # compacted away: the follower must take a snapshot
+                    await leader.propose(b"set k%d two" % i)
+                target = leader.applied_index()
+                c.heal()
+                n.start_soon(until_caught_up)
+        assert fsm.restore_threads and "MainThread" not in fsm.restore_threads
+        assert during_restore == 0
+        assert seen[0] == "one" and seen[-1] == "two"
+        assert consistent(dict(fsm.data)) and fsm.data["k0"] == "two"
+        assert not engine.restoring()
+
+
+async def test_readers_released_before_a_restore_run_before_it_starts(tmp_path):
+    """White box: tasks a read released (woken) just before a snapshot is installed finish
+    their synchronous look at the state machine before ``restore`` starts in its thread."""
+    source = SlowRestoreKV()
+    async with trio_raft.open_engine(cfg(tmp_path / "a", source)) as engine:
+        for i in range(KEYS + 20):  # ahead of the target's log
+            await engine.propose(b"set k%d two" % (i % KEYS))
+        await engine._loop.snapshots.write(None, None, compact=False)
+        snap = engine._loop.storage.snapshot()
+        fsm_file = fsm_snapshot_path(engine._loop.disk.fsm_dir, snap.metadata.index)
+    fsm = SlowRestoreKV()
+    async with trio_raft.open_engine(cfg(tmp_path / "b", fsm)) as engine:
+        for i in range(KEYS):
+            await engine.propose(b"set k%d one" % i)
+        loop = engine._loop
+        shutil.copy(fsm_file, loop.disk.fsm_dir)  # the payload a leader would have sent
+        released = trio.Event()
+        views: list[tuple[bool, dict[str, str]]] = []
+
+        async def reader() -> None:
+            await released.wait()
+            views.append((fsm.restoring_now, dict(fsm.data)))
+
+        async with trio.open_nursery() as n:
+            for _ in range(8):
+                n.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            released.set()  # the readers are woken...
+            await loop.applier.install_snapshot(snap)  # ...and the restore is next
+        assert len(views) == 8
+        assert all(not during and consistent(view) for during, view in views)
+        assert [v["k0"] for _, v in views] == ["one"] * 8
+        assert fsm.data["k0"] == "two" and consistent(dict(fsm.data))
+        assert fsm.restore_threads and "MainThread" not in fsm.restore_threads

@@ -1,4 +1,5 @@
-"""Engine configuration: OpenConfig, defaults, peer normalisation and validation (spec a.3)."""
+"""Engine configuration: OpenConfig, its defaults, peer normalisation and validation
+(``docs/api.md``, opening an engine)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,10 @@ class OpenConfig:
 
 
 def with_defaults(cfg: OpenConfig) -> OpenConfig:
-    """Fill zero/negative tunables with defaults and derive the identity (spec a.3 steps 1, 4)."""
+    """Derive the identity (``node_id`` from ``local_id`` or the other way round) and give
+    ``tick_interval``, ``heartbeat_tick``, ``election_tick``, ``max_size_per_msg`` and
+    ``max_inflight_msg`` their defaults when they are 0 or less; ``snapshot_every`` below 1
+    becomes 1. Every other field is taken as given (``validate`` refuses what is invalid)."""
     node_id = cfg.node_id or derive_node_id(cfg.local_id)
     local_id = cfg.local_id or (str(cfg.node_id) if cfg.node_id else "")
     return attrs.evolve(
@@ -135,7 +139,7 @@ def with_defaults(cfg: OpenConfig) -> OpenConfig:
 
 
 def validate(cfg: OpenConfig) -> None:
-    """Spec a.3 step 5, in order."""
+    """Refuse an unusable configuration (after ``with_defaults``), the first problem found."""
     if cfg.node_id == 0:
         raise NodeIDRequiredError()
     if not cfg.data_dir:
@@ -146,6 +150,10 @@ def validate(cfg: OpenConfig) -> None:
         raise ConfigError("election tick must be greater than heartbeat tick")
     if cfg.join_as_learner and cfg.bootstrap:
         raise JoinAsLearnerBootstrapError()
+    if cfg.snapshot_catchup_entries < 0:
+        raise ConfigError("snapshot_catchup_entries must not be negative")
+    if cfg.commit_broadcast_delay < 0:
+        raise ConfigError("commit_broadcast_delay must not be negative")
 
 
 def lease_duration(cfg: OpenConfig) -> float:

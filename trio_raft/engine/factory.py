@@ -1,4 +1,4 @@
-"""The seed's Factory: engine-wide tunables applied to every engine it creates."""
+"""Factory: engine-wide tunables applied to every engine it creates."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ class FactoryConfig:
 
 
 class Factory:
-    """Opens engines with the factory's tunables (``engine_type()`` is ``"etcd"`` in the seed;
-    here ``"trio_raft"``)."""
+    """Opens engines with the factory's tunables; ``engine_type()`` names the engine
+    (``"trio_raft"``) for applications that support several."""
 
     def __init__(self, config: FactoryConfig | None = None) -> None:
         self.config = config or FactoryConfig()

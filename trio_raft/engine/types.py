@@ -1,4 +1,4 @@
-"""Public value types of the engine API (the seed's raftengine types, snake_cased)."""
+"""Public value types of the engine API (``docs/api.md``)."""
 
 from __future__ import annotations
 
@@ -105,8 +105,18 @@ class Snapshot(Protocol):
 
 @runtime_checkable
 class StateMachine(Protocol):
-    def apply(self, data: bytes) -> Any: ...
+    """The replicated state. Which thread runs each method and what may overlap: the table in
+    ``docs/api.md`` (the state machine)."""
 
-    def snapshot(self) -> Snapshot: ...
+    def apply(self, data: bytes) -> Any:
+        """Apply one committed command (trio thread, log order); the result goes to the
+        proposer."""
+        ...
 
-    def restore(self, reader: IO[bytes]) -> None: ...
+    def snapshot(self) -> Snapshot:
+        """Capture a point-in-time handle quickly (trio thread); written out later."""
+        ...
+
+    def restore(self, reader: IO[bytes]) -> None:
+        """Replace the whole state from a snapshot payload (a worker thread)."""
+        ...

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import crc32c
 import pytest
 import trio
 import trio.testing
 
 from tests.transport.conftest import Inbox, app
+from tests.transport.snapshot_helpers import (
+    Probe,
+    ProbedExchange,
+    fsm_name,
+    snap_msg,
+    spools,
+    write_fsm,
+)
 from trio_raft.core.messages import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
 from trio_raft.errors import (
     DispatchError,
@@ -17,6 +28,7 @@ from trio_raft.errors import (
     TransportClosedError,
     TransportPeerUnknownError,
 )
+from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.transport import (
     LinkConfig,
     MemoryNetwork,
@@ -167,3 +179,53 @@ async def test_closed_node_is_unreachable_and_can_be_replaced(
             t2.attach(inbox, None)
             await nodes[1][0].send(msg(2, 5))
             await inbox.wait_for(1)
+
+
+async def test_snapshot_payload_travels_through_the_exchanges(tmp_path: Path) -> None:
+    net = MemoryNetwork()
+    src, dst = ProbedExchange(tmp_path / "a"), ProbedExchange(tmp_path / "b", applied=3)
+    payload = b"state" * 1000
+    token = write_fsm(tmp_path / "a", 30, payload)
+    async with net.transport(1, [TransportPeer(2, "n2", "mem:2")]) as t1, \
+            net.transport(2, [TransportPeer(1, "n1", "mem:1")]) as t2:
+        inbox = Inbox()
+        t1.attach(Inbox(), src)
+        t2.attach(inbox, dst)
+        await t1.send_snapshot(snap_msg(30, token))
+        await inbox.wait_for(1)
+        crc = crc32c.crc32c(payload)
+        assert inbox.messages[0].snapshot.data == fsm.encode_snapshot_token(30, crc)  # type: ignore[union-attr]
+        assert (tmp_path / "b" / fsm_name(30)).read_bytes()[:-4] == payload
+        assert dst.protected_indexes() == {30}
+        # Stale: refused by the receiver's exchange, nothing written, the handler not called.
+        await t1.send_snapshot(snap_msg(3, token))
+        with pytest.raises(DispatchError) as info:
+            await t1.send(snap_msg(31, token))  # MsgSnap has its own method
+        assert info.value.code == "InvalidArgument"
+        await t1.send(msg(2, 1))
+        await inbox.wait_for(2)
+        assert [m.type for m in inbox.messages] == [MessageType.SNAP, MessageType.APP]
+        assert t2.stats()["handler_errors"] == 1
+    assert sorted(os.listdir(tmp_path / "b")) == [fsm_name(30)]
+    assert all(p is not None and p.closed for p in src.outgoing)
+
+
+async def test_memory_detach_cancels_a_landing_snapshot(tmp_path: Path) -> None:
+    net = MemoryNetwork()
+    held = Probe(1, hold=True)
+    dst = ProbedExchange(tmp_path, incoming=held)
+    async with net.transport(1, [TransportPeer(2, "n2", "mem:2")]) as t1, \
+            net.transport(2, [TransportPeer(1, "n1", "mem:1")]) as t2:
+        inbox = Inbox()
+        t2.attach(inbox, dst)
+        await t1.send_snapshot(snap_msg(8, b"x" * 5000))
+        await held.reached.wait()
+        assert len(spools(tmp_path)) == 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(t2.detach)
+            await trio.testing.wait_all_tasks_blocked()
+            held.release()  # detach waits for the worker thread, then for the cleanup
+        assert os.listdir(tmp_path) == []
+        assert dst.protected_indexes() == frozenset()
+        assert inbox.messages == []
+        assert t2.stats()["handler_errors"] == 1

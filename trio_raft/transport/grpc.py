@@ -469,8 +469,11 @@ class GRPCTransport:
                 if exchange is not None:
                     self._counters.snapshots_finalized += 1
                 return
-            self._counters.snapshots_cancelled += 1
+            self._counters.snapshots_cancelled += 1  # by detach() or the sender going away
             raise SnapshotTransferCancelledError()
+        except trio.Cancelled:
+            self._counters.snapshots_cancelled += 1  # the transport is closing
+            raise
         finally:
             self._transfers.close(transfer)
 

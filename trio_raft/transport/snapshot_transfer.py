@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -44,6 +45,8 @@ from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.snapshot_exchange import OutgoingPayload, SnapshotExchange
 from trio_raft.transport.base import Handler
 from trio_raft.transport.bridge import TrioPortal
+
+log = logging.getLogger(__name__)
 
 #: Largest payload handed to the handler inline (the receiver has no snapshot exchange).
 MAX_INLINE_SNAPSHOT_BYTES = 1 << 30
@@ -89,6 +92,7 @@ async def land_snapshot(header: Message, next_chunk: ChunkSource, handler: Handl
         await handler(attrs.evolve(header, snapshot=attrs.evolve(snap, data=b"".join(parts))))
         return size
     incoming = await trio.to_thread.run_sync(exchange.begin_incoming, index)
+    log.info("receiving the snapshot at index %d", index)
     try:
         while (chunk := await next_chunk()) is not None:
             if incoming.size + len(chunk) > max_bytes:
@@ -96,6 +100,7 @@ async def land_snapshot(header: Message, next_chunk: ChunkSource, handler: Handl
                     f"{incoming.size + len(chunk)} bytes > limit {max_bytes}")
             await trio.to_thread.run_sync(incoming.write, chunk)
         token = await trio.to_thread.run_sync(incoming.finalize, expected)
+        log.info("snapshot at index %d landed: %d bytes", index, incoming.size)
         await handler(attrs.evolve(header, snapshot=attrs.evolve(snap, data=token)))
     except BaseException:
         with trio.CancelScope(shield=True):

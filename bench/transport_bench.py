@@ -46,9 +46,9 @@ async def serve_grpc(client_address: str) -> None:
 
     async def handler(m: Message) -> None:
         if m.index == MARKER:
-            await t.dispatch(Message(MessageType.HEARTBEAT_RESP, to=1, from_=2))
+            await t.send(Message(MessageType.HEARTBEAT_RESP, to=1, from_=2))
 
-    t.set_handler(handler)
+    t.attach(handler, None)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(t.serve, "127.0.0.1", 0)
         print(port, flush=True)
@@ -111,7 +111,7 @@ async def bench_grpc(seconds: float) -> list[dict[str, Any]]:
 
     for lane in ("unary", "stream"):
         client = GRPCTransport(send_stream=(lane == "stream"))
-        client.set_handler(on_reply)
+        client.attach(on_reply, None)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(client.serve, "127.0.0.1", 0)
             proc, server_port = spawn("grpc", f"127.0.0.1:{port}")
@@ -127,9 +127,9 @@ async def bench_grpc(seconds: float) -> list[dict[str, Any]]:
                         end = t0 + (0.5 if phase == "warmup" else seconds)
                         while time.perf_counter() < end:
                             for _ in range(50):
-                                await client.dispatch(msg)
+                                await client.send(msg)
                             count += 50
-                        await client.dispatch(make_app(0, index=MARKER))
+                        await client.send(make_app(0, index=MARKER))
                         with trio.fail_after(60):
                             await got_reply.wait()
                         elapsed = time.perf_counter() - t0

@@ -339,7 +339,21 @@ class SnapshotPayloadTooLargeError(SnapshotStreamError):
 
 
 class ReceivedFSMSnapshotStaleError(SnapshotStreamError):
+    """A received snapshot is at or below the applied index, or another payload at its index is
+    still waiting to be installed: it is refused and its spool removed."""
     default_message = "raft received fsm snapshot is stale"
+
+
+class SnapshotPayloadCRCError(SnapshotStreamError):
+    """The CRC32C of a received payload differs from the one its sender announced (the payload
+    was damaged on the way): nothing is finalized."""
+    default_message = "raft received snapshot payload CRC32C mismatch"
+
+
+class SnapshotTransferCancelledError(SnapshotStreamError):
+    """An incoming snapshot transfer was cancelled on this node (the transport closed or the
+    engine detached): its spool is removed and the sender sees UNAVAILABLE."""
+    default_message = "raft snapshot transfer cancelled by the receiver"
 
 
 class PeerStreamClosedError(TransportError):
@@ -348,6 +362,11 @@ class PeerStreamClosedError(TransportError):
 
 class SendStreamDisabledError(TransportError):
     default_message = "raft send stream disabled"
+
+
+class TransportAttachedError(TransportError):
+    """``attach`` was called on a transport that already has a handler; ``detach`` first."""
+    default_message = "raft transport already has a handler attached"
 
 
 class TransportClosedError(TransportError):

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from trio_raft.core.messages import Entry, Message, MessageType
+from trio_raft.storage.snapshot_exchange import SnapshotExchange
 from trio_raft.transport import GRPCTransport, TransportPeer
 
 
@@ -46,13 +47,18 @@ class Inbox:
 
 @asynccontextmanager
 async def grpc_pair(**kwargs: Any) -> AsyncIterator[tuple[GRPCTransport, GRPCTransport, Inbox]]:
-    """Transport ``a`` (node 1) knowing ``b`` (node 2, with an Inbox handler), both serving."""
+    """Transport ``a`` (node 1) knowing ``b`` (node 2, with an Inbox handler), both serving.
+    ``a_snapshots`` / ``b_snapshots``: the snapshot exchanges attached to each side."""
     a_kwargs = kwargs.pop("a_kwargs", {})
     b_kwargs = kwargs.pop("b_kwargs", {})
+    a_snapshots: SnapshotExchange | None = kwargs.pop("a_snapshots", None)
+    b_snapshots: SnapshotExchange | None = kwargs.pop("b_snapshots", None)
     a = GRPCTransport(**{**kwargs, **a_kwargs})
     b = GRPCTransport(**{**kwargs, **b_kwargs})
     inbox = Inbox()
-    b.set_handler(inbox)
+    b.attach(inbox, b_snapshots)
+    if a_snapshots is not None:
+        a.attach(Inbox(), a_snapshots)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve, "127.0.0.1", 0)
         port_b = await nursery.start(b.serve, "127.0.0.1", 0)

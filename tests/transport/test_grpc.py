@@ -13,11 +13,12 @@ from trio_raft.core.messages import Message, MessageType
 from trio_raft.errors import (
     DispatchError,
     StepQueueFullError,
+    TransportAttachedError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
 )
-from trio_raft.transport import GRPCTransport, Transport, TransportPeer
+from trio_raft.transport import GRPCTransport, ServingTransport, Transport, TransportPeer
 from trio_raft.transport._proto.trio_raft.transport.v1 import Ack, RaftMessage, RaftTransportBase
 from trio_raft.transport.base import error_code
 from trio_raft.transport.bridge import AsyncioBridge
@@ -28,13 +29,15 @@ def grpc_threads() -> list[threading.Thread]:
 
 
 async def test_protocol_conformance() -> None:
-    assert isinstance(GRPCTransport(), Transport)
+    transport: ServingTransport = GRPCTransport()  # mypy checks the signatures
+    assert isinstance(transport, Transport)
+    assert isinstance(transport, ServingTransport)
 
 
 async def test_unary_and_stream_delivery_in_order() -> None:
     async with grpc_pair() as (a, _b, inbox):
         hb = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=7)
-        await a.dispatch(hb)  # priority type: unary Send
+        await a.send(hb)  # priority type: unary Send
         msgs = [app(i, n_entries=3) for i in range(50)]
         for m in msgs:
             await a.send(m)  # replication: the SendStream lane
@@ -51,45 +54,44 @@ async def test_unary_and_stream_delivery_in_order() -> None:
 async def test_send_stream_disabled_uses_unary() -> None:
     async with grpc_pair(send_stream=False) as (a, _b, inbox):
         for i in range(5):
-            await a.dispatch(app(i))
+            await a.send(app(i))
         await inbox.wait_for(5)
         assert a.stats()["unary_messages"] == 5
         assert a.stats()["stream_opens"] == 0
-        a.set_send_stream_enabled(True)
-        await a.dispatch(app(9))
-        await inbox.wait_for(6)
-        assert a.stats()["stream_messages"] == 1
+        assert a.stats()["stream_messages"] == 0
 
 
 async def test_handler_errors_come_back_as_status_codes() -> None:
     async with grpc_pair() as (a, b, inbox):
         inbox.fail_with = StepQueueFullError()
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(Message(MessageType.VOTE, to=2, from_=1, term=4))
+            await a.send(Message(MessageType.VOTE, to=2, from_=1, term=4))
         assert info.value.code == "ResourceExhausted"
         assert error_code(info.value) == "ResourceExhausted"
         assert "StepQueueFullError" in str(info.value)
         # On the stream the failing message ends the stream; the next send reports it.
-        await a.dispatch(app(1))
+        await a.send(app(1))
         with trio.fail_after(5):
             while True:
                 try:
-                    await a.dispatch(app(2))
+                    await a.send(app(2))
                 except DispatchError as exc:
                     assert exc.code == "ResourceExhausted"
                     break
                 await trio.sleep(0.01)
         inbox.fail_with = None
-        b.set_handler(None)
+        await b.detach()
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(Message(MessageType.HEARTBEAT, to=2, from_=1))
+            await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1))
         assert info.value.code == "Unavailable"
         assert TransportHandlerNilError.default_message in str(info.value)
-        b.set_handler(inbox)
+        b.attach(inbox, None)
+        with pytest.raises(TransportAttachedError):
+            b.attach(inbox, None)
         with trio.fail_after(5):  # a new stream is opened and works again
             while True:
                 try:
-                    await a.dispatch(app(3))
+                    await a.send(app(3))
                     break
                 except DispatchError:
                     await trio.sleep(0.01)
@@ -104,17 +106,17 @@ async def test_handler_errors_come_back_as_status_codes() -> None:
 async def test_unknown_peer_and_unreachable_peer_are_counted() -> None:
     async with grpc_pair(dispatch_timeout=2.0) as (a, _b, _inbox):
         with pytest.raises(TransportPeerUnknownError):
-            await a.dispatch(Message(MessageType.HEARTBEAT, to=9, from_=1))
+            await a.send(Message(MessageType.HEARTBEAT, to=9, from_=1))
         # A port nobody listens on.
         with trio.socket.socket() as s:
             await s.bind(("127.0.0.1", 0))
             dead_port = s.getsockname()[1]
         a.upsert_peer(TransportPeer(3, "n3", f"127.0.0.1:{dead_port}"))
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(Message(MessageType.HEARTBEAT, to=3, from_=1))
+            await a.send(Message(MessageType.HEARTBEAT, to=3, from_=1))
         assert info.value.code == "Unavailable"
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(app(1, to=3))
+            await a.send(app(1, to=3))
         assert info.value.code == "Unavailable"
         assert a.dispatch_error_counts_by_code() == {"Unknown": 1, "Unavailable": 2}
 
@@ -125,7 +127,7 @@ async def test_deadline_exceeded_is_counted() -> None:
             await trio.sleep(10)
         inbox.hook = slow
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(Message(MessageType.HEARTBEAT, to=2, from_=1))
+            await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1))
         assert info.value.code == "DeadlineExceeded"
 
 
@@ -133,9 +135,9 @@ async def test_message_over_the_cap_is_refused_locally() -> None:
     async with grpc_pair(max_message_bytes=4 << 20, snapshot_chunk_bytes=1 << 20) as (
             a, _b, inbox):
         with pytest.raises(DispatchError) as info:
-            await a.dispatch(app(1, n_entries=1, size=5 << 20))
+            await a.send(app(1, n_entries=1, size=5 << 20))
         assert info.value.code == "ResourceExhausted"
-        await a.dispatch(app(2, n_entries=1, size=3 << 20))
+        await a.send(app(2, n_entries=1, size=3 << 20))
         await inbox.wait_for(1)
 
 
@@ -164,7 +166,7 @@ async def test_stream_falls_back_to_unary_on_unimplemented_and_reprobes() -> Non
             async with a:
                 a.upsert_peer(TransportPeer(2, "n2", f"127.0.0.1:{port}"))
                 for i in range(3):
-                    await a.dispatch(app(i))
+                    await a.send(app(i))
                 stats = a.stats()
                 assert len(legacy.frames) == 3
                 assert stats["unary_messages"] == 3
@@ -179,7 +181,7 @@ async def test_stream_falls_back_to_unary_on_unimplemented_and_reprobes() -> Non
                         client.unsupported[address] -= 60.0
 
                 await a.bridge.run(expire)
-                await a.dispatch(app(4))  # mark expired: probes again, falls back again
+                await a.send(app(4))  # mark expired: probes again, falls back again
                 assert a.stats()["stream_fallbacks"] == 2
                 assert len(legacy.frames) == 4
                 assert a.dispatch_error_count() == 0
@@ -208,7 +210,7 @@ async def test_cancelling_a_send_cancels_the_rpc() -> None:
 
                 async def send() -> None:
                     with cancel_scope:
-                        await a.dispatch(Message(MessageType.HEARTBEAT, to=2, from_=1))
+                        await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1))
                 nursery.start_soon(send)
                 await started.wait()
                 t0 = trio.current_time()
@@ -218,7 +220,7 @@ async def test_cancelling_a_send_cancels_the_rpc() -> None:
         assert not outer.cancelled_caught
         assert a.dispatch_error_count() == 0  # cancellation is not a dispatch error
         inbox.hook = None
-        await a.dispatch(Message(MessageType.HEARTBEAT, to=2, from_=1))  # channel still usable
+        await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1))  # channel still usable
         await inbox.wait_for(1)
 
 
@@ -231,13 +233,13 @@ async def test_aclose_with_open_streams_is_fast_and_leaves_no_thread() -> None:
                     await trio.sleep_forever()
             inbox.hook = block
             for i in range(20):
-                await a.dispatch(app(i))
+                await a.send(app(i))
             await inbox.wait_for(20)
             outcomes: list[str] = []
 
             async def send(m: Message) -> None:
                 try:
-                    await a.dispatch(m)
+                    await a.send(m)
                     outcomes.append("ok")
                 except (DispatchError, TransportClosedError) as exc:
                     outcomes.append(type(exc).__name__)
@@ -258,7 +260,7 @@ async def test_aclose_with_open_streams_is_fast_and_leaves_no_thread() -> None:
             assert len(outcomes) == 2  # both calls ended (the unary one with an error)
     assert len(grpc_threads()) == before
     with pytest.raises(TransportClosedError):
-        await a.dispatch(app(1))
+        await a.send(app(1))
 
 
 async def test_cancelling_serve_stops_everything() -> None:
@@ -284,7 +286,7 @@ async def loop_barrier(t: GRPCTransport) -> None:
 
 async def test_remove_and_readdress_peer_closes_old_connection() -> None:
     async with grpc_pair() as (a, _b, inbox):
-        await a.dispatch(app(1))
+        await a.send(app(1))
         await inbox.wait_for(1)
         assert a.stats()["channels"] == 1
         old = a.peers()[2]
@@ -293,14 +295,14 @@ async def test_remove_and_readdress_peer_closes_old_connection() -> None:
         assert a.stats()["channels"] == 0
         assert a.stats()["open_streams"] == 0
         a.upsert_peer(old)
-        await a.dispatch(app(2))
+        await a.send(app(2))
         await inbox.wait_for(2)
         assert a.stats()["stream_reconnects"] == 0  # marks were dropped with the address
         a.remove_peer(2)
         await loop_barrier(a)
         assert a.stats()["channels"] == 0
         with pytest.raises(TransportPeerUnknownError):
-            await a.dispatch(app(3))
+            await a.send(app(3))
 
 
 async def test_serve_with_extra_handlers_and_register() -> None:

@@ -120,7 +120,7 @@ async def test_fuzz_frames_over_unary_and_stream() -> None:
         assert len(inbox.messages) == statuses.get("OK", 0) + statuses.get("stream-OK", 0)
         # Still serving, both lanes.
         before = len(inbox.messages)
-        await a.dispatch(Message(MessageType.HEARTBEAT, to=2, from_=1))
-        await a.dispatch(app(1))
+        await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1))
+        await a.send(app(1))
         await inbox.wait_for(before + 2)
         assert b.stats()["messages_rejected"] >= statuses["INVALID_ARGUMENT"]

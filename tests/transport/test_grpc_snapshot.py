@@ -1,8 +1,9 @@
-"""Snapshot streaming: chunking, spooling, CRC, finalization, stream-order errors, cleanup."""
+"""Snapshot streaming over gRPC: chunking, spooling through the exchange, CRC, stream-order
+errors, refusal paths and cleanup."""
 
 from __future__ import annotations
 
-import io
+import asyncio
 import os
 import struct
 from pathlib import Path
@@ -14,160 +15,168 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
 from tests.transport.conftest import grpc_pair
-from trio_raft.core.messages import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
-from trio_raft.errors import DispatchError, ReceivedFSMSnapshotStaleError
+from tests.transport.snapshot_helpers import ProbedExchange, fsm_name, snap_msg, spools, write_fsm
+from trio_raft.core.messages import Message, MessageType
+from trio_raft.errors import DispatchError
+from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.transport import GRPCTransport
 from trio_raft.transport._proto.trio_raft.transport.v1 import Ack, SnapshotChunk
-from trio_raft.transport.codec import encode_snapshot_header
+from trio_raft.transport.codec import decode_message, encode_snapshot_header
 from trio_raft.transport.grpc_client import SNAPSHOT_ROUTE
-from trio_raft.transport.spool import SPOOL_PREFIX, SnapshotSpool, fsm_file_name
 
 CHUNK = 1 << 20
 
 
-def token(index: int, crc: int) -> bytes:
-    return b"EKVT" + bytes([1]) + struct.pack(">QI", index, crc)
-
-
-def snap_msg(index: int, data: bytes = b"") -> Message:
-    return Message(MessageType.SNAP, to=2, from_=1, term=2, snapshot=Snapshot(
-        SnapshotMetadata(ConfState([1, 2, 3]), index, 2), data))
-
-
-def spools(directory: Path) -> list[str]:
-    return [n for n in os.listdir(directory) if n.startswith(SPOOL_PREFIX)]
-
-
 @pytest.mark.parametrize("size", [0, 1, CHUNK, 3 * CHUNK, 3 * CHUNK + 17])
 async def test_snapshot_from_fsm_file_is_finalized_with_crc(tmp_path: Path, size: int) -> None:
-    src_dir, dst_dir = tmp_path / "src", tmp_path / "dst"
-    src_dir.mkdir()
+    src, dst = ProbedExchange(tmp_path / "src"), ProbedExchange(tmp_path / "dst", applied=10)
     payload = os.urandom(size)
     index = 0x1234
-    (src_dir / fsm_file_name(index)).write_bytes(
-        payload + struct.pack(">I", crc32c.crc32c(payload)))
-    opened: list[int] = []
-
-    def opener(i: int) -> io.BufferedReader:
-        opened.append(i)
-        f = open(src_dir / fsm_file_name(i), "rb")  # noqa: SIM115 - the transport closes it
-        return io.BufferedReader(_Limited(f, size))
-
-    events: list[tuple[str, int]] = []
-    async with grpc_pair(snapshot_chunk_bytes=CHUNK) as (a, b, inbox):
-        a.set_fsm_payload_opener(opener)
-        b.set_fsm_snap_dir(dst_dir)
-        b.set_snapshot_token_encoder(token)
-        b.set_fsm_snapshot_protection(lambda i: events.append(("protect", i)),
-                                      lambda i: events.append(("unprotect", i)))
-        b.set_applied_index_getter(lambda: 10)
-        await a.dispatch(snap_msg(index, token(index, 0)))  # dispatch routes MsgSnap itself
+    sent_token = write_fsm(tmp_path / "src", index, payload)
+    async with grpc_pair(snapshot_chunk_bytes=CHUNK, a_snapshots=src, b_snapshots=dst) as (
+            a, b, inbox):
+        await a.send_snapshot(snap_msg(index, sent_token))
         await inbox.wait_for(1)
-        stats = a.stats()
-        chunks_expected = max(1, -(-size // CHUNK))
-        assert stats["snapshots_sent"] == 1
-        assert stats["snapshot_bytes_sent"] == size
+        assert a.stats()["snapshots_sent"] == 1
+        assert a.stats()["snapshot_bytes_sent"] == size
         assert b.stats()["snapshot_bytes_received"] == size
-    assert opened == [index]
+        assert b.stats()["snapshots_finalized"] == 1
     got = inbox.messages[0]
     crc = crc32c.crc32c(payload)
     assert got.snapshot is not None
-    assert got.snapshot.data == token(index, crc)
+    assert got.snapshot.data == fsm.encode_snapshot_token(index, crc)
     assert got.snapshot.metadata == snap_msg(index).snapshot.metadata  # type: ignore[union-attr]
-    final = dst_dir / fsm_file_name(index)
-    raw = final.read_bytes()
-    assert raw[:-4] == payload
-    assert struct.unpack(">I", raw[-4:])[0] == crc
-    assert events == [("protect", index)]
-    assert spools(dst_dir) == []
-    assert chunks_expected >= 1
+    raw = (tmp_path / "dst" / fsm_name(index)).read_bytes()
+    assert raw == payload + struct.pack(">I", crc)
+    assert dst.protected_indexes() == {index}  # handed over, not installed yet
+    dst.applied = index
+    assert dst.protected_indexes() == frozenset()  # installed (applied): released
+    assert spools(tmp_path / "dst") == []
+    assert [p is not None and p.closed for p in src.outgoing] == [True]
 
 
-class _Limited(io.RawIOBase):
-    """A raw reader returning short reads, as a payload opener may."""
-
-    def __init__(self, f: io.BufferedReader, limit: int) -> None:
-        self._f, self._left = f, limit
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        n = min(len(b), self._left, 100_000)
-        data = self._f.read(n)
-        b[:len(data)] = data
-        self._left -= len(data)
-        return len(data)
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-async def test_inline_snapshot_without_fsm_dir(tmp_path: Path) -> None:
+async def test_inline_payload_without_exchange_on_either_side(tmp_path: Path) -> None:
     payload = os.urandom(2 * CHUNK + 5)
-    async with grpc_pair(snapshot_chunk_bytes=CHUNK) as (a, b, inbox):
-        b.set_spool_dir(tmp_path)
+    async with grpc_pair(snapshot_chunk_bytes=CHUNK) as (a, _b, inbox):
         await a.send_snapshot(snap_msg(50, payload))
         await inbox.wait_for(1)
     assert inbox.messages[0].snapshot.data == payload  # type: ignore[union-attr]
-    assert spools(tmp_path) == []
 
 
-async def test_reader_bridge_mode(tmp_path: Path) -> None:
+async def test_inline_payload_lands_as_fsm_file_at_an_exchange(tmp_path: Path) -> None:
     payload = os.urandom(1000)
-    async with grpc_pair() as (a, b, inbox):
-        a.set_fsm_payload_reader(lambda i: payload if i == 77 else b"")
-        b.set_fsm_snap_dir(tmp_path)
-        await a.dispatch_snapshot(snap_msg(77, token(77, 0)))
+    dst = ProbedExchange(tmp_path)
+    async with grpc_pair(b_snapshots=dst) as (a, _b, inbox):
+        await a.send_snapshot(snap_msg(77, payload))
         await inbox.wait_for(1)
-    assert inbox.messages[0].snapshot.data == b""  # no token encoder: data left empty
-    assert (tmp_path / fsm_file_name(77)).read_bytes()[:-4] == payload
+    crc = crc32c.crc32c(payload)
+    assert inbox.messages[0].snapshot.data == fsm.encode_snapshot_token(77, crc)  # type: ignore[union-attr]
+    assert (tmp_path / fsm_name(77)).read_bytes()[:-4] == payload
+
+
+async def test_fsm_payload_to_a_receiver_without_exchange_arrives_inline(tmp_path: Path) -> None:
+    payload = os.urandom(5000)
+    src = ProbedExchange(tmp_path)
+    token = write_fsm(tmp_path, 9, payload)
+    async with grpc_pair(a_snapshots=src) as (a, _b, inbox):
+        await a.send_snapshot(snap_msg(9, token))
+        await inbox.wait_for(1)
+    assert inbox.messages[0].snapshot.data == payload  # type: ignore[union-attr]
 
 
 async def test_stale_snapshot_is_refused_and_cleaned(tmp_path: Path) -> None:
-    async with grpc_pair() as (a, b, inbox):
-        b.set_fsm_snap_dir(tmp_path)
-        b.set_applied_index_getter(lambda: 100)
+    dst = ProbedExchange(tmp_path, applied=100)
+    async with grpc_pair(b_snapshots=dst) as (a, _b, inbox):
         with pytest.raises(DispatchError) as info:
-            await a.dispatch_snapshot(snap_msg(100, b"x" * 10))
+            await a.send_snapshot(snap_msg(100, b"x" * 10))
         assert info.value.code == "FailedPrecondition"
-
-        def protect(i: int) -> None:
-            raise ReceivedFSMSnapshotStaleError(f"index={i}")
-        b.set_applied_index_getter(None)
-        b.set_fsm_snapshot_protection(protect, lambda i: None)
-        with pytest.raises(DispatchError) as info:
-            await a.dispatch_snapshot(snap_msg(101, b"x" * 10))
-        assert info.value.code == "FailedPrecondition"
-        assert inbox.messages == []
-    assert os.listdir(tmp_path) == []
+        assert "stale" in str(info.value)
+        await a.send_snapshot(snap_msg(101, b"y" * 10))
+        await inbox.wait_for(1)
+        assert len(inbox.messages) == 1
+    assert os.listdir(tmp_path) == [fsm_name(101)]
+    assert dst.protected_indexes() == {101}
 
 
-async def test_handler_failure_removes_finalized_file_and_unprotects(tmp_path: Path) -> None:
-    events: list[tuple[str, int]] = []
-    async with grpc_pair() as (a, b, inbox):
-        b.set_fsm_snap_dir(tmp_path)
-        b.set_fsm_snapshot_protection(lambda i: events.append(("protect", i)),
-                                      lambda i: events.append(("unprotect", i)))
+async def test_handler_failure_removes_finalized_file_and_releases_protection(
+        tmp_path: Path) -> None:
+    dst = ProbedExchange(tmp_path)
+    async with grpc_pair(b_snapshots=dst) as (a, _b, inbox):
         inbox.fail_with = RuntimeError("engine said no")
         with pytest.raises(DispatchError) as info:
-            await a.dispatch_snapshot(snap_msg(5, b"payload"))
+            await a.send_snapshot(snap_msg(5, b"payload"))
         assert info.value.code == "Unknown"
-    assert events == [("protect", 5), ("unprotect", 5)]
+    assert dst.protected_indexes() == frozenset()
     assert os.listdir(tmp_path) == []
 
 
-async def test_payload_over_the_cap_is_refused(tmp_path: Path) -> None:
-    async with grpc_pair(b_kwargs={"max_snapshot_bytes": 3 * CHUNK},
-                         snapshot_chunk_bytes=CHUNK) as (a, b, inbox):
-        b.set_fsm_snap_dir(tmp_path)
+@pytest.mark.parametrize("where", ["transport", "exchange"])
+async def test_payload_over_the_cap_is_refused(tmp_path: Path, where: str) -> None:
+    cap = 3 * CHUNK
+    dst = ProbedExchange(tmp_path, **({"max_bytes": cap} if where == "exchange" else {}))
+    b_kwargs = {"max_snapshot_bytes": cap} if where == "transport" else {}
+    async with grpc_pair(b_kwargs=b_kwargs, snapshot_chunk_bytes=CHUNK, b_snapshots=dst) as (
+            a, _b, inbox):
         with pytest.raises(DispatchError) as info:
-            await a.dispatch_snapshot(snap_msg(9, b"z" * (3 * CHUNK + 1)))
+            await a.send_snapshot(snap_msg(9, b"z" * (cap + 1)))
         assert info.value.code == "ResourceExhausted"
-        await a.dispatch_snapshot(snap_msg(9, b"z" * (3 * CHUNK)))
+        assert os.listdir(tmp_path) == []
+        assert dst.protected_indexes() == frozenset()
+        await a.send_snapshot(snap_msg(9, b"z" * cap))
         await inbox.wait_for(1)
-    assert os.listdir(tmp_path) == [fsm_file_name(9)]
+    assert os.listdir(tmp_path) == [fsm_name(9)]
+
+
+async def test_damaged_fsm_file_is_never_sent_whole(tmp_path: Path) -> None:
+    """The sender checks the CRC while reading: the final chunk never leaves, so the receiver
+    never finalizes the damaged payload."""
+    src = ProbedExchange(tmp_path / "src")
+    dst = ProbedExchange(tmp_path / "dst")
+    payload = os.urandom(3 * CHUNK)
+    token = write_fsm(tmp_path / "src", 12, payload)
+    path = tmp_path / "src" / fsm_name(12)
+    raw = bytearray(path.read_bytes())
+    raw[CHUNK + 7] ^= 0x40  # a flipped bit in the middle of the payload
+    path.write_bytes(bytes(raw))
+    async with grpc_pair(snapshot_chunk_bytes=CHUNK, a_snapshots=src, b_snapshots=dst) as (
+            a, b, inbox):
+        with pytest.raises(DispatchError) as info:
+            await a.send_snapshot(snap_msg(12, token))
+        assert info.value.code == "DataLoss"
+        assert "FSMSnapshotFileCRCError" in str(info.value)
+        await b.detach()  # waits until the receiver's transfer is gone
+        # The footer disagreeing with the token is refused before anything is sent.
+        with pytest.raises(DispatchError) as info:
+            await a.send_snapshot(snap_msg(12, fsm.encode_snapshot_token(12, 1234)))
+        assert info.value.code == "DataLoss"
+        with pytest.raises(DispatchError) as info:  # and so is a missing file
+            await a.send_snapshot(snap_msg(13, fsm.encode_snapshot_token(13, 1234)))
+        assert info.value.code == "DataLoss"
+    assert inbox.messages == []
+    assert not (tmp_path / "dst").exists() or os.listdir(tmp_path / "dst") == []
+    assert all(p is None or p.closed for p in src.outgoing)
+
+
+async def test_receiver_refuses_a_payload_that_does_not_match_the_announced_crc(
+        tmp_path: Path) -> None:
+    dst = ProbedExchange(tmp_path)
+    payload = b"p" * 5000
+    wrong = fsm.encode_snapshot_token(7, crc32c.crc32c(payload) ^ 1)
+    header = encode_snapshot_header(snap_msg(7, wrong), keep_token=True)
+    assert decode_message(header).snapshot.data == wrong  # type: ignore[union-attr]
+    async with grpc_pair(b_snapshots=dst) as (a, b, inbox):
+        status = await _raw_snapshot(a, [SnapshotChunk(metadata=header, chunk=payload[:100]),
+                                         SnapshotChunk(chunk=payload[100:], final=True)])
+        assert status == Status.DATA_LOSS
+        assert b.stats()["snapshots_rejected"] == 1
+        right = fsm.encode_snapshot_token(7, crc32c.crc32c(payload))
+        ok = await _raw_snapshot(a, [SnapshotChunk(
+            metadata=encode_snapshot_header(snap_msg(7, right), keep_token=True),
+            chunk=payload, final=True)])
+        assert ok == Status.OK
+        await inbox.wait_for(1)
+    assert inbox.messages[0].snapshot.data == right  # type: ignore[union-attr]
+    assert os.listdir(tmp_path) == [fsm_name(7)]
 
 
 async def _raw_snapshot(a: GRPCTransport, chunks: list[SnapshotChunk]) -> Status:
@@ -210,26 +219,30 @@ async def test_wrong_chunk_orders(tmp_path: Path) -> None:
             metadata=encode_snapshot_header(Message(MessageType.SNAP, to=2)), final=True)],
             Status.FAILED_PRECONDITION),
     }
-    async with grpc_pair() as (a, b, inbox):
-        b.set_fsm_snap_dir(tmp_path)
+    dst = ProbedExchange(tmp_path)
+    async with grpc_pair(b_snapshots=dst) as (a, b, inbox):
         for name, (chunks, want) in cases.items():
             got = await _raw_snapshot(a, chunks)
             assert got == want, name
+            assert spools(tmp_path) == [], name  # the answer comes after the cleanup
         assert inbox.messages == []
+        assert dst.protected_indexes() == frozenset()
         # The server is still serving.
         ok = await _raw_snapshot(a, [SnapshotChunk(metadata=header, chunk=b"ok", final=True)])
         assert ok == Status.OK
         await inbox.wait_for(1)
         assert b.stats()["snapshots_rejected"] == len(cases)
-    assert os.listdir(tmp_path) == [fsm_file_name(7)]
+    assert os.listdir(tmp_path) == [fsm_name(7)]
 
 
-async def test_cancelled_snapshot_stream_removes_spool(tmp_path: Path) -> None:
+async def test_sender_vanishing_mid_stream_removes_the_spool(tmp_path: Path) -> None:
     header = encode_snapshot_header(snap_msg(8))
-    async with grpc_pair() as (a, b, _inbox):
-        b.set_fsm_snap_dir(tmp_path)
+    dst = ProbedExchange(tmp_path)
+    async with grpc_pair(b_snapshots=dst) as (a, b, inbox):
         assert a.bridge is not None and a._client is not None
         client, address = a._client, a.peers()[2].address
+        sent = trio.Event()
+        token = trio.lowlevel.current_trio_token()
 
         async def half() -> None:
             channel = client.channel(address)
@@ -237,35 +250,17 @@ async def test_cancelled_snapshot_stream_removes_spool(tmp_path: Path) -> None:
                                        Ack) as stream:
                 await stream.send_message(SnapshotChunk(metadata=header, chunk=b"x" * 1000))
                 await stream.send_message(SnapshotChunk(chunk=b"y" * 1000))
-                await asyncio_sleep(10)
+                token.run_sync_soon(sent.set)
+                await asyncio.Event().wait()  # until cancelled: the stream is reset
 
-        with trio.move_on_after(0.3):
-            await a.bridge.run(half)
-        with trio.fail_after(5):
-            while spools(tmp_path):
-                await trio.sleep(0.02)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.bridge.run, half)
+            await sent.wait()
+            nursery.cancel_scope.cancel()
+        # The receiver's cleanup runs on its own; wait for the condition, bounded.
+        with trio.fail_after(10):
+            while b.incoming_transfers() or spools(tmp_path):
+                await trio.sleep(0.01)
+        assert inbox.messages == []
     assert os.listdir(tmp_path) == []
-
-
-async def asyncio_sleep(t: float) -> None:
-    import asyncio
-    await asyncio.sleep(t)
-
-
-def test_spool_unit(tmp_path: Path) -> None:
-    with SnapshotSpool(str(tmp_path / "s"), max_bytes=10) as sp:
-        sp.write(b"hello")
-        assert sp.read_all() == b"hello"
-        sp.write(b"world")
-        with pytest.raises(Exception, match="exceeds limit"):
-            sp.write(b"!")
-        path = sp.finalize_as_fsm(str(tmp_path / "f"), 3)
-        assert Path(path).read_bytes() == b"helloworld" + struct.pack(
-            ">I", crc32c.crc32c(b"helloworld"))
-    assert os.path.exists(path)
-    assert spools(tmp_path / "s") == []
-    sp2 = SnapshotSpool(str(tmp_path / "s"))
-    sp2.write(b"x")
-    sp2.close()
-    sp2.close()
-    assert spools(tmp_path / "s") == []
+    assert dst.protected_indexes() == frozenset()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import struct
 import sys
@@ -14,10 +14,10 @@ import pytest
 import trio
 
 from tests.transport.conftest import Inbox, app
+from tests.transport.snapshot_helpers import ProbedExchange, fsm_name
 from trio_raft.core.messages import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
 from trio_raft.transport import GRPCTransport
 from trio_raft.transport.codec import encode_message, encode_snapshot_header
-from trio_raft.transport.spool import fsm_file_name
 
 grpc = pytest.importorskip("grpc")
 protoc = pytest.importorskip("grpc_tools.protoc")
@@ -34,13 +34,28 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleT
         f"--grpc_python_out={out}", str(PROTOS / "transport.proto"),
     ])
     assert rc == 0
-    sys.path.insert(0, str(out))
+    pb2 = _load(out / "transport_pb2.py", "transport_pb2")
+    # The generated service module imports its messages as the top-level ``transport_pb2``:
+    # that name resolves to the module just loaded while the service module executes, and is
+    # forgotten again afterwards (nothing is added to sys.path).
+    previous = sys.modules.get("transport_pb2")
+    sys.modules["transport_pb2"] = pb2
     try:
-        pb2 = importlib.import_module("transport_pb2")
-        pb2_grpc = importlib.import_module("transport_pb2_grpc")
+        pb2_grpc = _load(out / "transport_pb2_grpc.py", "transport_pb2_grpc")
     finally:
-        sys.path.remove(str(out))
+        if previous is None:
+            del sys.modules["transport_pb2"]
+        else:
+            sys.modules["transport_pb2"] = previous
     return pb2, pb2_grpc
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _call_everything(pb2: ModuleType, pb2_grpc: ModuleType, port: int,
@@ -67,8 +82,7 @@ async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, Modul
     pb2, pb2_grpc = stubs
     inbox = Inbox()
     server = GRPCTransport()
-    server.set_handler(inbox)
-    server.set_fsm_snap_dir(tmp_path)
+    server.attach(inbox, ProbedExchange(tmp_path))
     msgs = [Message(MessageType.HEARTBEAT, to=2, from_=1, term=1)] + [
         app(i, n_entries=10) for i in range(5)]
     frames = [encode_message(m) for m in msgs]
@@ -86,5 +100,5 @@ async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, Modul
     assert inbox.messages[:6] == msgs
     assert inbox.messages[6].snapshot is not None
     assert inbox.messages[6].snapshot.metadata.index == 40
-    raw = (tmp_path / fsm_file_name(40)).read_bytes()
+    raw = (tmp_path / fsm_name(40)).read_bytes()
     assert raw == payload + struct.pack(">I", crc32c.crc32c(payload))

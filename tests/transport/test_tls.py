@@ -37,7 +37,7 @@ async def _serve_and_send(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
     inbox = Inbox()
     errors: list[DispatchError] = []
     b = GRPCTransport(server_ssl=server_ctx)
-    b.set_handler(inbox)
+    b.attach(inbox, None)
     a = GRPCTransport(client_ssl=client_ctx, dispatch_timeout=3.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
@@ -45,7 +45,7 @@ async def _serve_and_send(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
         a.upsert_peer(TransportPeer(2, "n2", f"127.0.0.1:{port}"))
         for m in (Message(MessageType.HEARTBEAT, to=2, from_=1), app(1)):
             try:
-                await a.dispatch(m)
+                await a.send(m)
             except DispatchError as exc:
                 errors.append(exc)
         if not errors:

@@ -1,17 +1,33 @@
 """Transports: how raft messages travel between nodes.
 
-* :class:`Transport` (``base``): the trio-native protocol the engine uses.
+* :class:`Transport` / :class:`ServingTransport` (``base``): the protocols the engine uses.
 * :class:`GRPCTransport` (``grpc``): gRPC over grpclib on an asyncio loop in a thread.
 * :class:`MemoryNetwork` / :class:`MemoryTransport` (``memory``): in-process, with fault
   injection, for tests and simulation.
-* ``codec``: the versioned wire frame of a raft message; ``spool``: received snapshot payloads.
+* ``codec``: the versioned wire frame of a raft message; ``snapshot_transfer``: snapshot
+  payload transfers as trio tasks (the payload files themselves belong to
+  :class:`~trio_raft.storage.snapshot_exchange.SnapshotExchange`).
 """
 
-from trio_raft.transport.base import Handler, Transport, TransportPeer, error_code
+from trio_raft.transport.base import (
+    Handler,
+    ServingTransport,
+    Transport,
+    TransportPeer,
+    error_code,
+)
 from trio_raft.transport.codec import WIRE_VERSION, decode_message, encode_message
 from trio_raft.transport.grpc import GRPCTransport
 from trio_raft.transport.memory import LinkConfig, MemoryNetwork, MemoryTransport
-from trio_raft.transport.spool import SnapshotSpool
+
+
+def _conformance(grpc: GRPCTransport, memory: MemoryTransport) -> None:
+    """Never called: mypy checks here that both transports satisfy both protocols."""
+    serving: ServingTransport = grpc
+    serving = memory
+    plain: Transport = serving
+    del plain
+
 
 __all__ = [
     "WIRE_VERSION",
@@ -20,7 +36,7 @@ __all__ = [
     "LinkConfig",
     "MemoryNetwork",
     "MemoryTransport",
-    "SnapshotSpool",
+    "ServingTransport",
     "Transport",
     "TransportPeer",
     "decode_message",

@@ -1,42 +1,51 @@
-"""The trio-native transport protocol the engine talks to, and the small value types around it.
+"""The transport protocols the engine talks to, and the small value types around them.
 
 Theory of operation
 -------------------
 A transport moves :class:`~trio_raft.core.messages.Message` values between nodes. The engine
+needs exactly :class:`Transport`:
 
-* tells it who the peers are (:meth:`Transport.upsert_peer` / :meth:`Transport.remove_peer`),
-* gives it one inbound handler (:meth:`Transport.set_handler`), an ``async`` function that takes
-  a message and either returns (the message was accepted, e.g. queued for the run loop) or raises
-  (e.g. :class:`~trio_raft.errors.StepQueueFullError`); the error travels back to the sender,
-* starts it with ``await nursery.start(transport.serve)`` (or ``async with transport:``),
-* calls :meth:`Transport.dispatch` from its per-peer sender tasks. ``dispatch`` returns once the
-  message is handed to the network (for gRPC: written to the peer's stream or acknowledged by a
-  unary call) and raises on failure. Every failure raised is a
-  :class:`~trio_raft.errors.RaftError` whose code :func:`error_code` names (gRPC status names in
-  the seed's CamelCase spelling); the transport also counts them itself
-  (:meth:`Transport.dispatch_error_counts_by_code`). Cancellation (``trio.Cancelled``) is never
-  counted and always propagates.
-* closes it with :meth:`Transport.aclose`, after which nothing it started is left running.
+* :meth:`Transport.attach` gives it, once, the inbound handler (an ``async`` function that takes
+  a message and either returns: accepted, e.g. queued for the run loop; or raises, e.g.
+  :class:`~trio_raft.errors.StepQueueFullError`: the error travels back to the sender) and the
+  storage-side :class:`~trio_raft.storage.snapshot_exchange.SnapshotExchange` through which
+  snapshot payloads leave and arrive (``None``: payloads travel inline in ``Snapshot.data``);
+* :meth:`Transport.detach` undoes it: inbound messages are refused from then on, in-flight
+  incoming snapshot transfers are cancelled, and it returns once they are gone (files closed,
+  spools removed, nothing handed to the handler);
+* :meth:`Transport.upsert_peer` / :meth:`Transport.remove_peer` keep the peer table;
+* :meth:`Transport.send` (every message but ``MsgSnap``) and :meth:`Transport.send_snapshot`
+  (``MsgSnap`` with its payload) are called from the engine's per-peer sender tasks. They return
+  once the message is handed to the network (for gRPC: written to the peer's stream, or
+  acknowledged) and raise on failure. Every failure raised is a
+  :class:`~trio_raft.errors.RaftError` whose counter key :func:`error_code` gives (gRPC status
+  names in CamelCase). Cancellation (``trio.Cancelled``) is never counted and always propagates;
+  cancelling a ``send_snapshot`` stops the transfer and closes the payload file before it
+  returns.
 
-Snapshots (``MsgSnap``) go through :meth:`Transport.dispatch_snapshot`; ``dispatch`` forwards
-them there itself, so the engine may call ``dispatch`` for everything.
+:class:`ServingTransport` is the optional extra ability of a transport the engine may own and run
+itself (the engine builds a :class:`~trio_raft.transport.grpc.GRPCTransport` when it is given
+none): ``await nursery.start(t.serve)`` and ``await t.aclose()``. A transport the application
+passes in is run by the application. Both concrete transports satisfy both protocols; mypy
+checks it through the assignments at the bottom of :mod:`trio_raft.transport`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import attrs
 import trio
 
 from trio_raft.core.messages import Message
 from trio_raft.errors import DispatchError, RaftError, TransportError
+from trio_raft.storage.snapshot_exchange import SnapshotExchange
 
 #: The inbound handler: accept a message or raise.
 Handler = Callable[[Message], Awaitable[None]]
 
-#: gRPC status code names as the seed spells them (Go's ``codes.Code.String()``), by number.
+#: gRPC status code names in CamelCase (as Go's ``codes.Code.String()`` spells them), by number.
 GRPC_CODE_NAMES: dict[int, str] = {
     0: "OK",
     1: "Canceled",
@@ -59,7 +68,7 @@ GRPC_CODE_NAMES: dict[int, str] = {
 
 
 def error_code(exc: BaseException) -> str:
-    """The counter key for a dispatch failure: the ``code`` attribute when the error has one
+    """The counter key for a send failure: the ``code`` attribute when the error has one
     (:class:`~trio_raft.errors.DispatchError`), ``DeadlineExceeded`` for timeouts, else
     ``Unknown``."""
     code = getattr(exc, "code", None)
@@ -91,7 +100,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 @attrs.define(slots=True)
 class ErrorCounter:
-    """Dispatch errors by code, owned by the trio side of a transport."""
+    """Send errors by code, owned by the trio side of a transport."""
 
     total: int = 0
     by_code: dict[str, int] = attrs.field(factory=dict)
@@ -103,23 +112,15 @@ class ErrorCounter:
 
 @runtime_checkable
 class Transport(Protocol):
-    """What the engine needs from a transport. :class:`~trio_raft.transport.grpc.GRPCTransport`
-    and :class:`~trio_raft.transport.memory.MemoryTransport` implement it."""
+    """What the engine needs from a transport (see the module docstring)."""
 
-    async def dispatch(self, message: Message) -> None:
-        """Send ``message`` to ``message.to``; raises on failure (see the module docstring)."""
+    def attach(self, handler: Handler, snapshots: SnapshotExchange | None) -> None:
+        """Install the inbound handler and the snapshot exchange; raises
+        :class:`~trio_raft.errors.TransportAttachedError` when one is attached already."""
 
-    async def send(self, message: Message) -> None:
-        """Alias of :meth:`dispatch`."""
-
-    async def dispatch_snapshot(self, message: Message) -> None:
-        """Send a ``MsgSnap`` with its payload; raises on failure."""
-
-    async def send_snapshot(self, message: Message) -> None:
-        """Alias of :meth:`dispatch_snapshot`."""
-
-    def set_handler(self, handler: Handler | None) -> None:
-        """Install the inbound handler (``None`` removes it: inbound messages are refused)."""
+    async def detach(self) -> None:
+        """Refuse inbound messages from now on, cancel in-flight incoming snapshot transfers,
+        and return when they are gone. Idempotent."""
 
     def upsert_peer(self, peer: TransportPeer) -> None:
         """Add a peer or change its address."""
@@ -127,17 +128,22 @@ class Transport(Protocol):
     def remove_peer(self, node_id: int) -> None:
         """Forget a peer and close what the transport holds for it."""
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, as a flat dict (``dispatch_errors_by_code`` is a nested dict)."""
+    async def send(self, message: Message) -> None:
+        """Send a message that is not ``MsgSnap`` to ``message.to``; raises on failure."""
 
-    def dispatch_error_count(self) -> int:
-        """Total dispatch failures counted so far."""
+    async def send_snapshot(self, message: Message) -> None:
+        """Send a ``MsgSnap`` and its payload to ``message.to``; raises on failure."""
 
-    def dispatch_error_counts_by_code(self) -> dict[str, int]:
-        """Dispatch failures by :func:`error_code`."""
 
-    async def serve(self, *args: Any, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the transport until :meth:`aclose` (``nursery.start`` compatible)."""
+@runtime_checkable
+class ServingTransport(Transport, Protocol):
+    """A transport the engine may own: it runs it with ``nursery.start`` and closes it."""
+
+    async def serve(self, *,
+                    task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED,
+                    ) -> None:
+        """Run until :meth:`aclose` or cancellation; ``task_status.started`` once serving, with
+        the bound port when there is one."""
 
     async def aclose(self) -> None:
         """Stop everything the transport runs; idempotent."""
@@ -149,6 +155,7 @@ __all__ = [
     "ErrorCounter",
     "Handler",
     "RaftError",
+    "ServingTransport",
     "Transport",
     "TransportError",
     "TransportPeer",

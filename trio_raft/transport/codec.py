@@ -68,10 +68,12 @@ def decode_message(frame: bytes | bytearray | memoryview, *,
         raise CodecError(f"malformed frame: {type(exc).__name__}: {exc}") from None
 
 
-def encode_snapshot_header(message: Message, *, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+def encode_snapshot_header(message: Message, *, max_bytes: int = MAX_FRAME_BYTES,
+                           keep_token: bool = False) -> bytes:
     """Encode the metadata frame of a snapshot stream: ``message`` with ``snapshot.data`` empty
-    (the payload travels in the stream's chunks)."""
+    (the payload travels in the stream's chunks), or, with ``keep_token``, still holding the
+    17-byte token that names the payload file (it announces the payload's CRC32C)."""
     snap = message.snapshot
-    if snap is not None and snap.data:
+    if snap is not None and snap.data and not keep_token:
         message = attrs.evolve(message, snapshot=attrs.evolve(snap, data=b""))
     return encode_message(message, max_bytes=max_bytes)

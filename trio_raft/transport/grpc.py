@@ -3,30 +3,35 @@
 Lifecycle::
 
     transport = GRPCTransport(peers, local_address="127.0.0.1:7001")
-    transport.set_handler(engine_step)              # async fn(message) -> None, may raise
+    transport.attach(engine_step, exchange)         # async fn(message) -> None, may raise
     port = await nursery.start(transport.serve)     # listens on local_address (or host, port)
-    await transport.dispatch(message)               # from the engine's sender tasks
+    await transport.send(message)                   # from the engine's sender tasks
+    await transport.send_snapshot(snap_message)
+    await transport.detach()                        # refuse inbound, cancel incoming transfers
     await transport.aclose()                        # or cancel the nursery: same clean stop
 
 or ``async with GRPCTransport(...) as transport:``. ``serve`` starts the asyncio thread, the trio
-nursery that inbound calls run in, and the grpclib server; it returns only after all of them are
-stopped. Closing cancels open streams and in-flight calls, closes every connection and joins the
-thread, normally within a few tens of milliseconds and bounded to about a second.
+nursery that inbound calls and incoming snapshot transfers run in, and the grpclib server; it
+returns only after all of them are stopped. Closing cancels open streams, in-flight calls and
+snapshot transfers in both directions, closes every connection and joins the thread, normally
+within a few tens of milliseconds and bounded to about a second.
 
-The client and server halves live in :mod:`.grpc_client` and :mod:`.grpc_server`; this module
-holds the configuration, the peer table, the trio side of snapshot reception and the counters.
+Snapshot transfers are trio tasks (see :mod:`.snapshot_transfer`): an incoming one runs in this
+transport's nursery (the asyncio handler only pushes chunks to it), an outgoing one runs in the
+caller of :meth:`GRPCTransport.send_snapshot` (the asyncio side only writes the chunks it is
+given to the gRPC stream). The client and server halves live in :mod:`.grpc_client` and
+:mod:`.grpc_server`; this module holds the configuration, the peer table, the trio side of
+snapshot transfers and the counters.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
-import os
 import ssl
 import sys
-import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import IO, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 import trio
@@ -37,12 +42,19 @@ from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
 from trio_raft.errors import (
     CodecError,
     DispatchError,
+    FSMSnapshotError,
     PeerStreamClosedError,
-    ReceivedFSMSnapshotStaleError,
     SendStreamDisabledError,
+    SnapshotTransferCancelledError,
+    TransportAttachedError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
+)
+from trio_raft.storage.snapshot_exchange import (
+    DEFAULT_MAX_SNAPSHOT_BYTES,
+    OutgoingPayload,
+    SnapshotExchange,
 )
 from trio_raft.transport.base import (
     GRPC_CODE_NAMES,
@@ -53,9 +65,15 @@ from trio_raft.transport.base import (
 )
 from trio_raft.transport.bridge import AsyncioBridge, TrioPortal
 from trio_raft.transport.codec import MAX_FRAME_BYTES, encode_message, encode_snapshot_header
-from trio_raft.transport.grpc_client import CappedCodec, ClientConfig, ClientSide, PayloadSource
+from trio_raft.transport.grpc_client import CappedCodec, ClientConfig, ClientSide
 from trio_raft.transport.grpc_server import RaftTransportService
-from trio_raft.transport.spool import DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotSpool
+from trio_raft.transport.snapshot_transfer import (
+    ChunkPipe,
+    InlinePayload,
+    TransferRegistry,
+    land_snapshot,
+    pump_payload,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +81,7 @@ DEFAULT_DISPATCH_TIMEOUT = 5.0
 DEFAULT_SNAPSHOT_TIMEOUT = 30 * 60.0
 DEFAULT_SNAPSHOT_CHUNK_BYTES = 16 << 20
 DEFAULT_REPROBE_AFTER = 30.0
-#: Magic of the seed's 17-byte snapshot token ("EKVT" | 0x01 | index u64 BE | crc u32 BE).
-DEFAULT_TOKEN_MAGIC = b"EKVT"
 _STOP_BUDGET = 0.5
-
-
-def default_token_decoder(data: bytes) -> int | None:
-    """The index named by a 17-byte snapshot token, or ``None`` for an inline payload."""
-    if len(data) == 17 and data[:4] == DEFAULT_TOKEN_MAGIC and data[4] == 1:
-        return int.from_bytes(data[5:13], "big")
-    return None
 
 
 def classify(exc: BaseException) -> str:
@@ -88,6 +97,8 @@ def classify(exc: BaseException) -> str:
         return "Unavailable"
     if isinstance(exc, CodecError):
         return "InvalidArgument"
+    if isinstance(exc, FSMSnapshotError):
+        return "DataLoss"
     return "Unknown"
 
 
@@ -96,10 +107,15 @@ class _TrioCounters:
     dispatched: int = 0
     snapshots_dispatched: int = 0
     snapshots_finalized: int = 0
+    snapshots_cancelled: int = 0
 
 
 class GRPCTransport:
-    """The gRPC implementation of :class:`~trio_raft.transport.base.Transport`."""
+    """The gRPC implementation of :class:`~trio_raft.transport.base.ServingTransport`.
+
+    ``send_stream=False`` sends everything with unary ``Send`` calls (no ``SendStream``).
+    ``max_snapshot_bytes`` caps a received payload (the attached exchange has its own cap too).
+    """
 
     def __init__(
         self,
@@ -136,17 +152,8 @@ class GRPCTransport:
         self._max_snapshot_bytes = max_snapshot_bytes
         self._max_message_bytes = max_message_bytes
         self._handler: Handler | None = None
-        self._spool_dir: str | None = None
-        self._fsm_snap_dir: str | None = None
-        self._payload_reader: Callable[[int], bytes] | None = None
-        self._payload_opener: Callable[[int], IO[bytes]] | None = None
-        self._protect: Callable[[int], object] | None = None
-        self._unprotect: Callable[[int], object] | None = None
-        self._prepare: Callable[[int], Awaitable[object]] | None = None
-        self._finalized_hook: Callable[[int, str, int], object] | None = None
-        self._applied_index: Callable[[], int] | None = None
-        self._token_encoder: Callable[[int, int], bytes] | None = None
-        self._token_decoder: Callable[[bytes], int | None] = default_token_decoder
+        self._snapshots: SnapshotExchange | None = None
+        self._transfers = TransferRegistry()
         self.service = RaftTransportService(self)
         self._errors = ErrorCounter()
         self._counters = _TrioCounters()
@@ -160,58 +167,25 @@ class GRPCTransport:
         self._stopped = trio.Event()
         self._cm_nursery: Any = None
 
-    # -- configuration (the seed's setters) ------------------------------------------------------
+    # -- the engine's attachment ----------------------------------------------------------------
 
-    def set_handler(self, handler: Handler | None) -> None:
+    def attach(self, handler: Handler, snapshots: SnapshotExchange | None) -> None:
+        """Install the inbound handler and the snapshot exchange (see ``base.Transport``)."""
+        if self._handler is not None:
+            raise TransportAttachedError()
         self._handler = handler
+        self._snapshots = snapshots
 
-    def set_spool_dir(self, path: str | os.PathLike[str] | None) -> None:
-        self._spool_dir = os.fspath(path) if path is not None else None
+    async def detach(self) -> None:
+        """Refuse inbound messages from now on (UNAVAILABLE), cancel the in-flight incoming
+        snapshot transfers and return once they are gone (spools removed, files closed)."""
+        self._handler = None
+        self._snapshots = None
+        await self._transfers.cancel_all()
 
-    def set_fsm_snap_dir(self, path: str | os.PathLike[str] | None) -> None:
-        self._fsm_snap_dir = os.fspath(path) if path is not None else None
-
-    def set_fsm_payload_reader(self, fn: Callable[[int], bytes] | None) -> None:
-        """``fn(index) -> payload bytes`` (blocking, CRC-checked by the storage layer)."""
-        self._payload_reader = fn
-
-    def set_fsm_payload_opener(self, fn: Callable[[int], IO[bytes]] | None) -> None:
-        """``fn(index) -> binary file`` positioned at the payload, footer excluded (blocking)."""
-        self._payload_opener = fn
-
-    def set_fsm_snapshot_protection(self, protect: Callable[[int], object] | None,
-                                    unprotect: Callable[[int], object] | None) -> None:
-        """``protect(index)`` runs (in trio) before a received ``.fsm`` is finalized and may raise
-        :class:`~trio_raft.errors.ReceivedFSMSnapshotStaleError`; ``unprotect(index)`` undoes it
-        when finalizing or the handler fails."""
-        self._protect, self._unprotect = protect, unprotect
-
-    def set_fsm_snapshot_prepare(self, fn: Callable[[int], Awaitable[object]] | None) -> None:
-        """``async fn(index)``, awaited once a snapshot's metadata arrives, before spooling."""
-        self._prepare = fn
-
-    def set_fsm_snapshot_finalized_hook(self, fn: Callable[[int, str, int], object] | None,
-                                        ) -> None:
-        """``fn(index, path, crc)``, called (in trio) after a received ``.fsm`` is renamed."""
-        self._finalized_hook = fn
-
-    def set_applied_index_getter(self, fn: Callable[[], int] | None) -> None:
-        """Snapshots at or below ``fn()`` are refused as stale."""
-        self._applied_index = fn
-
-    def set_snapshot_token_encoder(self, fn: Callable[[int, int], bytes] | None) -> None:
-        """``fn(index, crc) -> Snapshot.data`` for a finalized ``.fsm`` (default: empty data)."""
-        self._token_encoder = fn
-
-    def set_snapshot_token_decoder(self, fn: Callable[[bytes], int | None] | None) -> None:
-        """``fn(data) -> index`` when ``data`` is a token, else ``None`` (inline payload)."""
-        self._token_decoder = fn or default_token_decoder
-
-    def set_send_stream_enabled(self, enabled: bool) -> None:
-        """Disable (closing every open stream) or re-enable the SendStream lane."""
-        self._send_stream = enabled
-        if self._bridge is not None and self._client is not None:
-            self._bridge.run_sync_soon(self._client.set_stream_enabled, enabled)
+    def incoming_transfers(self) -> int:
+        """How many incoming snapshot transfers are running now."""
+        return len(self._transfers)
 
     # -- peers ------------------------------------------------------------------------------------
 
@@ -379,14 +353,14 @@ class GRPCTransport:
         err.__cause__ = exc
         return err
 
-    async def dispatch(self, message: Message) -> None:
-        """Send one message to ``message.to``. Returns when the message is written to the peer's
-        stream or acknowledged by a unary call; raises :class:`DispatchError` (with ``code``),
-        :class:`TransportPeerUnknownError` or :class:`TransportClosedError` on failure."""
-        if message.type == MessageType.SNAP or (message.snapshot is not None
-                                                and message.snapshot.data):
-            await self.dispatch_snapshot(message)
-            return
+    async def send(self, message: Message) -> None:
+        """Send one message (not ``MsgSnap``) to ``message.to``. Returns when the message is
+        written to the peer's stream or acknowledged by a unary call; raises
+        :class:`DispatchError` (with ``code``), :class:`TransportPeerUnknownError` or
+        :class:`TransportClosedError` on failure."""
+        if message.type == MessageType.SNAP:
+            self._count_error("InvalidArgument", DispatchError())
+            raise DispatchError("MsgSnap goes through send_snapshot", code="InvalidArgument")
         peer = self._peer_for(message)
         bridge, client = self._running()
         try:
@@ -405,41 +379,67 @@ class GRPCTransport:
             raise self._failure(exc) from None
         self._counters.dispatched += 1
 
-    send = dispatch
-
-    async def dispatch_snapshot(self, message: Message) -> None:
-        """Stream a ``MsgSnap`` and its payload (from the ``.fsm`` file named by a token through
-        the opener or reader, else ``Snapshot.data`` itself); raises like :meth:`dispatch`."""
+    async def send_snapshot(self, message: Message) -> None:
+        """Stream a ``MsgSnap`` and its payload: the ``.fsm`` file its token names (through the
+        attached exchange), else ``Snapshot.data`` itself. The payload is read here, in trio
+        (worker threads for the file), into a bounded queue that the asyncio side writes to the
+        stream; cancelling the caller stops both and closes the file before returning. Raises
+        like :meth:`send` (a damaged or missing ``.fsm`` file: ``DataLoss``)."""
         peer = self._peer_for(message)
         bridge, client = self._running()
         snap = message.snapshot
+        exchange = self._snapshots
         try:
             if snap is None:
                 raise CodecError("snapshot message without a snapshot")
-            header = encode_snapshot_header(message, max_bytes=self._max_message_bytes)
+            opened = (await trio.to_thread.run_sync(exchange.open_outgoing, snap.data)
+                      if exchange is not None else None)
+        except (CodecError, FSMSnapshotError) as exc:
+            raise self._failure(exc) from None
+        try:
+            # A token rides in the metadata frame: the receiver checks the CRC it computes
+            # against it (older receivers ignore the frame's data).
+            header = encode_snapshot_header(message, max_bytes=self._max_message_bytes,
+                                            keep_token=opened is not None)
+            payload: OutgoingPayload | InlinePayload = (
+                opened if opened is not None else InlinePayload(snap.data))
+            await self._stream_snapshot(bridge, client, peer.address, header, payload)
         except CodecError as exc:
             raise self._failure(exc) from None
-        source = self._payload_source(snap.data)
-        try:
-            await bridge.run(client.send_snapshot, peer.address, header, source,
-                             self._chunk_bytes, self._snapshot_timeout)
-        except Exception as exc:
-            raise self._failure(exc) from None
+        finally:
+            if opened is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(opened.close)
         self._counters.snapshots_dispatched += 1
 
-    send_snapshot = dispatch_snapshot
+    async def _stream_snapshot(self, bridge: AsyncioBridge, client: ClientSide, address: str,
+                               header: bytes, payload: OutgoingPayload | InlinePayload) -> None:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+        failures: list[Exception] = []
 
-    def _payload_source(self, data: bytes) -> PayloadSource:
-        index = self._token_decoder(data) if data else None
-        if index is not None:
-            opener, reader = self._payload_opener, self._payload_reader
-            if opener is not None:
-                return PayloadSource(opener=lambda: opener(index))
-            if reader is not None:
-                return PayloadSource(reader=lambda: reader(index))
-            log.warning("snapshot token for index %d but no payload opener or reader is set; "
-                        "sending the token bytes inline", index)
-        return PayloadSource(inline=data)
+        async def put(item: bytes | None) -> None:
+            await bridge.run(queue.put, item)
+
+        async with trio.open_nursery() as nursery:
+            async def pump() -> None:
+                try:
+                    await pump_payload(payload, self._chunk_bytes, put)
+                except Exception as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            async def stream() -> None:
+                try:
+                    await bridge.run(client.send_snapshot, address, header, queue,
+                                     self._snapshot_timeout)
+                except Exception as exc:
+                    failures.append(exc)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(pump)
+            nursery.start_soon(stream)
+        if failures:
+            raise self._failure(failures[0]) from None
 
     # -- receiving (called through the portal, in trio) --------------------------------------------
 
@@ -447,75 +447,35 @@ class GRPCTransport:
     def max_message_bytes(self) -> int:
         return self._max_message_bytes
 
-    @property
-    def max_snapshot_bytes(self) -> int:
-        return self._max_snapshot_bytes
-
-    def spool_directory(self) -> str:
-        return self._fsm_snap_dir or self._spool_dir or tempfile.gettempdir()
-
-    def fsm_mode_for(self, index: int) -> bool:
-        return self._fsm_snap_dir is not None and index != 0
-
     async def deliver_inbound(self, message: Message) -> None:
         handler = self._handler
         if handler is None:
             raise TransportHandlerNilError()
         await handler(message)
 
-    async def prepare_snapshot(self, index: int) -> None:
-        self._check_not_stale(index)
-        if self._prepare is not None:
-            await self._prepare(index)
-
-    def _check_not_stale(self, index: int) -> None:
-        if self._applied_index is not None:
-            applied = self._applied_index()
-            if index <= applied:
-                raise ReceivedFSMSnapshotStaleError(f"index={index} applied={applied}")
-
-    async def dispatch_snapshot_spool(self, message: Message, spool: SnapshotSpool) -> None:
-        """Complete a received snapshot: with an fsm dir, finalize ``spool`` as the ``.fsm`` file
-        (CRC computed while spooling), put the token in ``Snapshot.data`` and run the handler;
-        without one, hand the payload over inline. Closes ``spool`` in every case; on failure
-        the finalized file is removed and the protection released."""
+    async def receive_snapshot(self, header: Message, pipe: ChunkPipe) -> None:
+        """The landing task of one incoming transfer (runs in this transport's nursery): spool
+        the chunks ``pipe`` delivers, finalize, run the handler. :meth:`detach` and closing the
+        transport cancel it; it cleans up before it ends."""
+        handler, exchange = self._handler, self._snapshots
+        if handler is None:
+            raise TransportHandlerNilError()
+        transfer = self._transfers.open()
         try:
-            snap = message.snapshot
-            if snap is None:
-                raise CodecError("snapshot message without a snapshot")
-            if self._handler is None:
-                raise TransportHandlerNilError()
-            index = snap.metadata.index
-            if not self.fsm_mode_for(index):
-                data = await trio.to_thread.run_sync(spool.read_all)
-                await self.deliver_inbound(
-                    attrs.evolve(message, snapshot=attrs.evolve(snap, data=data)))
+            with transfer.scope:
+                pipe.bind(transfer.scope)
+                await land_snapshot(header, pipe.get, handler, exchange,
+                                    max_bytes=self._max_snapshot_bytes)
+                if exchange is not None:
+                    self._counters.snapshots_finalized += 1
                 return
-            assert self._fsm_snap_dir is not None
-            self._check_not_stale(index)
-            if self._protect is not None:
-                self._protect(index)
-            path: str | None = None
-            try:
-                path = await trio.to_thread.run_sync(spool.finalize_as_fsm,
-                                                     self._fsm_snap_dir, index)
-                self._counters.snapshots_finalized += 1
-                if self._finalized_hook is not None:
-                    self._finalized_hook(index, path, spool.crc)
-                data = (self._token_encoder(index, spool.crc)
-                        if self._token_encoder is not None else b"")
-                await self.deliver_inbound(
-                    attrs.evolve(message, snapshot=attrs.evolve(snap, data=data)))
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    if path is not None:
-                        await trio.to_thread.run_sync(_unlink_quietly, path)
-                    if self._unprotect is not None:
-                        self._unprotect(index)
-                raise
+            self._counters.snapshots_cancelled += 1  # by detach() or the sender going away
+            raise SnapshotTransferCancelledError()
+        except trio.Cancelled:
+            self._counters.snapshots_cancelled += 1  # the transport is closing
+            raise
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(spool.close)
+            self._transfers.close(transfer)
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -538,7 +498,3 @@ class GRPCTransport:
         out["dispatch_errors_by_code"] = dict(self._errors.by_code)
         return out
 
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -12,7 +12,9 @@
   a new stream. Any failure or cancellation in the middle of writing to a stream evicts it too,
   since a half-written message leaves the stream unusable.
 * Snapshots are streamed with ``SendSnapshot``: the metadata frame first, payload chunks after,
-  ``final`` on the last chunk (one chunk with metadata and ``final`` for an empty payload).
+  ``final`` on the last chunk (one chunk with metadata and ``final`` for an empty payload). The
+  chunks come from a bounded queue that a trio task of the caller fills (the payload is read in
+  trio, never here); ``None`` ends the payload.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncGenerator, Callable
-from typing import IO, Any
+from typing import Any
 
 import attrs
 from grpclib.client import Channel
@@ -91,17 +92,6 @@ class ClientConfig:
     max_message_bytes: int = 64 << 20
     reprobe_after: float = 30.0
     open_timeout: float = 5.0
-
-
-@attrs.define(slots=True)
-class PayloadSource:
-    """Where a snapshot payload to send comes from (exactly one is set)."""
-
-    inline: bytes | None = None
-    #: Blocking; returns a binary file positioned at the payload start, without the CRC footer.
-    opener: Callable[[], IO[bytes]] | None = None
-    #: Blocking; returns the whole payload (in-memory "bridge" mode).
-    reader: Callable[[], bytes] | None = None
 
 
 class PeerStream:
@@ -203,7 +193,6 @@ class ClientSide:
         self.stream_enabled = True
         self.closed = False
         self._codec = CappedCodec(config.max_message_bytes)
-        self._materialize: asyncio.Semaphore | None = None
         self._snapshot_tasks: set[asyncio.Task[Any]] = set()
 
     # -- channels ---------------------------------------------------------------------------------
@@ -236,14 +225,6 @@ class ClientSide:
         ch = self.channels.pop(address, None)
         if ch is not None:
             ch.close()
-
-    def set_stream_enabled(self, enabled: bool) -> None:
-        self.stream_enabled = enabled
-        if not enabled:
-            for address in list(self.streams):
-                self.streams.pop(address).close()
-            for task in list(self.opening.values()):
-                task.cancel()
 
     async def aclose(self) -> None:
         """Cancel streams and snapshot sends, close channels. Bounded by the caller."""
@@ -354,56 +335,42 @@ class ClientSide:
 
     # -- snapshots --------------------------------------------------------------------------------
 
-    async def send_snapshot(self, address: str, header: bytes, source: PayloadSource,
-                            chunk_bytes: int, timeout: float) -> int:
-        """Stream one snapshot; returns the payload bytes sent."""
+    async def send_snapshot(self, address: str, header: bytes,
+                            chunks: asyncio.Queue[bytes | None], timeout: float) -> int:
+        """Stream one snapshot whose payload chunks arrive on ``chunks`` (``None`` ends it);
+        returns the payload bytes sent."""
         task = asyncio.current_task()
         assert task is not None
         self._snapshot_tasks.add(task)
         try:
             async with asyncio.timeout(timeout):
-                if source.reader is not None:
-                    if self._materialize is None:
-                        self._materialize = asyncio.Semaphore(1)
-                    async with self._materialize:
-                        loop = asyncio.get_running_loop()
-                        payload = await loop.run_in_executor(None, source.reader)
-                        return await self._stream_snapshot(
-                            address, header, _iter_bytes(payload, chunk_bytes))
-                if source.opener is not None:
-                    return await self._stream_snapshot(
-                        address, header, _iter_file(source.opener, chunk_bytes))
-                return await self._stream_snapshot(
-                    address, header, _iter_bytes(source.inline or b"", chunk_bytes))
+                return await self._stream_snapshot(address, header, chunks)
         finally:
             self._snapshot_tasks.discard(task)
 
     async def _stream_snapshot(self, address: str, header: bytes,
-                               chunks: AsyncGenerator[bytes, None]) -> int:
+                               chunks: asyncio.Queue[bytes | None]) -> int:
         channel = self.channel(address)
         sent = 0
-        try:
-            async with channel.request(SNAPSHOT_ROUTE, Cardinality.STREAM_UNARY, SnapshotChunk,
-                                       Ack) as stream:
-                await stream.send_request()
-                # One chunk of look-ahead tells which chunk is the last one, so the final flag
-                # rides on real data (an exact multiple of the chunk size adds no empty chunk).
-                current = await anext(chunks, None)
-                metadata = header
-                while True:
-                    nxt = await anext(chunks, None) if current is not None else None
-                    data = current or b""
-                    final = nxt is None
-                    await stream.send_message(
-                        SnapshotChunk(metadata=metadata, chunk=data, final=final), end=final)
-                    sent += len(data)
-                    metadata = b""
-                    if final:
-                        break
-                    current = nxt
-                await stream.recv_message()
-        finally:
-            await chunks.aclose()
+        async with channel.request(SNAPSHOT_ROUTE, Cardinality.STREAM_UNARY, SnapshotChunk,
+                                   Ack) as stream:
+            await stream.send_request()
+            # One chunk of look-ahead tells which chunk is the last one, so the final flag
+            # rides on real data (an exact multiple of the chunk size adds no empty chunk).
+            current = await chunks.get()
+            metadata = header
+            while True:
+                nxt = await chunks.get() if current is not None else None
+                data = current or b""
+                final = nxt is None
+                await stream.send_message(
+                    SnapshotChunk(metadata=metadata, chunk=data, final=final), end=final)
+                sent += len(data)
+                metadata = b""
+                if final:
+                    break
+                current = nxt
+            await stream.recv_message()
         self.counters.snapshots_sent += 1
         self.counters.snapshot_bytes_sent += sent
         return sent
@@ -416,37 +383,3 @@ def _fresh(err: BaseException) -> BaseException:
     if isinstance(err, PeerStreamClosedError):
         return PeerStreamClosedError(*err.args)
     return PeerStreamClosedError(f"{type(err).__name__}: {err}")
-
-
-async def _iter_bytes(payload: bytes, chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-    view = memoryview(payload)
-    for start in range(0, len(view), chunk_bytes):
-        yield bytes(view[start:start + chunk_bytes])
-
-
-def _read_up_to(f: IO[bytes], n: int) -> bytes:
-    parts: list[bytes] = []
-    left = n
-    while left > 0:
-        part = f.read(left)
-        if not part:
-            break
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
-
-
-async def _iter_file(opener: Callable[[], IO[bytes]],
-                     chunk_bytes: int) -> AsyncGenerator[bytes, None]:
-    loop = asyncio.get_running_loop()
-    f = await loop.run_in_executor(None, opener)
-    try:
-        while True:
-            data = await loop.run_in_executor(None, _read_up_to, f, chunk_bytes)
-            if not data:
-                return
-            yield data
-            if len(data) < chunk_bytes:
-                return
-    finally:
-        f.close()

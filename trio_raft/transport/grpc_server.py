@@ -1,8 +1,12 @@
 """The server half of the gRPC transport: the ``RaftTransport`` service, run on the bridge's loop.
 
 Each RPC decodes its frames on the loop, then crosses into trio through the transport's portal to
-run the engine's handler (or, for snapshots, to finalize the spool and then run the handler).
-Every failure becomes a gRPC status; nothing a peer sends can stop the server:
+run the engine's handler. ``SendSnapshot`` only moves bytes here: it decodes the metadata frame,
+starts the landing task in trio (:meth:`ServerHost.receive_snapshot`, which spools, finalizes and
+runs the handler) and pushes the payload chunks to it through a bounded
+:class:`~trio_raft.transport.snapshot_transfer.ChunkPipe`, waiting while the pipe is full. No
+file is touched on the loop. Every failure becomes a gRPC status; nothing a peer sends can stop
+the server:
 
 =====================================================  =====================
 error                                                  status
@@ -10,8 +14,10 @@ error                                                  status
 CodecError / DecodeError (bad frame, bad protobuf)      INVALID_ARGUMENT
 payload before metadata, second metadata, EOF before
 final, stale snapshot                                   FAILED_PRECONDITION
+payload CRC differs from the one the sender announced   DATA_LOSS
 StepQueueFullError, snapshot or message over the cap    RESOURCE_EXHAUSTED
-no handler, transport or engine closed                  UNAVAILABLE
+no handler, transport or engine closed, transfer
+cancelled by detach or close                            UNAVAILABLE
 unknown peer                                            NOT_FOUND
 disk errors while spooling                              INTERNAL
 anything else                                           UNKNOWN
@@ -40,9 +46,11 @@ from trio_raft.errors import (
     ReceivedFSMSnapshotStaleError,
     SnapshotMetadataDuplicateError,
     SnapshotMetadataNilError,
+    SnapshotPayloadCRCError,
     SnapshotPayloadTooLargeError,
     SnapshotStreamError,
     SnapshotStreamShortError,
+    SnapshotTransferCancelledError,
     StepQueueFullError,
     TransportClosedError,
     TransportHandlerNilError,
@@ -56,7 +64,7 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
 )
 from trio_raft.transport.bridge import TrioPortal
 from trio_raft.transport.codec import decode_message
-from trio_raft.transport.spool import SnapshotSpool
+from trio_raft.transport.snapshot_transfer import ChunkPipe
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,8 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (SnapshotMetadataDuplicateError, Status.FAILED_PRECONDITION),
     (SnapshotStreamShortError, Status.FAILED_PRECONDITION),
     (ReceivedFSMSnapshotStaleError, Status.FAILED_PRECONDITION),
+    (SnapshotPayloadCRCError, Status.DATA_LOSS),
+    (SnapshotTransferCancelledError, Status.UNAVAILABLE),
     (SnapshotPayloadTooLargeError, Status.RESOURCE_EXHAUSTED),
     (SnapshotStreamError, Status.FAILED_PRECONDITION),
     (StepQueueFullError, Status.RESOURCE_EXHAUSTED),
@@ -116,18 +126,9 @@ class ServerHost(Protocol):
     @property
     def max_message_bytes(self) -> int: ...
 
-    @property
-    def max_snapshot_bytes(self) -> int: ...
-
-    def spool_directory(self) -> str: ...
-
-    def fsm_mode_for(self, index: int) -> bool: ...
-
     async def deliver_inbound(self, message: Message) -> None: ...
 
-    async def prepare_snapshot(self, index: int) -> None: ...
-
-    async def dispatch_snapshot_spool(self, message: Message, spool: SnapshotSpool) -> None: ...
+    async def receive_snapshot(self, header: Message, pipe: ChunkPipe) -> None: ...
 
 
 class RaftTransportService(RaftTransportBase):
@@ -210,48 +211,52 @@ class RaftTransportService(RaftTransportBase):
     async def send_snapshot(self, messages: AsyncIterator[SnapshotChunk]) -> Ack:
         portal = self._portal()
         loop = asyncio.get_running_loop()
-        spool: SnapshotSpool | None = None
+        pipe: ChunkPipe | None = None
+        receiver: asyncio.Future[None] | None = None
+        size = 0
         try:
-            header: Message | None = None
             finished = False
             async for chunk in messages:
                 if chunk.metadata:
-                    if header is not None:
+                    if pipe is not None:
                         raise SnapshotMetadataDuplicateError()
                     header = decode_message(chunk.metadata,
                                             max_bytes=self._host.max_message_bytes)
                     if header.snapshot is None:
                         raise SnapshotMetadataNilError("metadata frame carries no snapshot")
-                    index = header.snapshot.metadata.index
-                    if self._host.fsm_mode_for(index):
-                        await portal.run(self._host.prepare_snapshot, index)
-                    spool = await loop.run_in_executor(None, _new_spool,
-                                                       self._host.spool_directory(),
-                                                       self._host.max_snapshot_bytes)
-                elif header is None:
+                    pipe = ChunkPipe(loop, portal)
+                    receiver = asyncio.ensure_future(
+                        portal.run(self._host.receive_snapshot, header, pipe))
+                    receiver.add_done_callback(pipe.receiver_done)
+                elif pipe is None:
                     raise SnapshotMetadataNilError(
                         "final chunk before metadata" if chunk.final
                         else "payload chunk before metadata")
-                assert spool is not None
                 if chunk.chunk:
-                    await loop.run_in_executor(None, spool.write, chunk.chunk)
+                    if not await pipe.put(chunk.chunk):
+                        break  # the landing task ended early: its error is the answer
+                    size += len(chunk.chunk)
                 if chunk.final:
                     finished = True
                     break
-            if not finished or header is None:
+            if pipe is None or receiver is None:
                 raise SnapshotStreamShortError()
-            assert spool is not None
-            size = spool.size
-            await portal.run(self._host.dispatch_snapshot_spool, header, spool)
-        except GRPCError:
-            self.counters.snapshots_rejected += 1
+            if finished:
+                pipe.finish()
+            elif not receiver.done():
+                raise SnapshotStreamShortError()
+            await receiver
+        except asyncio.CancelledError:
+            if pipe is not None:
+                pipe.abort()  # the landing task removes its spool; the transport waits for it
             raise
         except Exception as exc:
             self.counters.snapshots_rejected += 1
+            if pipe is not None and receiver is not None and not receiver.done():
+                pipe.abort()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(receiver)  # returns once the spool is gone
             raise to_grpc_error(exc) from None
-        finally:
-            if spool is not None:
-                await _close_spool(loop, spool)
         self.counters.snapshots_received += 1
         self.counters.snapshot_bytes_received += size
         return Ack()
@@ -309,15 +314,3 @@ class _Pipe:
     def release_soon(self, n: int) -> None:  # trio thread
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._release, n)
-
-
-def _new_spool(directory: str, max_bytes: int) -> SnapshotSpool:
-    return SnapshotSpool(directory, max_bytes=max_bytes)
-
-
-async def _close_spool(loop: asyncio.AbstractEventLoop, spool: SnapshotSpool) -> None:
-    try:
-        await asyncio.shield(loop.run_in_executor(None, spool.close))
-    except asyncio.CancelledError:
-        # The close keeps running in the executor; shutdown waits for the executor.
-        raise

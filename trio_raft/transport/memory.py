@@ -19,11 +19,14 @@ comes from one ``random.Random`` per link, seeded from the network's seed and th
 a link's fate depends only on the sequence of messages sent over it. (Trio itself may shuffle the
 order in which runnable tasks run; a fully reproducible simulation also pins that.)
 
-Snapshot messages are carried whole: ``Snapshot.data`` arrives as it was sent. When the sender
-has a payload opener and the receiver a ``.fsm`` directory and a token encoder (the setters the
-engine uses on any transport), the payload travels too, the way the gRPC transport streams it:
-the receiver writes it as its own ``.fsm`` file (CRC32C footer, fsync, rename) and the message's
-``Snapshot.data`` becomes the receiver's token.
+Snapshots (:meth:`MemoryTransport.send_snapshot`) travel the way the gRPC transport streams
+them, through the same storage-side object: the sender's attached
+:class:`~trio_raft.storage.snapshot_exchange.SnapshotExchange` opens the ``.fsm`` payload that the
+token in ``Snapshot.data`` names (read in worker threads; an inline payload is taken as it is),
+and the receiver lands it with its own exchange (spool, CRC32C, footer, fsync, rename, in worker
+threads) before its handler gets the message with the receiver's token. A receiver without an
+exchange gets the payload inline. The landing runs in the receiver's delivery task; ``detach``
+cancels it and waits until its spool is gone.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import heapq
 import itertools
 import logging
 import random
-from collections.abc import Callable, Iterable
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 import trio
@@ -41,12 +44,15 @@ import trio
 from trio_raft.core.messages import Message, MessageType
 from trio_raft.errors import (
     DispatchError,
-    ReceivedFSMSnapshotStaleError,
+    FSMSnapshotError,
+    SnapshotTransferCancelledError,
+    TransportAttachedError,
     TransportClosedError,
     TransportPeerUnknownError,
 )
+from trio_raft.storage.snapshot_exchange import DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotExchange
 from trio_raft.transport.base import ErrorCounter, Handler, TransportPeer
-from trio_raft.transport.spool import SnapshotSpool
+from trio_raft.transport.snapshot_transfer import TransferRegistry, land_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +189,8 @@ class MemoryNetwork:
 
 
 class MemoryTransport:
-    """One node's end of a :class:`MemoryNetwork`; implements the Transport protocol."""
+    """One node's end of a :class:`MemoryNetwork`; a
+    :class:`~trio_raft.transport.base.ServingTransport`."""
 
     def __init__(self, network: MemoryNetwork, node_id: int,
                  peers: Iterable[TransportPeer] = ()) -> None:
@@ -193,12 +200,9 @@ class MemoryTransport:
         for p in peers:
             self.upsert_peer(p)
         self._handler: Handler | None = None
+        self._snapshots: SnapshotExchange | None = None
+        self._transfers = TransferRegistry()
         self._queue: list[tuple[float, int, int, Message, bytes | None]] = []
-        self._payload_opener: Callable[[int], IO[bytes]] | None = None
-        self._token_decoder: Callable[[bytes], int | None] | None = None
-        self._token_encoder: Callable[[int, int], bytes] | None = None
-        self._fsm_snap_dir: str | None = None
-        self._applied_index: Callable[[], int] | None = None
         self._seq = itertools.count()
         self._wakeup = trio.Event()
         self._errors = ErrorCounter()
@@ -213,46 +217,18 @@ class MemoryTransport:
 
     # -- Transport protocol -----------------------------------------------------------------------
 
-    def set_handler(self, handler: Handler | None) -> None:
+    def attach(self, handler: Handler, snapshots: SnapshotExchange | None) -> None:
+        if self._handler is not None:
+            raise TransportAttachedError()
         self._handler = handler
+        self._snapshots = snapshots
 
-    def set_fsm_payload_opener(self, fn: Callable[[int], IO[bytes]] | None) -> None:
-        self._payload_opener = fn
-
-    def set_snapshot_token_decoder(self, fn: Callable[[bytes], int | None] | None) -> None:
-        self._token_decoder = fn
-
-    def set_snapshot_token_encoder(self, fn: Callable[[int, int], bytes] | None) -> None:
-        self._token_encoder = fn
-
-    def set_fsm_snap_dir(self, path: str | None) -> None:
-        self._fsm_snap_dir = path
-
-    def set_applied_index_getter(self, fn: Callable[[], int] | None) -> None:
-        self._applied_index = fn
-
-    def _snapshot_payload(self, message: Message) -> bytes | None:
-        snap = message.snapshot
-        if snap is None or self._payload_opener is None or self._token_decoder is None:
-            return None
-        index = self._token_decoder(snap.data)
-        if index is None:
-            return None
-        with self._payload_opener(index) as f:
-            return f.read()
-
-    def _receive_payload(self, message: Message, payload: bytes) -> Message:
-        snap = message.snapshot
-        if snap is None or self._fsm_snap_dir is None or self._token_encoder is None:
-            return message
-        index = snap.metadata.index
-        if self._applied_index is not None and index <= self._applied_index():
-            raise ReceivedFSMSnapshotStaleError(f"index {index}")
-        with SnapshotSpool(self._fsm_snap_dir) as spool:
-            spool.write(payload)
-            spool.finalize_as_fsm(self._fsm_snap_dir, index)
-            token = self._token_encoder(index, spool.crc)
-        return attrs.evolve(message, snapshot=attrs.evolve(snap, data=token))
+    async def detach(self) -> None:
+        """Refuse inbound messages from now on; cancel a snapshot being landed and wait until
+        its spool is gone."""
+        self._handler = None
+        self._snapshots = None
+        await self._transfers.cancel_all()
 
     def upsert_peer(self, peer: TransportPeer) -> None:
         if peer.node_id != 0:
@@ -261,13 +237,44 @@ class MemoryTransport:
     def remove_peer(self, node_id: int) -> None:
         self._peers.pop(node_id, None)
 
-    async def dispatch(self, message: Message) -> None:
+    async def send(self, message: Message) -> None:
+        if message.type == MessageType.SNAP:
+            self._errors.record("InvalidArgument")
+            raise DispatchError("MsgSnap goes through send_snapshot", code="InvalidArgument")
+        await self._send(message, None)
+        self._counters["dispatched"] += 1
+
+    async def send_snapshot(self, message: Message) -> None:
+        """Carry a ``MsgSnap`` and its payload (see the module docstring)."""
+        snap = message.snapshot
+        if message.type != MessageType.SNAP or snap is None:
+            self._errors.record("InvalidArgument")
+            raise DispatchError("send_snapshot needs a MsgSnap with a snapshot",
+                                code="InvalidArgument")
+        exchange = self._snapshots
+        payload: bytes = snap.data
+        if self.closed:
+            raise TransportClosedError()
+        if exchange is not None:
+            try:
+                payload = await trio.to_thread.run_sync(_read_outgoing, exchange, snap.data)
+            except FSMSnapshotError as exc:
+                self._errors.record("DataLoss")
+                raise DispatchError(f"{type(exc).__name__}: {exc}", code="DataLoss") from exc
+            if payload is not snap.data:  # read from a file: the token stays, as on gRPC
+                await self._send(message, payload)
+                self._counters["snapshots_dispatched"] += 1
+                return
+        header = attrs.evolve(message, snapshot=attrs.evolve(snap, data=b""))
+        await self._send(header, payload)
+        self._counters["snapshots_dispatched"] += 1
+
+    async def _send(self, message: Message, payload: bytes | None) -> None:
         if self.closed:
             raise TransportClosedError()
         if message.to not in self._peers:
             self._errors.record("Unknown")
             raise TransportPeerUnknownError(f"node_id={message.to}")
-        payload = self._snapshot_payload(message) if message.type == MessageType.SNAP else None
         try:
             self.network._send(self.node_id, message, payload)
         except DispatchError as exc:
@@ -275,14 +282,6 @@ class MemoryTransport:
             raise
         finally:
             await trio.lowlevel.checkpoint()
-        if message.type == MessageType.SNAP:
-            self._counters["snapshots_dispatched"] += 1
-        else:
-            self._counters["dispatched"] += 1
-
-    send = dispatch
-    dispatch_snapshot = dispatch
-    send_snapshot = dispatch
 
     def dispatch_error_count(self) -> int:
         return self._errors.total
@@ -370,8 +369,9 @@ class MemoryTransport:
                 continue
             try:
                 if payload is not None:
-                    message = self._receive_payload(message, payload)
-                await handler(message)
+                    await self._land(message, payload, handler)
+                else:
+                    await handler(message)
             except Exception as exc:
                 network.stats.handler_errors += 1
                 self._counters["handler_errors"] += 1
@@ -380,3 +380,32 @@ class MemoryTransport:
             else:
                 network.stats.delivered += 1
                 self._counters["received"] += 1
+
+    async def _land(self, message: Message, payload: bytes, handler: Handler) -> None:
+        chunks = [payload] if payload else []
+
+        async def next_chunk() -> bytes | None:
+            await trio.lowlevel.checkpoint()
+            return chunks.pop() if chunks else None
+
+        transfer = self._transfers.open()
+        try:
+            with transfer.scope:
+                await land_snapshot(message, next_chunk, handler, self._snapshots,
+                                    max_bytes=DEFAULT_MAX_SNAPSHOT_BYTES)
+                return
+            raise SnapshotTransferCancelledError()
+        finally:
+            self._transfers.close(transfer)
+
+
+def _read_outgoing(exchange: SnapshotExchange, data: bytes) -> bytes:
+    """The payload ``data`` names (read whole, CRC-checked), or ``data`` itself when inline."""
+    opened = exchange.open_outgoing(data)
+    if opened is None:
+        return data
+    with opened:
+        parts = []
+        while chunk := opened.read(1 << 20):
+            parts.append(chunk)
+    return b"".join(parts)

@@ -1,0 +1,147 @@
+"""SnapshotExchange with real files: landing, refusals, protection through retention, sending."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from tests.transport.snapshot_helpers import ProbedExchange, fsm_name, spools, write_fsm
+from trio_raft.errors import (
+    FSMSnapshotFileCRCError,
+    FSMSnapshotNotFoundError,
+    FSMSnapshotTokenCRCError,
+    ReceivedFSMSnapshotStaleError,
+    SnapshotPayloadCRCError,
+    SnapshotPayloadTooLargeError,
+    TransportError,
+)
+from trio_raft.storage import fsm_snapshot as fsm
+from trio_raft.storage import snapshots as snaps
+
+
+def test_land_a_payload(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path / "fsm")
+    incoming = ex.begin_incoming(7)
+    assert ex.protected_indexes() == {7}
+    incoming.write(b"hello ")
+    incoming.write(memoryview(b"world"))
+    assert len(spools(tmp_path / "fsm")) == 1
+    token = incoming.finalize(crc32c.crc32c(b"hello world"))
+    assert token == fsm.encode_snapshot_token(7, crc32c.crc32c(b"hello world"))
+    path = tmp_path / "fsm" / fsm_name(7)
+    assert path.read_bytes() == b"hello world" + struct.pack(">I", crc32c.crc32c(b"hello world"))
+    fsm.verify_fsm_snapshot_file(path, crc32c.crc32c(b"hello world"), check_token=True)
+    assert spools(tmp_path / "fsm") == []
+    assert incoming.state == "finalized"
+    with pytest.raises(TransportError):
+        incoming.write(b"more")
+    assert ex.protected_indexes() == {7}  # until installed (applied) or aborted
+
+
+def test_stale_is_refused_at_begin_and_at_finalize(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path, applied=10)
+    with pytest.raises(ReceivedFSMSnapshotStaleError):
+        ex.begin_incoming(10)
+    incoming = ex.begin_incoming(11)
+    incoming.write(b"x")
+    ex.applied = 11  # the node caught up another way while the payload was arriving
+    with pytest.raises(ReceivedFSMSnapshotStaleError):
+        incoming.finalize()
+    incoming.abort()
+    assert os.listdir(tmp_path) == []
+    assert ex.protected_indexes() == frozenset()
+
+
+def test_cap_and_crc_mismatch_leave_nothing(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path, max_bytes=10)
+    incoming = ex.begin_incoming(3)
+    incoming.write(b"0123456789")
+    with pytest.raises(SnapshotPayloadTooLargeError):
+        incoming.write(b"!")
+    with pytest.raises(SnapshotPayloadCRCError):
+        incoming.finalize(crc32c.crc32c(b"0123456789") ^ 1)
+    incoming.abort()
+    incoming.abort()  # idempotent
+    assert os.listdir(tmp_path) == []
+    assert ex.protected_indexes() == frozenset()
+
+
+def test_abort_after_finalize_removes_the_refused_file(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path)
+    incoming = ex.begin_incoming(5)
+    incoming.write(b"payload")
+    incoming.finalize()
+    incoming.abort()  # the engine refused the message
+    assert os.listdir(tmp_path) == []
+    assert ex.protected_indexes() == frozenset()
+
+
+def test_same_index_twice(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path)
+    first = ex.begin_incoming(9)
+    first.write(b"A" * 100)
+    token = first.finalize()
+    again = ex.begin_incoming(9)  # a retry with the same content: the file is kept
+    again.write(b"A" * 100)
+    assert again.finalize() == token
+    other = ex.begin_incoming(9)  # different content while the first waits: refused
+    other.write(b"B" * 100)
+    with pytest.raises(ReceivedFSMSnapshotStaleError):
+        other.finalize()
+    other.abort()
+    again.abort()  # one holder refused: the other still needs the file
+    assert (tmp_path / fsm_name(9)).read_bytes()[:100] == b"A" * 100
+    first.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_protection_keeps_a_received_file_through_retention(tmp_path: Path) -> None:
+    """A finalized .fsm that the engine has not installed has no .snap yet: retention before a
+    local snapshot write would delete it unless it is protected."""
+    snap_dir, fsm_dir = tmp_path / "snap", tmp_path / "fsm-snap"
+    snap_dir.mkdir()
+    ex = ProbedExchange(fsm_dir, applied=20)
+    incoming = ex.begin_incoming(50)
+    incoming.write(os.urandom(1000))
+    incoming.finalize()
+    write_fsm(fsm_dir, 10, b"old, unreferenced")
+    removed = snaps.prepare_fsm_snapshot_write(str(snap_dir), str(fsm_dir), 60, None,
+                                               ex.protected_indexes())
+    assert [os.path.basename(p) for p in removed] == [fsm_name(10)]
+    assert (fsm_dir / fsm_name(50)).exists()
+    # The message was dropped; the node later applies past 50 another way: released.
+    ex.applied = 55
+    assert ex.protected_indexes() == frozenset()
+    removed = snaps.prepare_fsm_snapshot_write(str(snap_dir), str(fsm_dir), 60, None,
+                                               ex.protected_indexes())
+    assert [os.path.basename(p) for p in removed] == [fsm_name(50)]
+    incoming.abort()  # a late abort at or below the applied index touches no file
+    assert os.listdir(fsm_dir) == []
+
+
+def test_open_outgoing(tmp_path: Path) -> None:
+    ex = ProbedExchange(tmp_path)
+    assert ex.open_outgoing(b"inline payload") is None
+    payload = os.urandom(3000)
+    token = write_fsm(tmp_path, 4, payload)
+    with ex.open_outgoing(token) as out:  # type: ignore[union-attr]
+        assert out.size == 3000
+        got = b"".join(iter(lambda: out.read(1000), b""))
+    assert got == payload
+    assert out.closed
+    with pytest.raises(FSMSnapshotTokenCRCError):
+        ex.open_outgoing(fsm.encode_snapshot_token(4, 1))
+    with pytest.raises(FSMSnapshotNotFoundError):
+        ex.open_outgoing(fsm.encode_snapshot_token(5, 1))
+    path = tmp_path / fsm_name(4)
+    raw = bytearray(path.read_bytes())
+    raw[2999] ^= 1
+    path.write_bytes(bytes(raw))
+    with ex.open_outgoing(token) as out:  # type: ignore[union-attr]
+        assert len(out.read(2000)) == 2000  # the damage is found before the last bytes go
+        with pytest.raises(FSMSnapshotFileCRCError):
+            out.read(2000)

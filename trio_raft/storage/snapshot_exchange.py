@@ -1,0 +1,321 @@
+"""The one storage-side object through which snapshot payloads leave and arrive.
+
+The engine creates one :class:`SnapshotExchange` per data directory and hands it to its transport
+once (``Transport.attach``). The transport never touches ``fsm-snap/`` itself: it asks the
+exchange for a reader over a payload it must send, and for an :class:`IncomingSnapshot` to spool a
+payload it receives. Every file layout used here is defined in
+:mod:`trio_raft.storage.fsm_snapshot` (``.fsm`` file, token) and
+:mod:`trio_raft.storage.fileutil` (directory fsync); nothing is redefined.
+
+Sending: :meth:`SnapshotExchange.open_outgoing` turns ``Snapshot.data`` into an
+:class:`OutgoingPayload` when it is a token (the payload of ``fsm-snap/%016x.fsm``, footer
+excluded, size known) or ``None`` when the data is an inline payload. The reader computes the
+CRC32C of what it hands out and, before handing out the last bytes, compares it with the file's
+footer and the token: a damaged file raises :class:`~trio_raft.errors.FSMSnapshotFileCRCError`
+before the receiver could see a complete stream.
+
+Receiving: :meth:`SnapshotExchange.begin_incoming` refuses an index at or below the applied index
+(:class:`~trio_raft.errors.ReceivedFSMSnapshotStaleError`), creates a spool file
+``fsm-snap/trio-raft-snapshot-*.spool`` (the prefix that recovery deletes at open) and protects
+the index from snapshot retention. The :class:`IncomingSnapshot` then
+
+* ``write``: appends bytes, computing CRC32C over exactly the bytes written, refusing anything
+  past the size cap (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`);
+* ``finalize``: refuses a stale index or a payload whose CRC differs from the one the sender
+  announced, else appends the big-endian CRC footer, fsyncs, renames to ``%016x.fsm``, fsyncs the
+  directory and returns the token for ``Snapshot.data``;
+* ``abort``: idempotent; removes the spool, or the finalized file when the engine refused it,
+  and releases the protection.
+
+Invariants:
+
+* Nothing half-written is ever visible under a ``.fsm`` name: the rename is the last step, after
+  the footer and the fsync.
+* A protected index is never a leak: protections at or below the applied index are dropped the
+  next time anyone looks (:meth:`SnapshotExchange.protected_indexes`), so a message the engine
+  accepted and then dropped pins its file only until the node applies past it.
+* A finalized file whose message the engine has not installed yet is not replaced by a second
+  transfer of the same index with different content (that would break the first token's CRC);
+  the second one is refused as stale. Same content is accepted (the file is kept as it is).
+
+Everything here blocks (file I/O): the transports call it through ``trio.to_thread.run_sync``.
+The exchange and each incoming snapshot are safe to call from several worker threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+
+import crc32c
+
+from trio_raft.errors import (
+    FSMSnapshotFileCRCError,
+    FSMSnapshotTokenCRCError,
+    ReceivedFSMSnapshotStaleError,
+    SnapshotPayloadCRCError,
+    SnapshotPayloadTooLargeError,
+    TransportError,
+)
+from trio_raft.storage import fsm_snapshot as fsm
+from trio_raft.storage.fileutil import fsync_dir, make_dirs, write_all
+from trio_raft.storage.recovery import SPOOL_PREFIX
+
+log = logging.getLogger(__name__)
+
+#: Default cap on one received snapshot payload (16 GiB).
+DEFAULT_MAX_SNAPSHOT_BYTES = 16 << 30
+SPOOL_SUFFIX = ".spool"
+
+_FOOTER = struct.Struct(">I")
+
+
+class OutgoingPayload:
+    """A blocking reader over one ``.fsm`` payload being sent (footer excluded).
+
+    ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end; the CRC of the whole payload is
+    checked against the footer and the token before the last bytes are returned. ``close`` is
+    idempotent. Use it from one thread at a time.
+    """
+
+    def __init__(self, path: str, index: int, token_crc: int) -> None:
+        reader, size, footer = fsm.open_fsm_snapshot_payload(path)
+        if footer != token_crc:
+            reader.close()
+            raise FSMSnapshotTokenCRCError(
+                f"{path}: footer {footer:#010x}, token {token_crc:#010x}")
+        self.path = path
+        self.index = index
+        self.size = size
+        #: The CRC32C the token names (the receiver checks its own against it).
+        self.crc = token_crc
+        self._reader = reader
+        self._left = size
+        self._crc = 0
+
+    def read(self, n: int) -> bytes:
+        if n <= 0:
+            raise ValueError("read size must be positive")
+        if self._reader.closed:
+            raise TransportError(f"snapshot payload {self.path} is closed")
+        if self._left == 0:
+            return b""
+        data = self._reader.read(min(n, self._left))
+        if not data:
+            raise FSMSnapshotFileCRCError(f"{self.path}: {self._left} bytes short")
+        self._left -= len(data)
+        self._crc = crc32c.crc32c(data, self._crc)
+        if self._left == 0 and self._crc != self.crc:
+            raise FSMSnapshotFileCRCError(
+                f"{self.path}: computed {self._crc:#010x}, footer {self.crc:#010x}")
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self._reader.closed
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> OutgoingPayload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class IncomingSnapshot:
+    """One received payload on its way to ``fsm-snap/%016x.fsm`` (see the module docstring)."""
+
+    def __init__(self, exchange: SnapshotExchange, index: int, max_bytes: int) -> None:
+        self._exchange = exchange
+        self.index = index
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.crc = 0
+        self._lock = threading.Lock()
+        fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=SPOOL_SUFFIX,
+                                    dir=exchange.fsm_dir)
+        self._fd: int | None = fd
+        self.spool_path: str | None = path
+        self.final_path: str | None = None
+        self._state = "open"  # open -> finalized -> (aborted) | open -> aborted
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append payload bytes; :class:`SnapshotPayloadTooLargeError` past the cap."""
+        with self._lock:
+            fd = self._open_fd()
+            if self.size + len(data) > self.max_bytes:
+                raise SnapshotPayloadTooLargeError(
+                    f"{self.size + len(data)} bytes > limit {self.max_bytes}")
+            write_all(fd, data)
+            self.crc = crc32c.crc32c(data, self.crc)
+            self.size += len(data)
+
+    def finalize(self, expected_crc: int | None = None) -> bytes:
+        """Footer, fsync, rename to ``%016x.fsm``, directory fsync; returns the token.
+
+        ``expected_crc`` is the CRC the sender announced (its token), when it did: a different
+        CRC raises :class:`SnapshotPayloadCRCError`. A stale index raises
+        :class:`ReceivedFSMSnapshotStaleError`. On any error nothing is renamed; the spool stays
+        for :meth:`abort`.
+        """
+        with self._lock:
+            fd = self._open_fd()
+            if expected_crc is not None and expected_crc != self.crc:
+                raise SnapshotPayloadCRCError(
+                    f"index {self.index}: received {self.crc:#010x}, sender announced "
+                    f"{expected_crc:#010x}")
+            self._exchange._check_fresh(self.index)
+            final = fsm.fsm_snapshot_path(self._exchange.fsm_dir, self.index)
+            write_all(fd, _FOOTER.pack(self.crc))
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = None
+            assert self.spool_path is not None
+            self._exchange._land(self, final)
+            self.final_path = final
+            self._state = "finalized"
+            return fsm.encode_snapshot_token(self.index, self.crc)
+
+    def abort(self) -> None:
+        """Remove the spool (or the finalized file: the engine refused it) and release the
+        protection. Idempotent; never raises for a file that is already gone."""
+        with self._lock:
+            if self._state == "aborted":
+                return
+            was = self._state
+            self._state = "aborted"
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = None
+            if self.spool_path is not None:
+                _unlink_logged(self.spool_path)
+                self.spool_path = None
+            self._exchange._release(self, finalized=was == "finalized")
+
+    def _open_fd(self) -> int:
+        if self._state != "open" or self._fd is None:
+            raise TransportError(f"incoming snapshot at index {self.index} is {self._state}")
+        return self._fd
+
+
+class SnapshotExchange:
+    """Snapshot payloads in and out of one ``fsm-snap`` directory (see the module docstring)."""
+
+    def __init__(self, fsm_dir: str | os.PathLike[str], applied_index: Callable[[], int], *,
+                 max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> None:
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.fsm_dir = os.fspath(fsm_dir)
+        self.max_bytes = max_bytes
+        self._applied_index = applied_index
+        self._lock = threading.Lock()
+        #: index -> number of transfers holding it (in flight, or finalized and handed over).
+        self._holds: collections.Counter[int] = collections.Counter()
+        #: finalized files waiting for the engine: index -> (CRC, transfers that handed it over).
+        self._landed: dict[int, tuple[int, int]] = {}
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    def open_outgoing(self, data: bytes) -> OutgoingPayload | None:
+        """A reader over the payload ``data`` names when it is a token; ``None`` when ``data`` is
+        an inline payload. Raises the ``FSMSnapshot*Error`` of a missing or damaged file."""
+        if not fsm.is_snapshot_token(data):
+            return None
+        index, crc = fsm.decode_snapshot_token(data)
+        return OutgoingPayload(fsm.fsm_snapshot_path(self.fsm_dir, index), index, crc)
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def begin_incoming(self, index: int) -> IncomingSnapshot:
+        """Start receiving the payload of the snapshot at ``index`` (protects ``index`` until the
+        returned object is aborted or the node applies past it)."""
+        if index <= 0:
+            raise ValueError("a received snapshot has a positive index")
+        make_dirs(self.fsm_dir)
+        with self._lock:
+            self._check_fresh(index)
+            self._holds[index] += 1
+        try:
+            return IncomingSnapshot(self, index, self.max_bytes)
+        except BaseException:
+            with self._lock:
+                self._drop_hold(index)
+            raise
+
+    def protected_indexes(self) -> frozenset[int]:
+        """``.fsm`` indexes snapshot retention must keep (received, not yet installed)."""
+        applied = self._applied_index()
+        with self._lock:
+            for index in [i for i in self._holds if i <= applied]:
+                del self._holds[index]
+                self._landed.pop(index, None)
+            return frozenset(self._holds)
+
+    # -- internals (called by IncomingSnapshot under its own lock) --------------------------------
+
+    def _check_fresh(self, index: int) -> None:
+        applied = self._applied_index()
+        if index <= applied:
+            raise ReceivedFSMSnapshotStaleError(f"index={index} applied={applied}")
+
+    def _land(self, incoming: IncomingSnapshot, final: str) -> None:
+        assert incoming.spool_path is not None
+        with self._lock:
+            crc, holders = self._landed.get(incoming.index, (incoming.crc, 0))
+            waiting = holders > 0 and os.path.exists(final)
+            if waiting and crc != incoming.crc:
+                raise ReceivedFSMSnapshotStaleError(
+                    f"index={incoming.index}: a different payload at this index is waiting to "
+                    "be installed")
+            if waiting:
+                os.unlink(incoming.spool_path)  # same content: keep the file already there
+            else:
+                os.replace(incoming.spool_path, final)
+            incoming.spool_path = None
+            fsync_dir(self.fsm_dir)
+            self._landed[incoming.index] = (incoming.crc, holders + 1 if waiting else 1)
+
+    def _release(self, incoming: IncomingSnapshot, *, finalized: bool) -> None:
+        index = incoming.index
+        with self._lock:
+            self._drop_hold(index)
+            if not finalized:
+                return
+            crc, holders = self._landed.get(index, (incoming.crc, 0))
+            if holders > 1:
+                self._landed[index] = (crc, holders - 1)
+                return
+            self._landed.pop(index, None)
+            # At or below the applied index the file may be the installed snapshot's: retention
+            # removes it once nothing refers to it.
+            if holders == 1 and index > self._applied_index():
+                _unlink_logged(fsm.fsm_snapshot_path(self.fsm_dir, index))
+                fsync_dir(self.fsm_dir)
+
+    def _drop_hold(self, index: int) -> None:
+        if self._holds[index] <= 1:
+            self._holds.pop(index, None)
+        else:
+            self._holds[index] -= 1
+
+
+def _unlink_logged(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("removing received snapshot file %s failed", path, exc_info=True)

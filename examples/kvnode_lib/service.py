@@ -450,9 +450,9 @@ class KVService(_Base):
         except ValueError:
             raise Reply(Status.INVALID_ARGUMENT, f"unknown read mode {req.mode}") from None
         self.node.metrics.read(mode.name.lower())
-        serve_locally = mode is pb.ReadMode.LOCAL or (
-            mode is pb.ReadMode.LEASE and engine.lease_valid())
-        if not serve_locally:
+        if mode is pb.ReadMode.LEASE:
+            await engine.lease_read()
+        elif mode is not pb.ReadMode.LOCAL:
             await engine.linearizable_read()
         value = self.node.fsm.get(req.key)
         return pb.GetResponse(found=value is not None, value=value or b"",

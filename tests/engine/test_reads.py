@@ -9,7 +9,7 @@ import trio.testing
 
 from tests.engine.kv import KV
 from trio_raft import State, errors
-from trio_raft.core.messages import Ready, ReadState
+from trio_raft.core.messages import ReadState, Ready
 from trio_raft.engine.reads import Reads
 from trio_raft.engine.requests import ReadRequest
 from trio_raft.engine.waiters import Waiter
@@ -102,13 +102,13 @@ async def test_follower_reads_batch_and_see_earlier_writes(tmp_path, clock):
             written = await leader.propose(b"set k %d" % i)
             results: list[str] = []
 
-            async def one() -> None:
+            async def one(out: list[str]) -> None:
                 await follower.linearizable_read()
-                results.append(handle.fsm.data["k"])  # read right after, no await between
+                out.append(handle.fsm.data["k"])  # read right after, no await between
 
             async with trio.open_nursery() as n:
                 for _ in range(16):
-                    n.start_soon(one)
+                    n.start_soon(one, results)
             assert results == [str(i)] * 16
             assert follower.applied_index() >= written.commit_index
 
@@ -124,3 +124,48 @@ async def test_follower_without_a_leader_refuses_reads(tmp_path, clock):
                 await trio.sleep(0.05)
         with pytest.raises(errors.NotLeaderError):
             await follower.linearizable_read()
+
+
+async def test_lease_read_waits_until_the_leader_applied_its_commit_index(tmp_path, clock):
+    """A leader's commit index can run ahead of what it applied (followers may even show the
+    entry first: a leader sends appends carrying the new commit index before its own write,
+    Raft thesis §10.2.1). A lease read must return only once that index is applied here."""
+    async with open_memory_cluster(tmp_path, 3, KV, heartbeat_tick=10, election_tick=100) as c:
+        leader = await c.wait_for_leader(timeout=60)
+        lname = c.leader_name()
+        assert lname is not None
+        fsm = c.nodes[lname].fsm
+        await leader.propose(b"set k old")
+        with trio.fail_after(5):
+            while not leader.lease_valid():
+                await trio.sleep(0.01)
+        applier = leader._loop.applier  # white box: hold the leader's apply of the new write
+        real_apply = applier.apply
+        held = trio.Event()
+        go = trio.Event()
+
+        async def slow_apply(entries):  # type: ignore[no-untyped-def]
+            if any(b"set k new" in e.data for e in entries):
+                held.set()
+                await go.wait()
+            await real_apply(entries)
+
+        applier.apply = slow_apply  # type: ignore[method-assign]
+        got: list[str] = []
+
+        async def lease_reader() -> None:
+            await leader.lease_read()
+            got.append(fsm.data["k"])
+
+        async with trio.open_nursery() as n:
+            try:
+                n.start_soon(leader.propose, b"set k new")
+                await held.wait()  # committed, not applied on the leader
+                assert leader._loop.node.raft.log.committed > leader.applied_index()
+                assert leader.lease_valid()
+                n.start_soon(lease_reader)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []  # it waits for the apply
+            finally:
+                go.set()
+        assert got == ["new"]

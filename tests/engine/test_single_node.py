@@ -78,7 +78,7 @@ async def test_propose_with_cancelled_scope_does_not_enqueue(tmp_path):
         assert cs.cancelled_caught
         await engine.propose(b"set after 1")
         assert "never" not in fsm.data
-        assert len(engine._loop.proposals) == 0
+        assert len(engine._loop.pending.proposals) == 0
 
 
 async def test_cancel_while_waiting_leaves_no_waiter(tmp_path):
@@ -91,7 +91,7 @@ async def test_cancel_while_waiting_leaves_no_waiter(tmp_path):
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         await engine.propose(b"set y 1")
-        assert len(engine._loop.proposals) == 0
+        assert len(engine._loop.pending.proposals) == 0
         assert len(engine._loop.reads) == 0
 
 

@@ -23,6 +23,7 @@ from trio_raft.errors import (
     PeerNodeIDConflictError,
     StateMachineUnsetError,
 )
+from trio_raft.transport.base import Transport
 
 DEFAULT_TICK_INTERVAL = 0.010
 DEFAULT_HEARTBEAT_TICK = 10
@@ -75,7 +76,7 @@ class OpenConfig:
     state_machine: StateMachine | None = None
     #: None: no network for a single voter; with several peers the engine builds a
     #: GRPCTransport serving on ``local_address``. Otherwise any Transport implementation.
-    transport: Any = None
+    transport: Transport | None = None
     node_id: int = 0
     bootstrap_seed: Sequence[Peer] = ()
     tick_interval: float = DEFAULT_TICK_INTERVAL

@@ -44,7 +44,7 @@ from trio_raft.errors import (
     PeerIDRequiredError,
     PromoteLearnerMinAppliedZeroError,
 )
-from trio_raft.transport.base import Transport
+from trio_raft.transport.base import ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,26 @@ class Engine:
         loop.check_open()
         index = await loop.run_request(ReadRequest(loop.new_request_id(), Waiter(), wait_applied))
         return int(index)
+
+    async def lease_read(self) -> int:
+        """A read under this leader's lease: while ``lease_valid()``, no network round; the
+        leader's commit index is the read index, returned once it is applied here (a write
+        another node already shows may be committed but not yet applied on the leader).
+        Without a valid lease (or on a follower) it is :meth:`linearizable_read`."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
+        loop.check_open()
+        if not self.lease_valid():
+            return await self.linearizable_read()
+        index = loop.node.raft.log.committed
+        if loop.applied >= index:
+            return index
+        req = ReadRequest(loop.new_request_id(), Waiter(), True)
+        loop.reads.add_known(req, index)
+        try:
+            return int(await req.waiter.wait())
+        finally:
+            loop.pending.forget(req)
 
     async def check_serving(self) -> None:
         """Raise NotLeaderError unless the cached state is leader (no network round)."""
@@ -308,16 +328,19 @@ class Engine:
             await self._loop.done.wait()
 
 
-def build_transport(cfg: OpenConfig, num_peers: int) -> tuple[Transport | None, bool]:
-    """The transport to use and whether the engine owns it: the configured one, else a
-    GRPCTransport serving ``local_address`` when there are other peers, else none."""
+def build_transport(cfg: OpenConfig,
+                    num_peers: int) -> tuple[Transport | None, ServingTransport | None]:
+    """The transport to use, and the same when the engine built it and must run it: the
+    configured one, else a GRPCTransport serving ``local_address`` when there are other
+    peers, else none."""
     if cfg.transport is not None:
-        return cfg.transport, False
+        return cfg.transport, None
     if num_peers <= 1:
-        return None, False
+        return None, None
     from trio_raft.transport.grpc import GRPCTransport
 
-    return GRPCTransport(local_address=cfg.local_address), True  # type: ignore[return-value]
+    owned = GRPCTransport(local_address=cfg.local_address)
+    return owned, owned
 
 
 @asynccontextmanager
@@ -334,9 +357,10 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
     opened = await io.run(open_state, cfg)
     failure: BaseException | None = None
     yielded = False
+    transport: Transport | None = None
     try:
-        transport, owns = build_transport(cfg, len(opened.peers))
-        loop = RunLoop(cfg, opened, io, transport, owns_transport=owns)
+        transport, owned = build_transport(cfg, len(opened.peers))
+        loop = RunLoop(cfg, opened, io, transport, owned=owned)
         engine = Engine(loop)
         try:
             async with trio.open_nursery() as nursery:
@@ -352,6 +376,8 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
             failure = sole_failure(group)
     finally:
         with trio.CancelScope(shield=True):
+            if transport is not None:
+                await transport.detach()  # in-flight incoming snapshots are cancelled
             await io.run(opened.disk.close)
     fatal = loop.error
     if fatal is not None:

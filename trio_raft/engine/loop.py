@@ -22,9 +22,9 @@ the new commit index) are handed out, so proposers are answered first, except wh
 configuration change (which may remove the very peer that must learn of its commit).
 
 Collaborators (each in its own module, built once, called explicitly): ``Inbox``,
-``LogWriter``, ``Applier``, ``Snapshots``, ``Membership``, ``AdminHandler``, ``Reads``,
-``Lease``, ``EnvelopeGate``, ``StatusView``, ``Dispatcher``. ``docs/architecture.md`` lists the
-tasks and who cancels them.
+``Pending``, ``Admission`` (with ``AdminHandler``), ``LogWriter``, ``Applier``, ``Snapshots``,
+``Membership``, ``Reads``, ``Lease``, ``EnvelopeGate``, ``StatusView``, ``Dispatcher``.
+``docs/architecture.md`` lists the tasks and who cancels them.
 
 Lifecycle: ``run`` (a task of the engine's nursery) starts the transport link, the tick task and
 the lanes, then loops until ``request_close``, removal of this node, cancellation or a fatal
@@ -44,13 +44,13 @@ import trio
 
 from trio_raft.core.errors import RaftError as CoreRaftError
 from trio_raft.core.errors import StepPeerNotFoundError
-from trio_raft.core.messages import NONE, Entry, EntryType, Message, Ready, StateType
+from trio_raft.core.messages import NONE, EntryType, Message, Ready, StateType
 from trio_raft.core.raft import Config as CoreConfig
 from trio_raft.core.rawnode import RawNode
 from trio_raft.engine.admin import AdminHandler
+from trio_raft.engine.admission import Admission
 from trio_raft.engine.applier import Applier
 from trio_raft.engine.config import OpenConfig
-from trio_raft.engine.contexts import encode_proposal
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.dispatch import Dispatcher, SendReport
 from trio_raft.engine.envelope_gate import EnvelopeGate
@@ -58,22 +58,21 @@ from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
 from trio_raft.engine.lease import Lease
 from trio_raft.engine.membership import Membership
 from trio_raft.engine.opening import OpenedState
+from trio_raft.engine.pending import Pending
 from trio_raft.engine.persist import LogWriter
 from trio_raft.engine.reads import Reads
-from trio_raft.engine.requests import ProposeRequest, ReadRequest, Request
+from trio_raft.engine.requests import Request
 from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.status import Edge, StatusView
 from trio_raft.engine.types import StateMachine, Status
-from trio_raft.engine.waiters import WaiterTable
 from trio_raft.errors import (
     EngineClosedError,
     EngineClosedWhileWaitingError,
     EngineFailedError,
     LeadershipLostError,
-    LeadershipTransferInProgressError,
-    NotLeaderError,
 )
-from trio_raft.transport.base import Transport
+from trio_raft.storage.snapshot_exchange import SnapshotExchange
+from trio_raft.transport.base import ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +81,20 @@ class RunLoop:
     """See the module docstring."""
 
     def __init__(self, cfg: OpenConfig, opened: OpenedState, io: DiskRunner,
-                 transport: Transport | None, *, owns_transport: bool) -> None:
+                 transport: Transport | None, *, owned: ServingTransport | None) -> None:
         assert cfg.state_machine is not None
         fsm: StateMachine = cfg.state_machine
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.local_id = cfg.local_id
         self.transport = transport
-        self.owns_transport = owns_transport
+        #: The transport when the engine built it and runs it itself (else None).
+        self.owned_transport = owned
         self.disk = opened.disk
         self.storage = opened.storage
         self._io = io
+        #: How snapshot payloads leave and arrive (given to the transport once).
+        self.exchange = SnapshotExchange(self.disk.fsm_dir, lambda: self.applier.applied)
         self.node = RawNode(
             CoreConfig(
                 id=cfg.node_id,
@@ -113,8 +115,6 @@ class RunLoop:
         # runs of this node from colliding with the ones this run waits on.
         self._request_ids = secrets.randbits(62)
         self.inbox = Inbox(bulk_queue_capacity(len(opened.peers), cfg.max_inflight_msg))
-        self.proposals = WaiterTable()
-        self.admin_waiters = WaiterTable()
         self.membership = Membership(
             node_id=cfg.node_id, local_id=cfg.local_id, local_address=cfg.local_address,
             peers=opened.peers, conf_state=opened.conf_state,
@@ -122,12 +122,13 @@ class RunLoop:
             join_as_learner=cfg.join_as_learner)
         self.reads = Reads(self.node, retry_after=cfg.election_tick * cfg.tick_interval,
                            probe_interval=cfg.heartbeat_tick * cfg.tick_interval)
+        self.pending = Pending(self.reads)
         self.lease = Lease(self.node, cfg.node_id)
         self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_report)
         self.status_view = StatusView(self.node, self.membership, self.storage)
         self.gate = EnvelopeGate(
             cipher=cfg.raft_cipher, configured=cfg.raft_cutover_index, recorded=opened.cutover,
-            data_dir=self.disk.data_dir, inbox=self.inbox, proposals=self.proposals,
+            data_dir=self.disk.data_dir, inbox=self.inbox, proposals=self.pending.proposals,
             applied=lambda: self.applier.applied, tick_interval=cfg.tick_interval)
         self.log_writer = LogWriter(disk=self.disk, storage=self.storage, io=io,
                                     observer=cfg.persist_observer,
@@ -135,15 +136,18 @@ class RunLoop:
         self.snapshots = Snapshots(
             fsm=fsm, disk=self.disk, storage=self.storage, io=io,
             position=lambda: (self.applier.applied, self.membership.conf_state),
-            every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries)
+            every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
+            protected=self.exchange.protected_indexes)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,
-            io=io, dispatcher=self.dispatcher, lease=self.lease, proposals=self.proposals,
-            admin=self.admin_waiters)
-        self.admin = AdminHandler(node=self.node, membership=self.membership,
-                                  storage=self.storage, pending=self.admin_waiters,
-                                  applied=lambda: self.applier.applied)
+            io=io, dispatcher=self.dispatcher, lease=self.lease,
+            proposals=self.pending.proposals, admin=self.pending.admin)
+        self.admission = Admission(
+            node=self.node, gate=self.gate, pending=self.pending,
+            admin=AdminHandler(node=self.node, membership=self.membership,
+                               storage=self.storage, pending=self.pending.admin,
+                               applied=lambda: self.applier.applied))
         self.gate.note_unapplied(self.storage, opened.applied)
         self._nursery: trio.Nursery | None = None
         self._started = trio.Event()
@@ -180,22 +184,8 @@ class RunLoop:
 
     def submit(self, req: Request) -> None:
         """Register ``req``'s waiter and queue it for the loop."""
-        if isinstance(req, ProposeRequest):
-            self.proposals.add(req.request_id, req.waiter)
-        elif isinstance(req, ReadRequest):
-            self.reads.add(req)
-        else:
-            self.admin_waiters.add(req.request_id, req.waiter)
+        self.pending.register(req)
         self.inbox.put_request(req)
-
-    def forget(self, req: Request) -> None:
-        """The caller of ``req`` stopped waiting (answered, failed or cancelled)."""
-        if isinstance(req, ProposeRequest):
-            self.proposals.discard(req.request_id, req.waiter)
-        elif isinstance(req, ReadRequest):
-            self.reads.discard(req.request_id, req.waiter)
-        else:
-            self.admin_waiters.discard(req.request_id, req.waiter)
 
     async def run_request(self, req: Request) -> Any:
         """Submit ``req`` and wait for its outcome; a cancelled caller leaves nothing behind
@@ -204,7 +194,7 @@ class RunLoop:
         try:
             return await req.waiter.wait()
         finally:
-            self.forget(req)
+            self.pending.forget(req)
 
     async def handle_inbound(self, m: Message) -> None:
         """The transport's inbound handler: queue ``m`` for the loop, or raise."""
@@ -252,13 +242,9 @@ class RunLoop:
         t = self.transport
         if t is None:
             return
-        t.set_handler(self.handle_inbound)
-        set_dir = getattr(t, "set_fsm_snap_dir", None)
-        if set_dir is not None:
-            set_dir(self.disk.fsm_dir)
-        _configure_snapshot_transport(t, self.disk.fsm_dir, lambda: self.applier.applied)
-        if self.owns_transport:
-            await nursery.start(t.serve)
+        t.attach(self.handle_inbound, self.exchange)
+        if self.owned_transport is not None:
+            await nursery.start(self.owned_transport.serve)
         self.dispatcher.start(nursery, self.cfg.commit_broadcast_delay)
         for p in self.membership.remote_peers():
             self.dispatcher.add_peer(p)
@@ -292,7 +278,7 @@ class RunLoop:
             else:
                 node.report_snapshot(node_id, report is SendReport.SNAPSHOT_SENT)
         if inbox.requests:
-            self._take_requests()
+            self.admission.take(inbox.requests)
         self._start_read_rounds()
 
     def _step(self, m: Message) -> None:
@@ -308,60 +294,9 @@ class RunLoop:
             self.lease.on_heartbeat_response(m, self.membership.conf_state.voters,
                                              self.reads.started_at(m.context))
 
-    def _take_requests(self) -> None:
-        batch: list[ProposeRequest] = []
-        requests = self.inbox.requests
-        while requests:
-            req = requests.popleft()
-            if isinstance(req, ProposeRequest):
-                if self._admit(req):
-                    batch.append(req)
-            elif isinstance(req, ReadRequest):
-                self.reads.admit(req, self._read_reject_reason(req))
-            else:
-                self.admin.handle(req)
-        if not batch:
-            return
-        try:
-            self.node.propose_entries(
-                [Entry(0, 0, data=encode_proposal(r.request_id, r.data)) for r in batch]
-            )
-        except CoreRaftError as exc:
-            for r in batch:
-                self.proposals.discard(r.request_id, r.waiter)
-                r.waiter.fail(NotLeaderError(str(exc)))
-
-    def _admit(self, req: ProposeRequest) -> bool:
-        if req.waiter.done:
-            return False
-        err = self._reject_reason(req.admin)
-        if err is not None:
-            self.proposals.discard(req.request_id, req.waiter)
-            req.waiter.fail(err)
-            return False
-        return True
-
-    def _read_reject_reason(self, req: ReadRequest) -> BaseException | None:
-        """Linearizable reads are served by any node that knows a leader (the leader confirms
-        the read index); ``verify_leader`` only on the leader."""
-        r = self.node.raft
-        if r.state is StateType.LEADER or not req.wait_applied:
-            return self._reject_reason(admin=True)
-        if r.state is not StateType.FOLLOWER or r.lead == NONE:
-            return NotLeaderError("no known leader to confirm the read")
-        return None
-
     def _start_read_rounds(self) -> None:
         self.reads.start_rounds(is_leader=self.is_leader(),
                                 has_followers=self.membership.voter_count() > 1)
-
-    def _reject_reason(self, admin: bool) -> BaseException | None:
-        r = self.node.raft
-        if r.state is not StateType.LEADER:
-            return NotLeaderError()
-        if r.lead_transferee != NONE:
-            return LeadershipTransferInProgressError()
-        return self.gate.reject_reason(admin)
 
     # -- Readys -------------------------------------------------------------------------------
     async def _drain_ready(self) -> None:
@@ -415,39 +350,19 @@ class RunLoop:
         if edge is Edge.LOST:
             # Requests still queued never reached raft: they fail with NotLeaderError when
             # the loop takes them.
-            self._fail_waiters(LeadershipLostError, skip=self._queued_ids())
+            self.pending.fail_seen(LeadershipLostError, self.inbox)
             self.lease.reset()
         if edge is not None:
             self.status_view.fire(edge)
 
     # -- stopping -----------------------------------------------------------------------------
-    def _queued_ids(self) -> frozenset[int]:
-        return frozenset(req.request_id for req in self.inbox.requests)
-
-    def _fail_waiters(self, factory: Callable[[], BaseException],
-                      skip: frozenset[int] = frozenset()) -> None:
-        """Fail every caller whose request raft has seen, each with a fresh ``factory()``."""
-        self.proposals.fail_all(factory, skip)
-        self.reads.fail_all(factory, skip)
-        self.admin_waiters.fail_all(factory, skip)
-
-    def _fail_queued(self, factory: Callable[[], BaseException]) -> None:
-        """Fail the requests still in the inbox: raft never saw them, so not applied."""
-        requests = self.inbox.requests
-        while requests:
-            req = requests.popleft()
-            self.forget(req)
-            req.waiter.fail(factory())
-
     def _shutdown(self, waiting: Callable[[], BaseException]) -> None:
         """Stop: queued requests get EngineClosedError (not applied), callers raft saw get
         ``waiting()`` (outcome unknown), the status becomes shutdown, tasks are cancelled."""
         if self.closed:
             return
         self.closed = True
-        self.dispatcher.close()
-        if self.transport is not None:
-            self.transport.set_handler(None)
+        self.dispatcher.close()  # inbound messages are refused from now (handle_inbound)
         error = self.error
 
         def not_applied() -> BaseException:
@@ -455,8 +370,8 @@ class RunLoop:
             exc.__cause__ = error
             return exc
 
-        self._fail_queued(not_applied)
-        self._fail_waiters(waiting)
+        self.pending.fail_queued(not_applied, self.inbox)
+        self.pending.fail_seen(waiting, self.inbox)
         if self.status_view.shut_down():
             self.status_view.fire(Edge.LOST)
         self.done.set()
@@ -477,32 +392,3 @@ class RunLoop:
             return err
 
         self._shutdown(failed)
-
-
-def _configure_snapshot_transport(t: Any, fsm_dir: str, applied: Callable[[], int]) -> None:
-    """Transitional: the pre-exchange setters (replaced by ``Transport.attach``)."""
-    from trio_raft.storage import fsm_snapshot as fsm_files
-
-    def opener(index: int) -> Any:
-        f, _size, _crc = fsm_files.open_fsm_snapshot_payload(
-            fsm_files.fsm_snapshot_path(fsm_dir, index))
-        return f
-
-    def reader(index: int) -> bytes:
-        return fsm_files.read_fsm_snapshot_payload(fsm_files.fsm_snapshot_path(fsm_dir, index))
-
-    def token_index(data: bytes) -> int | None:
-        if not fsm_files.is_snapshot_token(data):
-            return None
-        return fsm_files.decode_snapshot_token(data)[0]
-
-    for name, value in (
-        ("set_fsm_payload_opener", opener),
-        ("set_fsm_payload_reader", reader),
-        ("set_snapshot_token_encoder", fsm_files.encode_snapshot_token),
-        ("set_snapshot_token_decoder", token_index),
-        ("set_applied_index_getter", applied),
-    ):
-        setter = getattr(t, name, None)
-        if setter is not None:
-            setter(value)

@@ -94,6 +94,11 @@ class Reads:
         """Register the read before it is queued for the loop."""
         self._pending[req.request_id] = _PendingRead(req.waiter, req.wait_applied)
 
+    def add_known(self, req: ReadRequest, index: int) -> None:
+        """Register a read whose read index is already known (a lease read: the leader's
+        commit index while its lease holds); it is released once ``index`` is applied."""
+        self._pending[req.request_id] = _PendingRead(req.waiter, True, index)
+
     def discard(self, request_id: int, waiter: Waiter) -> None:
         """Forget a read whose caller stopped waiting."""
         p = self._pending.get(request_id)

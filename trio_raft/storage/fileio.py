@@ -23,7 +23,6 @@ Rules of the seam
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -200,10 +199,12 @@ _libc: ctypes.CDLL | None = None
 
 
 def _get_libc() -> ctypes.CDLL | None:
+    """The C library's symbols, as already loaded into this process (no library search, which
+    would start a subprocess)."""
     global _libc
     if _libc is None:
         try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            _libc = ctypes.CDLL(None, use_errno=True)
         except OSError:
             return None
     return _libc

@@ -30,6 +30,7 @@ import fnmatch
 import os
 import threading
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -293,3 +294,7 @@ class FaultyFileIO:
         if fault is not None:
             raise fault.os_error(path)
         return self.inner.listdir(path)
+
+
+if TYPE_CHECKING:  # FaultyFileIO must stay a complete seam
+    _SEAM: FileIO = FaultyFileIO()

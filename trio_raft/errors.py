@@ -212,7 +212,7 @@ class StorageIOError(StorageError):
     assumed durable. Build one with :meth:`from_os_error`.
     """
 
-    #: The operation that failed, named as in ``trio_raft.storage.fileio`` ("write", "fsync", ...).
+    #: The operation that failed: "write", "fsync", "fdatasync", "create", "rename", "read", ...
     op: str = ""
     #: The file (or directory) the operation was on.
     path: str = ""

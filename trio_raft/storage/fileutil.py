@@ -114,11 +114,12 @@ def pread_exact(fd: int, size: int, offset: int, *, file_io: FileIO = OS_FILE_IO
 
 
 def close_quietly(fd: int, path: str, *, file_io: FileIO = OS_FILE_IO) -> None:
-    """Close a descriptor on an error path: a second failure is logged, not raised."""
+    """Close a descriptor whose close cannot lose anything (opened only for reading, already
+    fsynced, or on an error path that is already raising): a failure is logged, not raised."""
     try:
         file_io.close(fd)
     except OSError as exc:
-        log.warning("closing %s after an error failed too: %s", path, exc)
+        log.warning("closing %s failed: %s", path, exc)
 
 
 # -- path helpers (raise StorageIOError) --------------------------------------------------------

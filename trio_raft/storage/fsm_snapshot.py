@@ -1,4 +1,5 @@
-"""State-machine snapshot payload files (``.fsm``) and the snapshot token (spec e).
+"""State-machine snapshot payload files (``.fsm``) and the snapshot token
+(docs/storage.md section 4).
 
 Layouts::
 

@@ -1,4 +1,4 @@
-"""Seed a raft data directory from an existing state-machine store (spec i).
+"""Seed a raft data directory from an existing state-machine store (docs/storage.md section 7).
 
 The *source store* is anything that can produce a state-machine snapshot: an object with
 ``snapshot() -> FSMSnapshot`` (``write_to(writer) -> int``, ``close()``) and ``close()``, opened

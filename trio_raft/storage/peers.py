@@ -1,4 +1,5 @@
-"""The peers file ``trio-raft-peers.bin`` (spec d.9): the cluster's members and addresses.
+"""The peers file ``trio-raft-peers.bin``: the cluster's members and addresses
+(docs/storage.md section 5).
 
 Layout (all integers big-endian)::
 

@@ -1,4 +1,4 @@
-"""Opening a data directory (spec d.3) and persisting each Ready afterwards.
+"""Opening a data directory (docs/storage.md section 6) and persisting each Ready afterwards.
 
 Data directory layout::
 

@@ -248,7 +248,8 @@ def prepare_fsm_snapshot_write(snap_dir: str, fsm_dir: str, next_index: int,
                                wal_valid: Iterable[SnapshotMetadata] | None,
                                protected: Iterable[int] = (), *,
                                file_io: FileIO = OS_FILE_IO) -> list[str]:
-    """Pre-write retention (spec e.4): bound disk use before writing a snapshot at ``next_index``.
+    """Pre-write retention (docs/storage.md section 3): bound disk use before writing a
+    snapshot at ``next_index``.
 
     ``wal_valid`` are the WAL's valid snapshot markers (None: no WAL, everything counts as
     valid); ``protected`` are ``.fsm`` indexes that must survive (received, not yet installed).

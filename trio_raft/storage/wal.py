@@ -1,4 +1,5 @@
-"""The write-ahead log: segment files of CRC-framed records (framing in :mod:`.wal_records`).
+"""The write-ahead log: segment files of CRC-framed records (framing in :mod:`.wal_records`,
+segment files in :mod:`.wal_segments`).
 
 Theory of operation
 -------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, Protocol, cast
 
@@ -114,7 +115,13 @@ def open_payload_store(store_path: str, *, file_io: FileIO = OS_FILE_IO) -> FSMS
     path = store_path
     if is_dir(path, file_io=file_io):
         path = os.path.join(path, PAYLOAD_FILE_NAME)
-    if not lexists(path, file_io=file_io) or is_dir(path, file_io=file_io):
+    try:
+        regular = stat.S_ISREG(file_io.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        regular = False
+    except OSError as exc:
+        raise StorageIOError.from_os_error("stat", path, exc) from exc
+    if not regular:
         raise StorageError(f"migration: no state machine payload at {path}")
     return PayloadStore(path, file_io=file_io)
 

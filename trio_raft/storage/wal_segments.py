@@ -51,6 +51,7 @@ from trio_raft.storage.fileutil import (
     unlink_if_exists,
 )
 
+# The WAL's own logger: repairs and cleanups are the WAL's story to operators.
 log = logging.getLogger("trio_raft.storage.wal")
 
 _NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")

@@ -6,9 +6,9 @@ crash recovery. Everything here is synchronous, blocking file I/O; the engine ca
 Every disk access goes through one :class:`~trio_raft.storage.fileio.FileIO` (the seam), passed
 as ``file_io=`` and defaulting to the real one, :data:`~trio_raft.storage.fileio.OS_FILE_IO`.
 
-Modules: :mod:`.fileio` (the seam), :mod:`.fileutil` (helpers over it), :mod:`.wal`
-(+ :mod:`.wal_records`, :mod:`.wal_segments`), :mod:`.snapshots`, :mod:`.fsm_snapshot`,
-:mod:`.peers`, :mod:`.recovery`, :mod:`.migrate`, :mod:`.memory`.
+Modules: :mod:`.fileio` (the seam), :mod:`.fileutil` and :mod:`.streams` (helpers over it),
+:mod:`.wal` (+ :mod:`.wal_records`, :mod:`.wal_segments`), :mod:`.snapshots`,
+:mod:`.fsm_snapshot`, :mod:`.peers`, :mod:`.recovery`, :mod:`.migrate`, :mod:`.memory`.
 """
 
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO, OSFileIO

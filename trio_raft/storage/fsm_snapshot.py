@@ -49,8 +49,6 @@ from trio_raft.errors import (
 )
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
-    FDReader,
-    FDWriter,
     close_quietly,
     create_temp_file,
     discard_temp_file,
@@ -60,6 +58,7 @@ from trio_raft.storage.fileutil import (
     pread_exact,
     write_all,
 )
+from trio_raft.storage.streams import FDReader, FDWriter
 
 crc32c = _crc32c.crc32c
 

@@ -34,7 +34,6 @@ from trio_raft.errors import MigrationDestinationExistsError, StorageError, Stor
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.fileio import DIR_MODE, OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
-    FDWriter,
     close_quietly,
     create_temp_file,
     fsync_dir,
@@ -48,6 +47,7 @@ from trio_raft.storage.fileutil import (
 from trio_raft.storage.peers import LEARNER, PersistedPeer, save_persisted_peers
 from trio_raft.storage.recovery import FSM_DIR, SNAP_DIR, WAL_DIR
 from trio_raft.storage.snapshots import Snapshotter
+from trio_raft.storage.streams import FDWriter
 from trio_raft.storage.wal import WAL
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,8 @@ the message text is the seed's where callers may log or match it.
 
 from __future__ import annotations
 
+from typing import Self
+
 from trio_raft.core.errors import (
     CompactedError,
     ConfChangeError,
@@ -235,8 +237,48 @@ class StorageError(RaftError):
     """Base of on-disk storage errors. Messages name the file involved."""
 
 
+class StorageIOError(StorageError):
+    """A file operation of the storage layer failed (a write, fsync, rename, create, read, ...).
+
+    The message names the operation and the file; ``__cause__`` is the :class:`OSError`, whose
+    ``errno`` is also copied to :attr:`errno`. Nothing the failed operation was writing may be
+    assumed durable. Build one with :meth:`from_os_error`.
+    """
+
+    #: The operation that failed: "write", "fsync", "fdatasync", "create", "rename", "read", ...
+    op: str = ""
+    #: The file (or directory) the operation was on.
+    path: str = ""
+    #: The ``errno`` of the underlying :class:`OSError` (``None`` if it had none).
+    errno: int | None = None
+
+    @classmethod
+    def from_os_error(cls, op: str, path: str, exc: OSError, context: str = "") -> Self:
+        """An error for ``op`` on ``path`` caused by ``exc``; raise it ``from exc``.
+
+        ``context`` (e.g. "wal: cutting a new segment") prefixes the message.
+        """
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        message = f"{op} {path} failed: {reason} (errno {exc.errno})"
+        err = cls(f"{context}: {message}" if context else message)
+        err.op, err.path, err.errno = op, path, exc.errno
+        return err
+
+
 class WALError(StorageError):
-    pass
+    """Base of the write-ahead log's errors."""
+
+
+class WALIOError(WALError, StorageIOError):
+    """A WAL file operation failed. When it happened while writing, the WAL is poisoned."""
+
+
+class WALPoisonedError(WALError):
+    """The WAL refuses every write after an earlier write, fsync or cut failed.
+
+    ``__cause__`` is the first failure. The only way on is to close the WAL and reopen the
+    directory, which repairs a torn tail and shows exactly what reached the disk.
+    """
 
 
 class WALCorruptError(WALError):

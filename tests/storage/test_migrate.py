@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -12,8 +13,10 @@ from trio_raft.core.messages import ConfState
 from trio_raft.errors import MigrationDestinationExistsError, StorageError
 from trio_raft.storage import migrate as mig
 from trio_raft.storage import open_disk_state
+from trio_raft.storage.fileio import fallback_rename_noreplace, native_rename_noreplace
 from trio_raft.storage.peers import PersistedPeer, load_persisted_peers
 from trio_raft.storage.recovery import RecoveryKind
+from trio_raft.testing.faults import Fault, FaultyFileIO
 
 from .helpers import KV
 
@@ -82,15 +85,13 @@ def test_migrate_validation(tmp_path) -> None:
         mig.migrate_fsm_store(str(tmp_path / "nowhere"), tmp_path / "d3", PEERS)
 
 
-def test_migrate_removes_temp_dir_on_failure(tmp_path, monkeypatch) -> None:
+def test_migrate_removes_temp_dir_on_failure(tmp_path) -> None:
     store = make_store(tmp_path, {})
-
-    def racing(src, dst) -> None:
-        raise MigrationDestinationExistsError(dst)
-
-    monkeypatch.setattr(mig, "rename_noreplace", racing)
+    # Someone else creates the destination between the check and the final rename.
+    fio = FaultyFileIO([Fault("rename_noreplace", error=errno.EEXIST)])
     with pytest.raises(MigrationDestinationExistsError):
-        mig.migrate_fsm_store(store, tmp_path / "d", PEERS)
+        mig.migrate_fsm_store(store, tmp_path / "d", PEERS, file_io=fio)
+    assert fio.fired()
     assert not (tmp_path / "d.migrating").exists() and not (tmp_path / "d").exists()
 
 
@@ -111,17 +112,20 @@ def test_rename_noreplace(tmp_path) -> None:
         mig.rename_noreplace(tmp_path / "f", tmp_path / "dangling")
 
 
-def test_rename_noreplace_fallback(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(mig, "_native_rename_noreplace", lambda s, d: False)
+def test_rename_noreplace_fallback(tmp_path) -> None:
     (tmp_path / "a").mkdir()
-    mig.rename_noreplace(tmp_path / "a", tmp_path / "b")
+    fallback_rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").is_dir()
     (tmp_path / "c").mkdir()
-    with pytest.raises(MigrationDestinationExistsError):
-        mig.rename_noreplace(tmp_path / "c", tmp_path / "b")
+    with pytest.raises(FileExistsError):
+        fallback_rename_noreplace(str(tmp_path / "c"), str(tmp_path / "b"))
     assert (tmp_path / "c").is_dir()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
 def test_native_path_used_on_linux(tmp_path) -> None:
     (tmp_path / "a").mkdir()
-    assert mig._native_rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b")) is True
+    assert native_rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b")) is True
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FileExistsError):
+        native_rename_noreplace(str(tmp_path / "c"), str(tmp_path / "b"))

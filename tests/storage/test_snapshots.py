@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -14,6 +15,7 @@ from trio_raft.storage.fsm_snapshot import (
     fsm_snapshot_path,
     write_fsm_snapshot_file,
 )
+from trio_raft.testing.faults import Fault, FaultyFileIO
 
 from .helpers import BytesSnapshot, flip_bit, truncate
 
@@ -162,10 +164,9 @@ def test_prepare_single_candidate_is_never_removed(tmp_path) -> None:
     assert [f.index for f in snaps.Snapshotter(sd).files()] == [10]
 
 
-def test_prepare_errors_are_only_warnings(tmp_path, monkeypatch, caplog) -> None:
-    def boom(*a, **k):
-        raise OSError(5, "I/O error")
-
-    monkeypatch.setattr(snaps, "_prepare", boom)
-    assert snaps.prepare_fsm_snapshot_write(str(tmp_path), str(tmp_path), 5, None) == []
-    assert "I/O error" in caplog.text
+def test_prepare_errors_are_only_warnings(tmp_path, caplog) -> None:
+    sd, fd = str(tmp_path / "snap"), str(tmp_path / "fsm")
+    fio = FaultyFileIO([Fault("listdir", path=sd, error=errno.EIO, repeat=True)])
+    assert snaps.prepare_fsm_snapshot_write(sd, fd, 5, None, file_io=fio) == []
+    assert fio.fired()
+    assert "Input/output error" in caplog.text and sd in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -9,26 +10,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from trio_raft.core.messages import ConfState, Entry, EntryType, HardState, SnapshotMetadata
-from trio_raft.errors import WALError, WALLockedError, WALSnapshotNotFoundError
-from trio_raft.storage import wal as wal_mod
+from trio_raft.errors import (
+    WALError,
+    WALIOError,
+    WALLockedError,
+    WALPoisonedError,
+    WALSnapshotNotFoundError,
+)
 from trio_raft.storage.wal import WAL, parse_segment_name, segment_name, wal_exists
+from trio_raft.testing.faults import Fault, FaultyFileIO
 
 
 def ents(lo: int, hi: int, term: int = 1, size: int = 10) -> list[Entry]:
     return [Entry(term, i, data=bytes([i % 256]) * size) for i in range(lo, hi + 1)]
-
-
-@pytest.fixture
-def syncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = wal_mod.datasync
-
-    def counting(fd: int) -> None:
-        calls.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(wal_mod, "datasync", counting)
-    return calls
 
 
 def test_segment_names() -> None:
@@ -70,9 +64,14 @@ def test_directory_lock(tmp_path) -> None:
     WAL.open(tmp_path / "wal").close()
 
 
-def test_fsync_policy(tmp_path, syncs: list[int]) -> None:
-    with WAL.create(tmp_path / "wal") as w:
-        syncs.clear()
+def test_fsync_policy(tmp_path) -> None:
+    fio = FaultyFileIO()  # no rules: a recorder
+    with WAL.create(tmp_path / "wal", file_io=fio) as w:
+        fio.calls.clear()
+
+        def syncs() -> int:
+            return len(fio.calls_to("fdatasync"))
+
         assert w.save(HardState(1, 0, 0), []) is True  # term change
         assert w.save(HardState(1, 2, 0), []) is True  # vote change
         assert w.save(HardState(1, 2, 1), []) is False  # commit only: written, not synced
@@ -80,25 +79,22 @@ def test_fsync_policy(tmp_path, syncs: list[int]) -> None:
         assert w.save(HardState(1, 2, 1), []) is False  # nothing new: no-op
         assert w.save(None, []) is False
         assert w.save(HardState(1, 2, 2), [], sync=True) is True  # caller insists
-        assert len(syncs) == 4
+        assert syncs() == 4
         w.save_snapshot(SnapshotMetadata(ConfState([1]), 10, 1))
-        assert len(syncs) == 5
+        assert syncs() == 5
+        assert not fio.calls_to("fsync")  # the WAL's own appends use fdatasync only
     with WAL.open(tmp_path / "wal") as w:
         assert w.read_all().hard_state == HardState(1, 2, 2)
 
 
-def test_batch_is_one_write(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes: list[int] = []
-    real = wal_mod.write_all
-
-    def counting(fd: int, data: bytes) -> None:
-        writes.append(len(data))
-        real(fd, data)
-
-    with WAL.create(tmp_path / "wal") as w:
-        monkeypatch.setattr(wal_mod, "write_all", counting)
+def test_batch_is_one_write(tmp_path) -> None:
+    fio = FaultyFileIO()
+    with WAL.create(tmp_path / "wal", file_io=fio) as w:
+        fio.calls.clear()
         w.save(HardState(1, 1, 0), ents(1, 1024))
+        writes = fio.calls_to("write")
     assert len(writes) == 1
+    assert writes[0].nbytes is not None and writes[0].nbytes > 1024 * 10
 
 
 def test_overwrite_conflicting_suffix(tmp_path) -> None:
@@ -211,18 +207,14 @@ def test_closed_wal_rejects_writes(tmp_path) -> None:
         w.save(HardState(1, 0, 0), [])
 
 
-def test_write_failure_poisons_the_wal(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    w = WAL.create(tmp_path / "wal")
-
-    def boom(fd: int, data: bytes) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(wal_mod, "write_all", boom)
-    with pytest.raises(WALError, match="No space left"):
+def test_write_failure_poisons_the_wal(tmp_path) -> None:
+    fio = FaultyFileIO()
+    w = WAL.create(tmp_path / "wal", file_io=fio)
+    fio.add(Fault("write", error=errno.ENOSPC))  # fires once
+    with pytest.raises(WALIOError, match="No space left"):
         w.save(HardState(1, 0, 0), ents(1, 1))
-    monkeypatch.undo()
-    with pytest.raises(WALError, match="failed earlier"):
-        w.save(HardState(1, 0, 0), ents(1, 1))
+    with pytest.raises(WALPoisonedError, match="failed earlier"):
+        w.save(HardState(1, 0, 0), ents(1, 1))  # the seam would let it through now
     w.close()
 
 

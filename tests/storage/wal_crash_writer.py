@@ -1,11 +1,19 @@
 """Crash-test child: append fsynced batches to a WAL forever, acknowledging each on stdout.
 
-Usage: python wal_crash_writer.py WAL_DIR SEED SEGMENT_SIZE
+Run from the repository root as a module of the tests package:
 
-It opens (or creates) the WAL, continues after the last entry it finds, and after every
-``save`` that returned (entries are fsynced) prints the batch's last index on its own line. The
-parent kills it with SIGKILL at arbitrary moments. Entry data is a pure function of the index
-(see ``expected_data``) so the parent can check every byte it reads back.
+* ``python -m tests.storage.wal_crash_writer WAL_DIR SEED SEGMENT_SIZE`` runs one writer.
+* ``python -m tests.storage.wal_crash_writer serve`` imports everything once, prints
+  ``serving``, then for every ``run WAL_DIR SEED SEGMENT_SIZE`` line on stdin forks a fresh
+  writer process and, once that process has died, prints ``exited <wait status>``. The crash
+  test kills 60 writers per run; forking them from one warm process saves an interpreter start
+  and a full package import for each.
+
+A writer opens (or creates) the WAL, continues after the last entry it finds, prints
+``ready <pid>``, and after every ``save`` that returned (entries are fsynced) prints the batch's
+last index on its own line. The parent kills it with SIGKILL at arbitrary moments. Entry data is
+a pure function of the index (see ``expected_data``) so the parent can check every byte it reads
+back.
 """
 
 from __future__ import annotations
@@ -13,21 +21,10 @@ from __future__ import annotations
 import os
 import random
 import sys
-import types
+import traceback
 
-# Runnable as a plain script from the repository checkout. The package __init__ files import the
-# whole engine; this child needs only the WAL, and it is started 60 times per test run, so the
-# two packages are registered as bare namespace modules (their __init__ is not executed).
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, _ROOT)
-if __name__ == "__main__":
-    for _name, _sub in (("trio_raft", "trio_raft"), ("trio_raft.storage", "trio_raft/storage")):
-        _pkg = types.ModuleType(_name)
-        _pkg.__path__ = [os.path.join(_ROOT, _sub)]
-        sys.modules[_name] = _pkg
-
-from trio_raft.core.messages import Entry, HardState  # noqa: E402
-from trio_raft.storage.wal import WAL, wal_exists  # noqa: E402
+from trio_raft.core.messages import Entry, HardState
+from trio_raft.storage.wal import WAL, wal_exists
 
 
 def expected_data(index: int) -> bytes:
@@ -36,8 +33,7 @@ def expected_data(index: int) -> bytes:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-def main() -> None:
-    wal_dir, seed, segment_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def write_forever(wal_dir: str, seed: int, segment_size: int) -> None:
     rng = random.Random(seed)
     if wal_exists(wal_dir):
         wal = WAL.open(wal_dir, segment_size=segment_size)
@@ -47,7 +43,7 @@ def main() -> None:
         wal = WAL.create(wal_dir, b"crash-test", segment_size=segment_size)
         last = 0
     out = sys.stdout
-    out.write("ready\n")
+    out.write(f"ready {os.getpid()}\n")
     out.flush()
     while True:
         n = rng.choice((1, 1, 3, 16, 64, 200))
@@ -56,6 +52,37 @@ def main() -> None:
         last += n
         out.write(f"{last}\n")
         out.flush()
+
+
+def serve() -> None:
+    """Fork one writer per ``run`` command; report how each one ended."""
+    out = sys.stdout
+    out.write("serving\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd, wal_dir, seed, segment_size = line.split()
+        if cmd != "run":
+            raise SystemExit(f"unknown command {line!r}")
+        out.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                write_forever(wal_dir, int(seed), int(segment_size))
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        out.write(f"exited {status}\n")
+        out.flush()
+
+
+def main() -> None:
+    if sys.argv[1:] == ["serve"]:
+        serve()
+    else:
+        write_forever(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,30 @@
 """Durable storage: WAL, snapshot metadata files, ``.fsm`` payload files, the peers file and
 crash recovery. Everything here is synchronous, blocking file I/O; the engine calls it through
-``trio.to_thread``. The on-disk layout is documented in ``docs/storage.md``.
+``trio.to_thread``. The on-disk layout and the failure rules are documented in
+``docs/storage.md``.
 
-Modules: :mod:`.wal` (+ :mod:`.wal_records`), :mod:`.snapshots`, :mod:`.fsm_snapshot`,
-:mod:`.peers`, :mod:`.recovery`, :mod:`.migrate`, :mod:`.memory`, :mod:`.fileutil`.
+Every disk access goes through one :class:`~trio_raft.storage.fileio.FileIO` (the seam), passed
+as ``file_io=`` and defaulting to the real one, :data:`~trio_raft.storage.fileio.OS_FILE_IO`.
+
+Modules: :mod:`.fileio` (the seam), :mod:`.fileutil` and :mod:`.streams` (helpers over it),
+:mod:`.wal` (+ :mod:`.wal_records`, :mod:`.wal_segments`), :mod:`.snapshots`,
+:mod:`.fsm_snapshot`, :mod:`.peers`, :mod:`.recovery`, :mod:`.migrate`, :mod:`.memory`.
 """
 
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO, OSFileIO
 from trio_raft.storage.memory import MemoryStorage, Storage
 from trio_raft.storage.peers import PeersFile, PersistedPeer
 from trio_raft.storage.recovery import DiskPersistence, DiskState, RecoveryKind, open_disk_state
 from trio_raft.storage.wal import WAL, WALContents
 
 __all__ = [
+    "OS_FILE_IO",
     "WAL",
     "DiskPersistence",
     "DiskState",
+    "FileIO",
     "MemoryStorage",
+    "OSFileIO",
     "PeersFile",
     "PersistedPeer",
     "RecoveryKind",

@@ -1,4 +1,5 @@
-"""State-machine snapshot payload files (``.fsm``) and the snapshot token (spec e).
+"""State-machine snapshot payload files (``.fsm``) and the snapshot token
+(docs/storage.md section 4).
 
 Layouts::
 
@@ -19,17 +20,21 @@ Errors (all :class:`~trio_raft.errors.FSMSnapshotError`):
 ``FSMSnapshotTooLargeError``        an in-memory read of a payload above the limit (1 GiB)
 ==================================  =======================================================
 
+Writing fails with :class:`~trio_raft.errors.StorageIOError` (naming the file and the failed
+operation) when the disk refuses a create, write, fsync or rename; the temporary file is then
+removed, nothing is renamed, and an older ``.fsm`` of the same index is left as it was. Every
+file access goes through the :class:`~trio_raft.storage.fileio.FileIO` passed as ``file_io``
+(the real one by default).
+
 Everything blocks; the engine calls it from worker threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import struct
-import tempfile
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 import crc32c as _crc32c
 
@@ -40,8 +45,20 @@ from trio_raft.errors import (
     FSMSnapshotTokenInvalidError,
     FSMSnapshotTooLargeError,
     FSMSnapshotTooSmallError,
+    StorageIOError,
 )
-from trio_raft.storage.fileutil import FILE_MODE, fsync_dir, make_dirs
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    close_quietly,
+    create_temp_file,
+    discard_temp_file,
+    fsync_dir,
+    io_errors,
+    make_dirs,
+    pread_exact,
+    write_all,
+)
+from trio_raft.storage.streams import FDReader, FDWriter
 
 crc32c = _crc32c.crc32c
 
@@ -113,106 +130,69 @@ def parse_fsm_snapshot_name(name: str) -> int | None:
 # -- writing ----------------------------------------------------------------------------------
 
 
-class _CRCWriter(io.RawIOBase):
-    """A write-only raw stream that hashes what passes through to ``sink``."""
-
-    def __init__(self, sink: BinaryIO) -> None:
-        self._sink = sink
-        self.crc = 0
-        self.count = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        self.crc = crc32c(view, self.crc)
-        self.count += len(view)
-        self._sink.write(view)
-        return len(view)
-
-
 def write_fsm_snapshot_file(snapshot: FSMSnapshot, directory: str | os.PathLike[str],
-                            index: int) -> int:
+                            index: int, *, file_io: FileIO = OS_FILE_IO) -> int:
     """Write ``snapshot`` to ``<directory>/%016x.fsm`` and return the payload's CRC32C.
 
-    Streams ``snapshot.write_to`` through a 1 MiB buffer into ``*.fsm.tmp``, appends the
-    big-endian CRC footer, fsyncs, renames over the final name (replacing it) and fsyncs the
-    directory. The temporary file is removed on error. The snapshot handle is not closed here.
+    Streams ``snapshot.write_to`` through a 1 MiB buffer into ``<index>-<random>.fsm.tmp``,
+    appends the big-endian CRC footer, fsyncs, renames over the final name (replacing it) and
+    fsyncs the directory. On any error the temporary file is removed and nothing is renamed; an
+    error of ``write_to`` itself propagates unchanged, a disk error is a
+    :class:`StorageIOError` (also when ``write_to`` caught it and returned). The snapshot
+    handle is not closed here.
     """
     directory = os.fspath(directory)
-    make_dirs(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f"{index:016x}-", suffix=TMP_SUFFIX, dir=directory)
+    make_dirs(directory, file_io=file_io)
+    fd, tmp = create_temp_file(directory, f"{index:016x}-", TMP_SUFFIX, file_io=file_io)
     try:
-        os.fchmod(fd, FILE_MODE)
-        with open(fd, "wb", buffering=0) as raw:
-            hasher = _CRCWriter(raw)
-            buffered = io.BufferedWriter(hasher, BUFFER_SIZE)
-            snapshot.write_to(buffered)
-            buffered.flush()
-            crc = hasher.crc
-            raw.write(_FOOTER.pack(crc))
-            os.fsync(raw.fileno())
-        os.replace(tmp, fsm_snapshot_path(directory, index))
+        try:
+            writer = FDWriter(file_io, fd, tmp, BUFFER_SIZE, checksum=True)
+            snapshot.write_to(cast(BinaryIO, writer))
+            writer.finish()
+            crc = writer.crc
+            with io_errors("write", tmp):
+                write_all(fd, _FOOTER.pack(crc), file_io=file_io)
+            with io_errors("fsync", tmp):
+                file_io.fsync(fd)
+        except BaseException:
+            close_quietly(fd, tmp, file_io=file_io)
+            raise
+        with io_errors("close", tmp):
+            file_io.close(fd)
+        final = fsm_snapshot_path(directory, index)
+        with io_errors("rename", f"{tmp} -> {final}"):
+            file_io.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        discard_temp_file(tmp, file_io=file_io)
         raise
-    fsync_dir(directory)
+    fsync_dir(directory, file_io=file_io)
     return crc
 
 
 # -- reading ----------------------------------------------------------------------------------
 
 
-class _PayloadRaw(io.RawIOBase):
-    """A raw reader over the first ``limit`` bytes of a file, optionally hashing them."""
-
-    def __init__(self, f: BinaryIO, limit: int, *, owns: bool = True) -> None:
-        self._f = f
-        self._left = limit
-        self._owns = owns
-        self.crc = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        if self._left <= 0 or not len(view):
-            return 0
-        n = self._f.readinto(view[: min(len(view), self._left)])  # type: ignore[attr-defined]
-        if not n:
-            raise EOFError(f"fsm snapshot: file shrank while reading ({self._left} bytes short)")
-        self._left -= n
-        self.crc = crc32c(view[:n], self.crc)
-        return int(n)
-
-    def remaining(self) -> int:
-        return self._left
-
-    def close(self) -> None:
-        if not self.closed and self._owns:
-            self._f.close()
-        super().close()
-
-
-def _open_checked(path: str) -> tuple[BinaryIO, int, int]:
-    """Open ``path``; return (file, payload size, footer CRC)."""
+def _open_checked(path: str, file_io: FileIO) -> tuple[int, int, int]:
+    """Open ``path``; return (descriptor, payload size, footer CRC)."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+        fd = file_io.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise FSMSnapshotNotFoundError(path) from None
+    except OSError as exc:
+        raise StorageIOError.from_os_error("open", path, exc) from exc
     try:
-        size = os.fstat(f.fileno()).st_size
-        if size < FOOTER_SIZE:
-            raise FSMSnapshotTooSmallError(f"{path} ({size} bytes)")
-        f.seek(size - FOOTER_SIZE)
-        (footer,) = _FOOTER.unpack(f.read(FOOTER_SIZE))
-        f.seek(0)
-        return f, size - FOOTER_SIZE, footer
+        with io_errors("read", path):
+            size = file_io.fstat(fd).st_size
+            if size < FOOTER_SIZE:
+                raise FSMSnapshotTooSmallError(f"{path} ({size} bytes)")
+            try:
+                footer_bytes = pread_exact(fd, FOOTER_SIZE, size - FOOTER_SIZE, file_io=file_io)
+            except EOFError:
+                raise FSMSnapshotTooSmallError(f"{path} (shrank while opening)") from None
+        (footer,) = _FOOTER.unpack(footer_bytes)
+        return fd, size - FOOTER_SIZE, footer
     except BaseException:
-        f.close()
+        close_quietly(fd, path, file_io=file_io)
         raise
 
 
@@ -222,7 +202,7 @@ def _drain(reader: Any) -> None:
 
 
 def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.PathLike[str],
-                                  token_crc: int) -> None:
+                                  token_crc: int, *, file_io: FileIO = OS_FILE_IO) -> None:
     """Restore ``state_machine`` from the ``.fsm`` file at ``path``.
 
     The footer is compared with ``token_crc`` *before* ``restore`` is called; the full CRC is
@@ -230,14 +210,14 @@ def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.Path
     FSMSnapshotFileCRCError the state machine may already be modified: treat it as fatal.
     """
     path = os.fspath(path)
-    f, payload_size, footer = _open_checked(path)
-    with f:
+    fd, payload_size, footer = _open_checked(path, file_io)
+    with io.BufferedReader(FDReader(file_io, fd, path, payload_size, checksum=True),
+                           BUFFER_SIZE) as reader:
         if footer != token_crc:
             raise FSMSnapshotTokenCRCError(
                 f"{path}: footer {footer:#010x}, token {token_crc:#010x}")
-        raw = _PayloadRaw(f, payload_size, owns=False)
-        reader = io.BufferedReader(raw, BUFFER_SIZE)
-        state_machine.restore(reader)
+        raw = cast(FDReader, reader.raw)
+        state_machine.restore(cast(BinaryIO, reader))
         _drain(reader)
         if raw.crc != footer:
             raise FSMSnapshotFileCRCError(
@@ -245,13 +225,12 @@ def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.Path
 
 
 def verify_fsm_snapshot_file(path: str | os.PathLike[str], token_crc: int, *,
-                             check_token: bool = False) -> None:
+                             check_token: bool = False, file_io: FileIO = OS_FILE_IO) -> None:
     """Full CRC pass over the payload (FileCRC), then compare the footer with ``token_crc``
     (TokenCRC) when ``token_crc != 0`` or ``check_token`` is set."""
     path = os.fspath(path)
-    f, payload_size, footer = _open_checked(path)
-    with f:
-        raw = _PayloadRaw(f, payload_size, owns=False)
+    fd, payload_size, footer = _open_checked(path, file_io)
+    with FDReader(file_io, fd, path, payload_size, checksum=True) as raw:
         _drain(io.BufferedReader(raw, BUFFER_SIZE))
     if raw.crc != footer:
         raise FSMSnapshotFileCRCError(f"{path}: computed {raw.crc:#010x}, footer {footer:#010x}")
@@ -260,29 +239,34 @@ def verify_fsm_snapshot_file(path: str | os.PathLike[str], token_crc: int, *,
 
 
 def read_fsm_snapshot_payload(path: str | os.PathLike[str],
-                              limit: int = MAX_IN_MEMORY_PAYLOAD) -> bytes:
+                              limit: int = MAX_IN_MEMORY_PAYLOAD, *,
+                              file_io: FileIO = OS_FILE_IO) -> bytes:
     """The whole payload in memory, CRC-verified against the footer."""
     path = os.fspath(path)
-    f, payload_size, footer = _open_checked(path)
-    with f:
+    fd, payload_size, footer = _open_checked(path, file_io)
+    try:
         if payload_size > limit:
             raise FSMSnapshotTooLargeError(f"{path}: {payload_size} bytes > {limit}")
-        data = f.read(payload_size)
-    if len(data) != payload_size:
-        raise FSMSnapshotFileCRCError(f"{path}: short read")
+        with io_errors("read", path):
+            data = pread_exact(fd, payload_size, 0, file_io=file_io)
+    except EOFError:
+        raise FSMSnapshotFileCRCError(f"{path}: short read") from None
+    finally:
+        close_quietly(fd, path, file_io=file_io)
     crc = crc32c(data)
     if crc != footer:
         raise FSMSnapshotFileCRCError(f"{path}: computed {crc:#010x}, footer {footer:#010x}")
     return data
 
 
-def open_fsm_snapshot_payload(path: str | os.PathLike[str]) -> tuple[BinaryIO, int, int]:
+def open_fsm_snapshot_payload(path: str | os.PathLike[str], *,
+                              file_io: FileIO = OS_FILE_IO) -> tuple[BinaryIO, int, int]:
     """A streaming reader over the payload (footer excluded), its size and the footer CRC.
 
     The CRC is *not* verified (the reader is for sending; the receiver checks). Close the
     reader when done.
     """
     path = os.fspath(path)
-    f, payload_size, footer = _open_checked(path)
-    reader = io.BufferedReader(_PayloadRaw(f, payload_size), BUFFER_SIZE)
-    return reader, payload_size, footer
+    fd, payload_size, footer = _open_checked(path, file_io)
+    reader = io.BufferedReader(FDReader(file_io, fd, path, payload_size), BUFFER_SIZE)
+    return cast(BinaryIO, reader), payload_size, footer

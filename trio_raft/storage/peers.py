@@ -1,4 +1,5 @@
-"""The peers file ``trio-raft-peers.bin`` (spec d.9): the cluster's members and addresses.
+"""The peers file ``trio-raft-peers.bin``: the cluster's members and addresses
+(docs/storage.md section 5).
 
 Layout (all integers big-endian)::
 
@@ -12,7 +13,10 @@ sorted by (node_id, id). ``index`` is the raft index of the configuration the fi
 only moves forward: :func:`save_persisted_peers` with a lower index than the file's is a no-op.
 The optional *bootstrap seed* is the peer list a fresh cluster was started with; it stays
 ``active`` until the configuration stops matching it. Writes are atomic
-(:func:`~trio_raft.storage.fileutil.replace_file`).
+(:func:`~trio_raft.storage.fileutil.replace_file`): a failed write raises
+:class:`~trio_raft.errors.StorageIOError` and leaves the previous file intact and readable.
+Every file access goes through the :class:`~trio_raft.storage.fileio.FileIO` passed as
+``file_io`` (the real one by default).
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from collections.abc import Iterable
 import attrs
 
 from trio_raft.errors import PeersFileError
-from trio_raft.storage.fileutil import make_dirs, remove_stale_temp_files, replace_file
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    make_dirs,
+    read_file_if_exists,
+    remove_stale_temp_files,
+    replace_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,29 +186,27 @@ def peers_file_path(data_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(data_dir), PEERS_FILE_NAME)
 
 
-def load_persisted_peers(data_dir: str | os.PathLike[str]) -> PeersFile | None:
+def load_persisted_peers(data_dir: str | os.PathLike[str], *,
+                         file_io: FileIO = OS_FILE_IO) -> PeersFile | None:
     """The peers file of ``data_dir``, or None when there is none. Stale temp files go."""
     data_dir = os.fspath(data_dir)
-    remove_stale_temp_files(data_dir, PEERS_FILE_NAME)
+    remove_stale_temp_files(data_dir, PEERS_FILE_NAME, file_io=file_io)
     path = peers_file_path(data_dir)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    data = read_file_if_exists(path, file_io=file_io)
+    if data is None:
         return None
-    except OSError as exc:
-        raise PeersFileError(f"peers file {path}: {exc}") from exc
     return decode_peers_file(data, path)
 
 
-def _write(data_dir: str, pf: PeersFile) -> None:
-    make_dirs(data_dir)
-    replace_file(peers_file_path(data_dir), encode_peers_file(pf))
+def _write(data_dir: str, pf: PeersFile, file_io: FileIO) -> None:
+    make_dirs(data_dir, file_io=file_io)
+    replace_file(peers_file_path(data_dir), encode_peers_file(pf), file_io=file_io)
 
 
 def save_persisted_peers(data_dir: str | os.PathLike[str], index: int,
                          peers: Iterable[PersistedPeer],
-                         seed: Iterable[PersistedPeer] | None = None) -> bool:
+                         seed: Iterable[PersistedPeer] | None = None, *,
+                         file_io: FileIO = OS_FILE_IO) -> bool:
     """Write the peers at ``index`` unless the file already holds a higher index.
 
     An existing file's seed is carried over, and deactivated once ``peers`` no longer equal it.
@@ -206,7 +214,7 @@ def save_persisted_peers(data_dir: str | os.PathLike[str], index: int,
     """
     data_dir = os.fspath(data_dir)
     new_peers = normalise_peers(peers)
-    current = load_persisted_peers(data_dir)
+    current = load_persisted_peers(data_dir, file_io=file_io)
     if current is not None:
         if current.index > index:
             log.debug("peers file at index %d is newer than %d; not written",
@@ -218,14 +226,15 @@ def save_persisted_peers(data_dir: str | os.PathLike[str], index: int,
     else:
         seed_peers = normalise_peers(seed) if seed is not None else ()
         active = bool(seed_peers)
-    _write(data_dir, PeersFile(index, new_peers, seed_peers, active))
+    _write(data_dir, PeersFile(index, new_peers, seed_peers, active), file_io)
     return True
 
 
 def write_current_persisted_peers(data_dir: str | os.PathLike[str], index: int,
-                                  peers: Iterable[PersistedPeer]) -> None:
+                                  peers: Iterable[PersistedPeer], *,
+                                  file_io: FileIO = OS_FILE_IO) -> None:
     """Always write ``peers`` at ``index`` (an applied conf change); the seed is deactivated."""
     data_dir = os.fspath(data_dir)
-    current = load_persisted_peers(data_dir)
+    current = load_persisted_peers(data_dir, file_io=file_io)
     seed = current.seed if current is not None else ()
-    _write(data_dir, PeersFile(index, normalise_peers(peers), seed, False))
+    _write(data_dir, PeersFile(index, normalise_peers(peers), seed, False), file_io)

@@ -1,4 +1,4 @@
-"""Opening a data directory (spec d.3) and persisting each Ready afterwards.
+"""Opening a data directory (docs/storage.md section 6) and persisting each Ready afterwards.
 
 Data directory layout::
 
@@ -23,16 +23,20 @@ Recovery order (:func:`open_disk_state`):
    so a crash leaves either nothing or a complete boot state.
 4. Nothing on disk, several peers and no ``bootstrap`` (**join**): an empty WAL, no snapshot and
    no conf state; the leader will send a snapshot.
+
+Every file access of :func:`open_disk_state` and of the :class:`DiskPersistence` it returns goes
+through the one :class:`~trio_raft.storage.fileio.FileIO` passed as ``file_io`` (the real one by
+default); the persistence keeps it (it is its WAL's) for everything later. A disk failure is a
+typed :class:`~trio_raft.errors.StorageError` (:class:`~trio_raft.errors.StorageIOError`, or
+:class:`~trio_raft.errors.WALIOError` from the WAL), never a bare :class:`OSError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import io
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
@@ -48,16 +52,25 @@ from trio_raft.core.messages import (
     SnapshotMetadata,
 )
 from trio_raft.core.storage import MemoryStorage
-from trio_raft.errors import NoPeersConfiguredError, SnapshotFileError
+from trio_raft.errors import NoPeersConfiguredError, SnapshotFileError, StorageError
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage import snapshots as snaps
-from trio_raft.storage.fileutil import fsync_dir, make_dirs
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    fsync_dir,
+    lexists,
+    listdir_if_exists,
+    make_dirs,
+    remove_tree,
+    rename,
+)
 from trio_raft.storage.peers import (
     LEARNER,
     PeersFile,
     PersistedPeer,
     load_persisted_peers,
     save_persisted_peers,
+    write_current_persisted_peers,
 )
 from trio_raft.storage.wal import MAX_WAL_FILES, SEGMENT_SIZE, WAL, wal_exists
 
@@ -89,6 +102,10 @@ class DiskPersistence:
     Thread-safe: every method takes an internal lock, so the Ready path and the snapshot worker
     may call it from different worker threads. It never touches the :class:`MemoryStorage`
     (the engine mirrors into that from its own loop).
+
+    All its file access goes through :attr:`file_io`, the seam its WAL was opened with (the
+    snapshotter must share it). Disk failures are typed :class:`StorageError`; once the WAL has
+    failed it refuses every later write (see :mod:`trio_raft.storage.wal`).
     """
 
     data_dir: str
@@ -99,6 +116,15 @@ class DiskPersistence:
     #: Snapshot markers known to be in the WAL (valid once the commit index reaches them).
     markers: list[SnapshotMetadata] = attrs.field(factory=list)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.snapshotter.file_io is not self.wal.file_io:
+            raise ValueError("the snapshotter and the WAL must share one file_io")
+
+    @property
+    def file_io(self) -> FileIO:
+        """The seam every file access of this persistence goes through."""
+        return self.wal.file_io
 
     @property
     def snap_dir(self) -> str:
@@ -171,21 +197,48 @@ class DiskPersistence:
         """
         with self._lock:
             valid = self.valid_snapshot_markers()
-        snaps.prepare_fsm_snapshot_write(self.snap_dir, self.fsm_dir, index, valid, protected)
-        crc = fsm.write_fsm_snapshot_file(fsm_snap, self.fsm_dir, index)
+        snaps.prepare_fsm_snapshot_write(self.snap_dir, self.fsm_dir, index, valid, protected,
+                                         file_io=self.file_io)
+        crc = fsm.write_fsm_snapshot_file(fsm_snap, self.fsm_dir, index, file_io=self.file_io)
         return fsm.encode_snapshot_token(index, crc)
 
+    def restore_snapshot_state(self, state_machine: StateMachine | None,
+                               snapshot: Snapshot) -> int:
+        """:func:`restore_snapshot_state` from this data dir's ``fsm-snap/``, through
+        :attr:`file_io`."""
+        return restore_snapshot_state(state_machine, snapshot, self.fsm_dir,
+                                      file_io=self.file_io)
+
+    def open_fsm_payload(self, index: int) -> tuple[BinaryIO, int, int]:
+        """:func:`~trio_raft.storage.fsm_snapshot.open_fsm_snapshot_payload` of the ``.fsm``
+        at ``index``, through :attr:`file_io`."""
+        return fsm.open_fsm_snapshot_payload(fsm.fsm_snapshot_path(self.fsm_dir, index),
+                                             file_io=self.file_io)
+
+    def read_fsm_payload(self, index: int) -> bytes:
+        """:func:`~trio_raft.storage.fsm_snapshot.read_fsm_snapshot_payload` of the ``.fsm``
+        at ``index``, through :attr:`file_io`."""
+        return fsm.read_fsm_snapshot_payload(fsm.fsm_snapshot_path(self.fsm_dir, index),
+                                             file_io=self.file_io)
+
+    def write_current_peers(self, index: int, peers: Sequence[PersistedPeer]) -> None:
+        """:func:`~trio_raft.storage.peers.write_current_persisted_peers` in this data dir,
+        through :attr:`file_io`."""
+        write_current_persisted_peers(self.data_dir, index, peers, file_io=self.file_io)
+
     def purge(self) -> None:
-        """Keep the newest snapshot files and WAL segments; failures are only logged."""
+        """Keep the newest snapshot files and WAL segments.
+
+        A failure to delete snapshot files or a WAL segment is only logged (retention can wait);
+        a failed fsync of the WAL directory poisons the WAL and raises :class:`WALIOError`.
+        """
         with self._lock:
             try:
-                snaps.purge_old_snapshot_files(self.snap_dir, self.fsm_dir, self.max_snap_files)
-            except OSError as exc:
+                snaps.purge_old_snapshot_files(self.snap_dir, self.fsm_dir, self.max_snap_files,
+                                               file_io=self.file_io)
+            except StorageError as exc:
                 log.warning("purging snapshot files failed: %s", exc)
-            try:
-                self.wal.purge(self.max_wal_files)
-            except OSError as exc:
-                log.warning("purging WAL segments failed: %s", exc)
+            self.wal.purge(self.max_wal_files)
             first = self.wal.segments[0].index
             self.markers = [m for m in self.markers if m.index >= first]
 
@@ -223,26 +276,18 @@ class DiskState:
         return self.snapshot.metadata.conf_state
 
 
-def _remove_spools(directory: str) -> None:
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    stale = [n for n in names if n.startswith(SPOOL_PREFIX)]
+def _remove_spools(directory: str, file_io: FileIO) -> None:
+    stale = [n for n in listdir_if_exists(directory, file_io=file_io)
+             if n.startswith(SPOOL_PREFIX)]
     for name in stale:
-        path = os.path.join(directory, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        remove_tree(os.path.join(directory, name), file_io=file_io)
     if stale:
         log.info("removed stale snapshot spools in %s: %s", directory, stale)
-        fsync_dir(directory)
+        fsync_dir(directory, file_io=file_io)
 
 
 def restore_snapshot_state(state_machine: StateMachine | None, snapshot: Snapshot,
-                           fsm_dir: str) -> int:
+                           fsm_dir: str, *, file_io: FileIO = OS_FILE_IO) -> int:
     """Restore ``state_machine`` from ``snapshot`` (token or inline payload); returns the
     effective applied index (the snapshot index)."""
     meta = snapshot.metadata
@@ -254,7 +299,7 @@ def restore_snapshot_state(state_machine: StateMachine | None, snapshot: Snapsho
     if fsm.is_snapshot_token(snapshot.data):
         index, crc = fsm.decode_snapshot_token(snapshot.data)
         fsm.open_and_restore_fsm_snapshot(state_machine, fsm.fsm_snapshot_path(fsm_dir, index),
-                                          crc)
+                                          crc, file_io=file_io)
     else:
         state_machine.restore(io.BytesIO(snapshot.data))
     return meta.index
@@ -267,26 +312,29 @@ def boot_conf_state(peers: Sequence[PersistedPeer]) -> ConfState:
 
 
 def _create_wal_atomically(data_dir: str, metadata: bytes, segment_size: int,
-                           snapshot: Snapshot | None, hs: HardState | None) -> WAL:
+                           snapshot: Snapshot | None, hs: HardState | None,
+                           file_io: FileIO) -> WAL:
+    """Build the WAL in ``wal.tmp`` and rename it to ``wal``: a crash or a disk error at any
+    step leaves no ``wal`` (the next open starts over) or a complete one."""
     final = os.path.join(data_dir, WAL_DIR)
     tmp = final + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    if os.path.isdir(final):  # an empty or segment-less leftover directory
-        shutil.rmtree(final)
-    with WAL.create(tmp, metadata, segment_size=segment_size) as wal:
+    remove_tree(tmp, file_io=file_io)
+    if lexists(final, file_io=file_io):  # an empty or segment-less leftover directory
+        remove_tree(final, file_io=file_io)
+    with WAL.create(tmp, metadata, segment_size=segment_size, file_io=file_io) as wal:
         if snapshot is not None:
             wal.save_snapshot(snapshot.metadata, hs)
-    os.rename(tmp, final)
-    fsync_dir(data_dir)
-    return WAL.open(final, segment_size=segment_size)
+    rename(tmp, final, file_io=file_io)
+    fsync_dir(data_dir, file_io=file_io)
+    return WAL.open(final, segment_size=segment_size, file_io=file_io)
 
 
 def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedPeer],
                     bootstrap: bool, state_machine: StateMachine | None, *, join: bool = False,
                     wal_metadata: bytes = b"", segment_size: int = SEGMENT_SIZE,
                     max_wal_files: int = MAX_WAL_FILES,
-                    max_snap_files: int = snaps.MAX_SNAP_FILES) -> DiskState:
+                    max_snap_files: int = snaps.MAX_SNAP_FILES,
+                    file_io: FileIO = OS_FILE_IO) -> DiskState:
     """Open (or initialise) ``data_dir`` following the recovery order of the module docstring.
 
     ``peers`` are the configured peers (used only for a fresh data dir; ``join`` forces the join
@@ -294,28 +342,29 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
     restored from the recovered snapshot (restart) or snapshotted into the boot state
     (bootstrap). Raises the storage errors of the layers below (WALCorruptError,
     WALUnrepairableError, WALSnapshotNotFoundError, FSMSnapshot*Error, SnapshotFileError
-    (also when no .snap file matches any WAL-valid snapshot marker), PeersFileError) and
-    NoPeersConfiguredError for a fresh dir without peers.
+    (also when no .snap file matches any WAL-valid snapshot marker), PeersFileError),
+    StorageIOError / WALIOError for a disk failure (nothing half-made is accepted by the next
+    open) and NoPeersConfiguredError for a fresh dir without peers.
     """
     data_dir = os.fspath(data_dir)
     snap_dir = os.path.join(data_dir, SNAP_DIR)
     fsm_dir = os.path.join(data_dir, FSM_DIR)
     wal_dir = os.path.join(data_dir, WAL_DIR)
     for d in (data_dir, snap_dir, fsm_dir):
-        make_dirs(d)
-    _remove_spools(data_dir)
-    _remove_spools(fsm_dir)
-    snapshotter = snaps.Snapshotter(snap_dir)
+        make_dirs(d, file_io=file_io)
+    _remove_spools(data_dir, file_io)
+    _remove_spools(fsm_dir, file_io)
+    snapshotter = snaps.Snapshotter(snap_dir, file_io=file_io)
     snapshotter.remove_tmp_files()
-    snaps.cleanup_stale_fsm_files(snap_dir, fsm_dir)
-    persisted = load_persisted_peers(data_dir)
+    snaps.cleanup_stale_fsm_files(snap_dir, fsm_dir, file_io=file_io)
+    persisted = load_persisted_peers(data_dir, file_io=file_io)
 
     def persistence(wal: WAL, markers: list[SnapshotMetadata]) -> DiskPersistence:
         return DiskPersistence(data_dir, wal, snapshotter, max_wal_files, max_snap_files,
                                markers)
 
-    if wal_exists(wal_dir):
-        wal = WAL.open(wal_dir, segment_size=segment_size)
+    if wal_exists(wal_dir, file_io=file_io):
+        wal = WAL.open(wal_dir, segment_size=segment_size, file_io=file_io)
         try:
             valid = wal.valid_snapshot_entries()
             loaded = snapshotter.load_newest_available(valid)
@@ -325,7 +374,7 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
                     f"no usable .snap file in {snap_dir} for the WAL's snapshots ({wanted})")
             snap = loaded or EMPTY_SNAPSHOT
             contents = wal.read_all(snap.metadata.index, snap.metadata.term)
-            applied = restore_snapshot_state(state_machine, snap, fsm_dir)
+            applied = restore_snapshot_state(state_machine, snap, fsm_dir, file_io=file_io)
         except BaseException:
             wal.close()
             raise
@@ -349,23 +398,28 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             raise ValueError("bootstrapping a data dir needs a state machine")
         handle = state_machine.snapshot()
         try:
-            crc = fsm.write_fsm_snapshot_file(handle, fsm_dir, 1)
+            crc = fsm.write_fsm_snapshot_file(handle, fsm_dir, 1, file_io=file_io)
         finally:
             handle.close()
         snap = Snapshot(SnapshotMetadata(boot_conf_state(peers), 1, 1),
                         fsm.encode_snapshot_token(1, crc))
         hs = HardState(term=1, commit=1)
         snapshotter.save(snap)
-        wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, snap, hs)
-        save_persisted_peers(data_dir, 1, peers, seed=peers)
+        wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, snap, hs, file_io)
+        try:
+            save_persisted_peers(data_dir, 1, peers, seed=peers, file_io=file_io)
+            written = load_persisted_peers(data_dir, file_io=file_io)
+        except BaseException:
+            wal.close()
+            raise
         storage.apply_snapshot(snap)
         storage.set_hard_state(hs)
         log.info("bootstrapped %s with %d peer(s)", data_dir, len(peers))
         return DiskState(RecoveryKind.BOOTSTRAP, data_dir,
                          persistence(wal, [snap.metadata]), storage, hs, snap, (), 1,
-                         load_persisted_peers(data_dir), wal_metadata)
+                         written, wal_metadata)
 
-    wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, None, None)
+    wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, None, None, file_io)
     log.info("initialised %s to join an existing cluster", data_dir)
     return DiskState(RecoveryKind.JOIN, data_dir, persistence(wal, []), storage,
                      HardState(), EMPTY_SNAPSHOT, (), 0, persisted, wal_metadata)

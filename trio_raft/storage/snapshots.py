@@ -6,15 +6,21 @@ and ``data``: the 17-byte ``.fsm`` token or an inline payload)::
     b"TRSN" | version u8 = 1 | body length u32 BE | CRC32C(body) u32 BE | body
     body := core.encoding snapshot encoding (metadata, u32 data length, data)
 
-Files are written to a temporary name, fsynced, renamed and the directory fsynced. A ``.snap``
-is always written *before* the WAL marker that refers to it, so a WAL-valid marker normally has
-its file; :meth:`Snapshotter.load_newest_available` picks the newest file that matches a valid
-marker and loads cleanly, logging (never hiding) every file it passes over.
+Files are written to a temporary name, fsynced, renamed and the directory fsynced
+(:func:`~trio_raft.storage.fileutil.replace_file`: a failed write leaves the previous file as
+it was and raises :class:`~trio_raft.errors.StorageIOError`). A ``.snap`` is always written
+*before* the WAL marker that refers to it, so a WAL-valid marker normally has its file;
+:meth:`Snapshotter.load_newest_available` picks the newest file that matches a valid marker and
+loads cleanly, logging (never hiding) every file it passes over.
+
+All file access goes through the :class:`~trio_raft.storage.fileio.FileIO` given to the
+:class:`Snapshotter` or to the functions below (the real one by default). Retention
+(:func:`purge_old_snapshot_files`, :func:`prepare_fsm_snapshot_write`) only deletes; its
+failures are logged by the callers, never hidden from a write.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -27,9 +33,18 @@ import crc32c as _crc32c
 from trio_raft.core.encoding import snapshot_from_bytes, snapshot_to_bytes
 from trio_raft.core.errors import DecodeError
 from trio_raft.core.messages import Snapshot, SnapshotMetadata
-from trio_raft.errors import FSMSnapshotError, SnapshotFileError
+from trio_raft.errors import FSMSnapshotError, SnapshotFileError, StorageIOError
 from trio_raft.storage import fsm_snapshot as fsm
-from trio_raft.storage.fileutil import fsync_dir, make_dirs, replace_file
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    fsync_dir,
+    is_dir,
+    listdir_if_exists,
+    make_dirs,
+    read_file,
+    replace_file,
+    unlink_if_exists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,40 +100,41 @@ class SnapFile:
 
 
 class Snapshotter:
-    """The ``snap/`` directory."""
+    """The ``snap/`` directory; every file access goes through ``file_io``."""
 
-    def __init__(self, snap_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, snap_dir: str | os.PathLike[str], *,
+                 file_io: FileIO = OS_FILE_IO) -> None:
         self.dir = os.fspath(snap_dir)
+        self.file_io = file_io
 
     def files(self) -> list[SnapFile]:
         """``.snap`` files sorted by (term, index), oldest first; other names are ignored."""
         out: list[SnapFile] = []
-        try:
-            names = sorted(os.listdir(self.dir))
-        except FileNotFoundError:
-            return out
-        for name in names:
+        for name in sorted(listdir_if_exists(self.dir, file_io=self.file_io)):
             parsed = parse_snap_name(name)
             if parsed is not None:
                 out.append(SnapFile(parsed[0], parsed[1], os.path.join(self.dir, name)))
         return out
 
     def save(self, snap: Snapshot) -> str:
-        """Write ``snap`` durably (temp file, fsync, rename, directory fsync)."""
+        """Write ``snap`` durably (temp file, fsync, rename, directory fsync).
+
+        Raises :class:`StorageIOError` when that fails; a previous file of the same name is then
+        left as it was.
+        """
         if snap.is_empty():
             raise SnapshotFileError("refusing to save an empty snapshot")
-        make_dirs(self.dir)
+        make_dirs(self.dir, file_io=self.file_io)
         path = os.path.join(self.dir, snap_name(snap.metadata.term, snap.metadata.index))
-        replace_file(path, encode_snap_file(snap))
+        replace_file(path, encode_snap_file(snap), file_io=self.file_io)
         return path
 
     def load(self, path: str) -> Snapshot:
         """Load and check one file: CRC, decoding, and that its name matches its contents."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise SnapshotFileError(f"snap file {path}: {exc}") from exc
+            data = read_file(path, file_io=self.file_io)
+        except StorageIOError as exc:
+            raise SnapshotFileError(f"snap file {path}: {exc}") from exc.__cause__
         snap = decode_snap_file(data, path)
         parsed = parse_snap_name(os.path.basename(path))
         meta = snap.metadata
@@ -141,82 +157,68 @@ class Snapshotter:
         return None
 
     def remove_tmp_files(self) -> None:
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return
+        """Delete ``*.snap.tmp-*`` leftovers of an interrupted :meth:`save`."""
         removed = False
-        for name in names:
+        for name in listdir_if_exists(self.dir, file_io=self.file_io):
             if ".snap.tmp-" in name:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.dir, name))
+                unlink_if_exists(os.path.join(self.dir, name), file_io=self.file_io)
                 removed = True
         if removed:
-            fsync_dir(self.dir)
+            fsync_dir(self.dir, file_io=self.file_io)
 
 
-def _fsm_files(fsm_dir: str) -> dict[int, str]:
+def _fsm_files(fsm_dir: str, file_io: FileIO) -> dict[int, str]:
     out: dict[int, str] = {}
-    try:
-        names = os.listdir(fsm_dir)
-    except FileNotFoundError:
-        return out
-    for name in names:
+    for name in listdir_if_exists(fsm_dir, file_io=file_io):
         index = fsm.parse_fsm_snapshot_name(name)
         if index is not None:
             out[index] = os.path.join(fsm_dir, name)
     return out
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def purge_old_snapshot_files(snap_dir: str, fsm_dir: str, keep: int = MAX_SNAP_FILES) -> list[str]:
+def purge_old_snapshot_files(snap_dir: str, fsm_dir: str, keep: int = MAX_SNAP_FILES, *,
+                             file_io: FileIO = OS_FILE_IO) -> list[str]:
     """Keep the newest ``keep`` ``.snap`` files (by name); delete older ones and their ``.fsm``.
 
     An ``.fsm`` is kept while a kept ``.snap`` shares its index. Both directories are fsynced.
+    Raises :class:`StorageIOError` on the first failure.
     """
     keep = max(1, keep)
-    files = Snapshotter(snap_dir).files()
+    files = Snapshotter(snap_dir, file_io=file_io).files()
     victims, kept = files[:-keep], files[-keep:]
     kept_indexes = {sf.index for sf in kept}
-    fsms = _fsm_files(fsm_dir)
+    fsms = _fsm_files(fsm_dir, file_io)
     removed: list[str] = []
     for sf in victims:
-        _unlink(sf.path)
+        unlink_if_exists(sf.path, file_io=file_io)
         removed.append(sf.path)
         if sf.index not in kept_indexes and sf.index in fsms:
-            _unlink(fsms[sf.index])
+            unlink_if_exists(fsms[sf.index], file_io=file_io)
             removed.append(fsms[sf.index])
     if removed:
         for d in (snap_dir, fsm_dir):
-            if os.path.isdir(d):
-                fsync_dir(d)
+            if is_dir(d, file_io=file_io):
+                fsync_dir(d, file_io=file_io)
         log.info("purged old snapshot files: %s", removed)
     return removed
 
 
-def cleanup_stale_fsm_files(snap_dir: str, fsm_dir: str) -> list[str]:
+def cleanup_stale_fsm_files(snap_dir: str, fsm_dir: str, *,
+                            file_io: FileIO = OS_FILE_IO) -> list[str]:
     """Delete ``*.fsm.tmp`` files, and ``.fsm`` files with no ``.snap`` at the same index."""
     removed: list[str] = []
-    try:
-        names = os.listdir(fsm_dir)
-    except FileNotFoundError:
-        return removed
-    for name in names:
+    for name in listdir_if_exists(fsm_dir, file_io=file_io):
         if name.endswith(fsm.TMP_SUFFIX):
-            _unlink(os.path.join(fsm_dir, name))
+            unlink_if_exists(os.path.join(fsm_dir, name), file_io=file_io)
             removed.append(name)
-    if os.path.isdir(snap_dir):
-        snap_indexes = {sf.index for sf in Snapshotter(snap_dir).files()}
-        for index, path in _fsm_files(fsm_dir).items():
+    if is_dir(snap_dir, file_io=file_io):
+        snap_indexes = {sf.index for sf in Snapshotter(snap_dir, file_io=file_io).files()}
+        for index, path in _fsm_files(fsm_dir, file_io).items():
             if index not in snap_indexes:
-                _unlink(path)
+                unlink_if_exists(path, file_io=file_io)
                 removed.append(os.path.basename(path))
     if removed:
-        fsync_dir(fsm_dir)
+        fsync_dir(fsm_dir, file_io=file_io)
         log.info("removed stale fsm snapshot files in %s: %s", fsm_dir, sorted(removed))
     return removed
 
@@ -234,8 +236,9 @@ def _restorable(snapshotter: Snapshotter, sf: SnapFile, fsm_dir: str) -> bool:
         index, crc = fsm.decode_snapshot_token(snap.data)
         if index != sf.index:
             return False
-        fsm.verify_fsm_snapshot_file(fsm.fsm_snapshot_path(fsm_dir, index), crc, check_token=True)
-    except (SnapshotFileError, FSMSnapshotError, OSError) as exc:
+        fsm.verify_fsm_snapshot_file(fsm.fsm_snapshot_path(fsm_dir, index), crc,
+                                     check_token=True, file_io=snapshotter.file_io)
+    except (SnapshotFileError, FSMSnapshotError, StorageIOError, EOFError) as exc:
         log.info("snapshot %s is not restorable: %s", sf.path, exc)
         return False
     return True
@@ -243,8 +246,10 @@ def _restorable(snapshotter: Snapshotter, sf: SnapFile, fsm_dir: str) -> bool:
 
 def prepare_fsm_snapshot_write(snap_dir: str, fsm_dir: str, next_index: int,
                                wal_valid: Iterable[SnapshotMetadata] | None,
-                               protected: Iterable[int] = ()) -> list[str]:
-    """Pre-write retention (spec e.4): bound disk use before writing a snapshot at ``next_index``.
+                               protected: Iterable[int] = (), *,
+                               file_io: FileIO = OS_FILE_IO) -> list[str]:
+    """Pre-write retention (docs/storage.md section 3): bound disk use before writing a
+    snapshot at ``next_index``.
 
     ``wal_valid`` are the WAL's valid snapshot markers (None: no WAL, everything counts as
     valid); ``protected`` are ``.fsm`` indexes that must survive (received, not yet installed).
@@ -253,15 +258,16 @@ def prepare_fsm_snapshot_write(snap_dir: str, fsm_dir: str, next_index: int,
     """
     removed: list[str] = []
     try:
-        removed = _prepare(snap_dir, fsm_dir, next_index, wal_valid, set(protected))
-    except OSError as exc:
+        removed = _prepare(snap_dir, fsm_dir, next_index, wal_valid, set(protected), file_io)
+    except StorageIOError as exc:
         log.warning("pre-write snapshot retention in %s failed: %s", snap_dir, exc)
     return removed
 
 
 def _prepare(snap_dir: str, fsm_dir: str, next_index: int,
-             wal_valid: Iterable[SnapshotMetadata] | None, protected: set[int]) -> list[str]:
-    snapshotter = Snapshotter(snap_dir)
+             wal_valid: Iterable[SnapshotMetadata] | None, protected: set[int],
+             file_io: FileIO) -> list[str]:
+    snapshotter = Snapshotter(snap_dir, file_io=file_io)
     valid = None if wal_valid is None else {(m.term, m.index) for m in wal_valid}
     cands = [
         _Candidate(sf, _restorable(snapshotter, sf, fsm_dir),
@@ -284,25 +290,25 @@ def _prepare(snap_dir: str, fsm_dir: str, next_index: int,
     removed: list[str] = []
     kept_paths = {c.sf.path for c in keep}
     kept_indexes = {c.sf.index for c in keep}
-    fsms = _fsm_files(fsm_dir)
+    fsms = _fsm_files(fsm_dir, file_io)
     if len(cands) > 1:
         for c in cands:
             if c.sf.path in kept_paths:
                 continue
-            _unlink(c.sf.path)
+            unlink_if_exists(c.sf.path, file_io=file_io)
             removed.append(c.sf.path)
             idx = c.sf.index
             if idx not in kept_indexes and idx not in protected and idx in fsms:
-                _unlink(fsms.pop(idx))
+                unlink_if_exists(fsms.pop(idx), file_io=file_io)
                 removed.append(fsm.fsm_snapshot_path(fsm_dir, idx))
     snap_indexes = {sf.index for sf in snapshotter.files()}
     for idx, path in sorted(fsms.items()):
         if idx < next_index and idx not in snap_indexes and idx not in protected:
-            _unlink(path)
+            unlink_if_exists(path, file_io=file_io)
             removed.append(path)
     for d in (snap_dir, fsm_dir):
-        if os.path.isdir(d):
-            fsync_dir(d)
+        if is_dir(d, file_io=file_io):
+            fsync_dir(d, file_io=file_io)
     if removed:
         log.info("pre-write retention before index %d removed %s", next_index, removed)
     return removed

@@ -1,4 +1,5 @@
-"""The write-ahead log: segment files of CRC-framed records (framing in :mod:`.wal_records`).
+"""The write-ahead log: segment files of CRC-framed records (framing in :mod:`.wal_records`,
+segment files in :mod:`.wal_segments`).
 
 Theory of operation
 -------------------
@@ -23,43 +24,58 @@ Theory of operation
   held replaces it and everything after it (a leader overwrote a conflicting suffix).
 * :meth:`WAL.release_to` marks the segments wholly before the snapshot's segment as no longer
   needed; :meth:`WAL.purge` deletes the oldest of those while keeping the newest ``keep`` files.
+
+Failures
+--------
+All file access goes through the :class:`~trio_raft.storage.fileio.FileIO` the WAL was created
+or opened with. A failed write, fsync/fdatasync, segment cut (any step of it) or purge directory
+fsync *poisons* the WAL: the call raises :class:`WALIOError` (naming the file and the operation,
+``__cause__`` the :class:`OSError`) and every later write, sync or purge raises
+:class:`WALPoisonedError`. Nothing is retried, least of all an fsync: after a failed fsync the
+kernel may have dropped the dirty pages, so a second fsync that succeeds would prove nothing.
+``close`` of a poisoned WAL closes its descriptors without syncing. Whatever the failed call
+wrote may or may not be on disk; reopening the directory (which repairs a torn tail) shows what
+is, and every record of a call that returned successfully is there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 
 import attrs
 
 from trio_raft.core.encoding import (
-    Reader,
     encode_snapshot_metadata,
     entry_from_bytes,
     entry_to_bytes,
     hard_state_from_bytes,
     hard_state_to_bytes,
-    read_snapshot_metadata,
 )
 from trio_raft.core.errors import DecodeError
 from trio_raft.core.messages import EMPTY_HARD_STATE, Entry, HardState, SnapshotMetadata
 from trio_raft.errors import (
+    StorageIOError,
     WALError,
-    WALLockedError,
+    WALIOError,
+    WALPoisonedError,
     WALSnapshotNotFoundError,
-    WALUnrepairableError,
 )
 from trio_raft.storage import wal_records as rec
-from trio_raft.storage.fileutil import DIR_MODE, FILE_MODE, datasync, fsync_dir, write_all
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None  # type: ignore[assignment]
+from trio_raft.storage import wal_segments as ws
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    close_quietly,
+    fsync_dir,
+    io_errors,
+    listdir_if_exists,
+    make_dirs,
+    read_file,
+    unlink_if_exists,
+    write_all,
+)
+from trio_raft.storage.wal_segments import Segment, parse_segment_name, segment_name
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +84,24 @@ SEGMENT_SIZE = 64 << 20
 #: Default number of segment files :meth:`WAL.purge` keeps.
 MAX_WAL_FILES = 5
 
-_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
-_LOCK_NAME = "LOCK"
+__all__ = [
+    "MAX_WAL_FILES",
+    "SEGMENT_SIZE",
+    "WAL",
+    "Segment",
+    "WALContents",
+    "parse_segment_name",
+    "segment_name",
+    "wal_exists",
+]
 
 
-def segment_name(seq: int, index: int) -> str:
-    return f"{seq:016x}-{index:016x}.wal"
-
-
-def parse_segment_name(name: str) -> tuple[int, int] | None:
-    m = _NAME.match(name)
-    return (int(m.group(1), 16), int(m.group(2), 16)) if m else None
-
-
-def wal_exists(dirpath: str | os.PathLike[str]) -> bool:
+def wal_exists(dirpath: str | os.PathLike[str], *, file_io: FileIO = OS_FILE_IO) -> bool:
     """True when ``dirpath`` holds at least one WAL segment."""
-    try:
-        return any(parse_segment_name(n) for n in os.listdir(dirpath))
-    except FileNotFoundError:
-        return False
-
-
-@attrs.frozen(slots=True)
-class Segment:
-    seq: int
-    index: int
-    path: str
+    dirpath = os.fspath(dirpath)
+    with ws.wal_errors("wal"):
+        names = listdir_if_exists(dirpath, file_io=file_io)
+    return any(parse_segment_name(n) for n in names)
 
 
 @attrs.frozen(slots=True)
@@ -105,44 +113,16 @@ class WALContents:
     entries: tuple[Entry, ...]
 
 
-def _list_segments(dirpath: str) -> list[Segment]:
-    segs: list[Segment] = []
-    for name in sorted(os.listdir(dirpath)):
-        parsed = parse_segment_name(name)
-        if parsed is None:
-            if name != _LOCK_NAME and not name.endswith(".wal.tmp"):
-                log.warning("ignoring unexpected file %s in WAL directory", name)
-            continue
-        segs.append(Segment(parsed[0], parsed[1], os.path.join(dirpath, name)))
-    for prev, cur in itertools.pairwise(segs):
-        if cur.seq != prev.seq + 1:
-            raise rec.corrupt(cur.path, 0, f"segment sequence gap after {prev.path}")
-    return segs
-
-
-def _lock_dir(dirpath: str) -> int:
-    fd = os.open(os.path.join(dirpath, _LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 FILE_MODE)
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise WALLockedError(dirpath) from None
-    return fd
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 class WAL:
-    """An open write-ahead log. Blocking I/O; not thread-safe (callers serialise access)."""
+    """An open write-ahead log. Blocking I/O; not thread-safe (callers serialise access).
+
+    Build one with :meth:`create` or :meth:`open`; it keeps the ``file_io`` it was built with
+    and does all its file access through it.
+    """
 
     def __init__(self, dirpath: str, segments: list[Segment], *, metadata: bytes,
-                 hard_state: HardState, last_index: int, size: int, lock_fd: int,
-                 segment_size: int) -> None:
+                 hard_state: HardState, last_index: int, size: int, fd: int, lock_fd: int,
+                 segment_size: int, file_io: FileIO) -> None:
         self.dir = dirpath
         self._segments = segments
         self.metadata = metadata
@@ -151,58 +131,64 @@ class WAL:
         self._size = size
         self._lock_fd = lock_fd
         self.segment_size = segment_size
+        self._io = file_io
         self._released_below = segments[0].seq
-        self._fd: int | None = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._failed: BaseException | None = None
+        self._fd: int | None = fd
+        #: The first write/sync failure; once set, every write raises WALPoisonedError.
+        self._failed: WALIOError | None = None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
     def create(cls, dirpath: str | os.PathLike[str], metadata: bytes = b"", *,
-               segment_size: int = SEGMENT_SIZE) -> WAL:
-        """Create a new WAL with one empty segment ``0000000000000000-0000000000000000.wal``."""
+               segment_size: int = SEGMENT_SIZE, file_io: FileIO = OS_FILE_IO) -> WAL:
+        """Create a new WAL with one empty segment ``0000000000000000-0000000000000000.wal``.
+
+        The directory (and missing parents) is created. A failure raises :class:`WALIOError`
+        and leaves at most a directory without a complete segment (``wal_exists`` is false).
+        """
         dirpath = os.fspath(dirpath)
-        if wal_exists(dirpath):
+        if wal_exists(dirpath, file_io=file_io):
             raise WALError(f"wal: {dirpath} already holds a WAL")
-        if not os.path.isdir(dirpath):
-            parent = os.path.dirname(os.path.abspath(dirpath))
-            os.makedirs(parent, DIR_MODE, exist_ok=True)
-            os.mkdir(dirpath, DIR_MODE)
-            fsync_dir(parent)
-        lock_fd = _lock_dir(dirpath)
-        try:
-            seg = Segment(0, 0, os.path.join(dirpath, segment_name(0, 0)))
-            size = _write_new_segment(seg, metadata, EMPTY_HARD_STATE)
-            return cls(dirpath, [seg], metadata=metadata, hard_state=EMPTY_HARD_STATE,
-                       last_index=0, size=size, lock_fd=lock_fd, segment_size=segment_size)
-        except BaseException:
-            os.close(lock_fd)
-            raise
+        with ws.wal_errors(f"wal: creating {dirpath}"):
+            make_dirs(dirpath, file_io=file_io)
+            lock_fd = ws.lock_dir(dirpath, file_io)
+            try:
+                seg = Segment(0, 0, os.path.join(dirpath, segment_name(0, 0)))
+                size = ws.write_new_segment(seg, metadata, EMPTY_HARD_STATE, file_io)
+                fd = ws.open_for_append(seg.path, file_io)
+            except BaseException:
+                close_quietly(lock_fd, dirpath, file_io=file_io)
+                raise
+        return cls(dirpath, [seg], metadata=metadata, hard_state=EMPTY_HARD_STATE,
+                   last_index=0, size=size, fd=fd, lock_fd=lock_fd,
+                   segment_size=segment_size, file_io=file_io)
 
     @classmethod
-    def open(cls, dirpath: str | os.PathLike[str], *, segment_size: int = SEGMENT_SIZE) -> WAL:
+    def open(cls, dirpath: str | os.PathLike[str], *, segment_size: int = SEGMENT_SIZE,
+             file_io: FileIO = OS_FILE_IO) -> WAL:
         """Open an existing WAL for appending, repairing a torn tail of the newest segment."""
         dirpath = os.fspath(dirpath)
-        lock_fd = _lock_dir(dirpath)
-        try:
-            for name in os.listdir(dirpath):
-                if name.endswith(".wal.tmp"):
-                    log.info("removing unfinished WAL segment %s", name)
-                    os.unlink(os.path.join(dirpath, name))
-            segs = _list_segments(dirpath)
-            if not segs:
-                raise WALError(f"wal: no segments in {dirpath}")
-            last = segs[-1]
-            data = _read_file(last.path)
-            result = rec.scan(last.path, data, is_last=True)
-            if result.torn_at is not None:
-                _repair(last.path, result, len(data))
-            metadata, hs, last_index = _summarise_last(last, result.records)
-            size = result.torn_at if result.torn_at is not None else len(data)
-            return cls(dirpath, segs, metadata=metadata, hard_state=hs, last_index=last_index,
-                       size=size, lock_fd=lock_fd, segment_size=segment_size)
-        except BaseException:
-            os.close(lock_fd)
-            raise
+        with ws.wal_errors(f"wal: opening {dirpath}"):
+            lock_fd = ws.lock_dir(dirpath, file_io)
+            try:
+                ws.remove_unfinished_segments(dirpath, file_io)
+                segs = ws.list_segments(dirpath, file_io)
+                if not segs:
+                    raise WALError(f"wal: no segments in {dirpath}")
+                last = segs[-1]
+                data = read_file(last.path, file_io=file_io)
+                result = rec.scan(last.path, data, is_last=True)
+                if result.torn_at is not None:
+                    ws.repair(last.path, result, len(data), file_io)
+                metadata, hs, last_index = ws.summarise_last(last, result.records)
+                size = result.torn_at if result.torn_at is not None else len(data)
+                fd = ws.open_for_append(last.path, file_io)
+            except BaseException:
+                close_quietly(lock_fd, dirpath, file_io=file_io)
+                raise
+        return cls(dirpath, segs, metadata=metadata, hard_state=hs, last_index=last_index,
+                   size=size, fd=fd, lock_fd=lock_fd, segment_size=segment_size,
+                   file_io=file_io)
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -217,6 +203,16 @@ class WAL:
     @property
     def segments(self) -> list[Segment]:
         return list(self._segments)
+
+    @property
+    def file_io(self) -> FileIO:
+        """The seam every file access of this WAL goes through."""
+        return self._io
+
+    @property
+    def failure(self) -> WALIOError | None:
+        """The failure that poisoned this WAL, or None while it is usable."""
+        return self._failed
 
     # -- writes ---------------------------------------------------------------------------
     def save(self, hard_state: HardState | None, entries: Sequence[Entry] = (), *,
@@ -275,45 +271,65 @@ class WAL:
         self._maybe_cut()
 
     def sync(self) -> None:
-        self._check_usable()
-        assert self._fd is not None
-        datasync(self._fd)
+        """fdatasync the newest segment."""
+        fd = self._check_usable()
+        try:
+            self._io.fdatasync(fd)
+        except OSError as exc:
+            raise self._poison(WALIOError.from_os_error(
+                "fdatasync", self._segments[-1].path, exc, "wal")) from exc
 
-    def _check_usable(self) -> None:
+    def _check_usable(self) -> int:
+        """The newest segment's descriptor; raises unless the WAL is open and not poisoned."""
         if self._failed is not None:
-            raise WALError(f"wal: {self.dir} failed earlier: {self._failed}") from self._failed
+            raise WALPoisonedError(
+                f"wal: {self.dir} failed earlier, refusing writes: {self._failed}"
+            ) from self._failed
         if self._fd is None:
             raise WALError(f"wal: {self.dir} is closed")
+        return self._fd
+
+    def _poison(self, err: WALIOError) -> WALIOError:
+        if self._failed is None:
+            self._failed = err
+            log.error("%s; the WAL refuses every further write", err)
+        return err
 
     def _append(self, buf: bytearray, must_sync: bool) -> None:
-        assert self._fd is not None
+        # The hot path: one write (more only after a short write) and at most one fdatasync.
+        fd = self._fd
+        assert fd is not None
+        op = "write"
         try:
-            write_all(self._fd, buf)
+            write_all(fd, buf, file_io=self._io)
             if must_sync:
-                datasync(self._fd)
+                op = "fdatasync"
+                self._io.fdatasync(fd)
         except OSError as exc:
-            self._failed = exc
-            raise WALError(f"wal: write to {self._segments[-1].path} failed: {exc}") from exc
+            raise self._poison(WALIOError.from_os_error(
+                op, self._segments[-1].path, exc, "wal")) from exc
         self._size += len(buf)
 
     def _maybe_cut(self) -> None:
         if self._size < self.segment_size:
             return
-        assert self._fd is not None
+        old_fd = self._fd
+        assert old_fd is not None
+        last = self._segments[-1]
+        seg = Segment(last.seq + 1, self._last_index + 1,
+                      os.path.join(self.dir, segment_name(last.seq + 1, self._last_index + 1)))
         try:
-            datasync(self._fd)
-            last = self._segments[-1]
-            seg = Segment(last.seq + 1, self._last_index + 1,
-                          os.path.join(self.dir, segment_name(last.seq + 1, self._last_index + 1)))
-            size = _write_new_segment(seg, self.metadata, self._hard_state)
-            new_fd = os.open(seg.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except OSError as exc:
-            self._failed = exc
-            raise WALError(f"wal: cutting a new segment in {self.dir} failed: {exc}") from exc
-        os.close(self._fd)
+            with io_errors("fdatasync", last.path):
+                self._io.fdatasync(old_fd)
+            size = ws.write_new_segment(seg, self.metadata, self._hard_state, self._io)
+            new_fd = ws.open_for_append(seg.path, self._io)
+        except StorageIOError as exc:
+            raise self._poison(ws.to_wal_error(
+                exc, f"wal: cutting segment {seg.path}")) from exc.__cause__
         self._fd = new_fd
         self._segments.append(seg)
         self._size = size
+        close_quietly(old_fd, last.path, file_io=self._io)  # fdatasynced above
         log.debug("wal: cut segment %s", seg.path)
 
     # -- retention --------------------------------------------------------------------------
@@ -326,7 +342,12 @@ class WAL:
         self._released_below = max(self._released_below, keep_from)
 
     def purge(self, keep: int = MAX_WAL_FILES) -> list[str]:
-        """Delete released segments, oldest first, keeping at least the newest ``keep`` files."""
+        """Delete released segments, oldest first, keeping at least the newest ``keep`` files.
+
+        A segment that cannot be deleted stops the purge there (logged; deleting a later one
+        would leave a gap in the sequence). A failed fsync of the directory poisons the WAL.
+        """
+        self._check_usable()
         keep = max(1, keep)
         victims: list[Segment] = []
         for seg in self._segments[: max(0, len(self._segments) - keep)]:
@@ -335,27 +356,35 @@ class WAL:
             victims.append(seg)
         removed: list[str] = []
         for seg in victims:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(seg.path)
+            try:
+                unlink_if_exists(seg.path, file_io=self._io)
+            except StorageIOError as exc:
+                log.warning("wal: purge stopped: %s", exc)
+                break
             removed.append(seg.path)
             self._segments.pop(0)
         if removed:
-            fsync_dir(self.dir)
+            try:
+                fsync_dir(self.dir, file_io=self._io)
+            except StorageIOError as exc:
+                raise self._poison(ws.to_wal_error(exc, "wal: purge")) from exc.__cause__
             log.info("wal: purged %d segment(s): %s", len(removed), removed)
         return removed
 
     # -- reads ----------------------------------------------------------------------------
     def _records(self, start: int) -> Iterator[tuple[Segment, rec.RawRecord]]:
         """Every record from segment position ``start`` on, segment headers checked."""
-        segs = _list_segments(self.dir)
+        with ws.wal_errors(f"wal: reading {self.dir}"):
+            segs = ws.list_segments(self.dir, self._io)
         segs = [s for s in segs if s.seq >= self._segments[start].seq]
         for i, seg in enumerate(segs):
             is_last = i == len(segs) - 1
-            data = _read_file(seg.path)
+            with ws.wal_errors("wal: reading"):
+                data = read_file(seg.path, file_io=self._io)
             result = rec.scan(seg.path, data, is_last=is_last)
             if result.torn_at is not None:
                 raise rec.corrupt(seg.path, result.torn_at, result.torn_reason)
-            _check_preamble(seg, result.records)
+            ws.check_preamble(seg, result.records)
             for r in result.records[1:]:
                 yield seg, r
 
@@ -397,7 +426,7 @@ class WAL:
                 elif r.type == rec.RecordType.METADATA:
                     metadata = bytes(r.payload)
                 elif r.type == rec.RecordType.SNAPSHOT:
-                    meta = _decode_marker(r.payload)
+                    meta = ws.decode_marker(r.payload)
                     if meta.index == snapshot_index and snapshot_index:
                         if meta.term != snapshot_term:
                             raise WALSnapshotNotFoundError(
@@ -421,7 +450,7 @@ class WAL:
         for seg, r in self._records(0):
             try:
                 if r.type == rec.RecordType.SNAPSHOT:
-                    markers.append(_decode_marker(r.payload))
+                    markers.append(ws.decode_marker(r.payload))
                 elif r.type == rec.RecordType.STATE:
                     hs = hard_state_from_bytes(r.payload)
                 elif r.type == rec.RecordType.SEGMENT:
@@ -432,15 +461,24 @@ class WAL:
         return [m for m in markers if m.index <= hs.commit]
 
     def close(self) -> None:
-        """Fsync and close. Idempotent."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                if self._failed is None:
-                    datasync(fd)
-            finally:
-                os.close(fd)
-                os.close(self._lock_fd)
+        """fdatasync (unless poisoned) and close. Idempotent.
+
+        A failed final fdatasync raises :class:`WALIOError`; the descriptors are closed anyway.
+        """
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        path = self._segments[-1].path
+        try:
+            if self._failed is None:
+                try:
+                    self._io.fdatasync(fd)
+                except OSError as exc:
+                    raise self._poison(WALIOError.from_os_error(
+                        "fdatasync", path, exc, "wal: closing")) from exc
+        finally:
+            close_quietly(fd, path, file_io=self._io)
+            close_quietly(self._lock_fd, os.path.join(self.dir, ws.LOCK_NAME), file_io=self._io)
 
     def __enter__(self) -> WAL:
         return self
@@ -449,93 +487,3 @@ class WAL:
         self.close()
 
 
-# -- helpers ----------------------------------------------------------------------------------
-
-
-def _decode_marker(payload: memoryview) -> SnapshotMetadata:
-    r = Reader(payload)
-    meta = read_snapshot_metadata(r)
-    r.done("snapshot marker")
-    return meta
-
-
-def _write_new_segment(seg: Segment, metadata: bytes, hs: HardState) -> int:
-    """Write a complete segment preamble under a temporary name and rename it into place."""
-    buf = bytearray()
-    rec.frame(rec.RecordType.SEGMENT, rec.segment_header_payload(seg.seq, seg.index), buf)
-    rec.frame(rec.RecordType.METADATA, metadata, buf)
-    if not hs.is_empty():
-        rec.frame(rec.RecordType.STATE, hard_state_to_bytes(hs), buf)
-    tmp = seg.path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            write_all(fd, buf)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, seg.path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(seg.path))
-    return len(buf)
-
-
-def _check_preamble(seg: Segment, records: list[rec.RawRecord]) -> None:
-    if not records or records[0].type != rec.RecordType.SEGMENT:
-        raise rec.corrupt(seg.path, 0, "segment does not start with a segment header")
-    try:
-        seq, index = rec.parse_segment_header(records[0].payload)
-    except ValueError as exc:
-        raise rec.corrupt(seg.path, 0, str(exc)) from None
-    if (seq, index) != (seg.seq, seg.index):
-        raise rec.corrupt(seg.path, 0, f"segment header says seq {seq} index {index}, "
-                                       "which does not match the file name")
-    for r in records[1:]:
-        if r.type == rec.RecordType.SEGMENT:
-            raise rec.corrupt(seg.path, r.offset, "segment header in mid-segment")
-
-
-def _repair(path: str, result: rec.ScanResult, size: int) -> None:
-    """Truncate a torn tail at ``result.torn_at`` and fsync; log what was dropped."""
-    assert result.torn_at is not None
-    kinds = [r.type for r in result.records[:2]]
-    if kinds != [rec.RecordType.SEGMENT, rec.RecordType.METADATA]:
-        raise WALUnrepairableError(
-            f"wal unrepairable: {path}: torn at offset {result.torn_at} inside the segment "
-            f"preamble ({result.torn_reason})")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, result.torn_at)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise WALUnrepairableError(f"wal unrepairable: truncating {path}: {exc}") from exc
-    log.warning("wal: repaired torn tail of %s: %s at offset %d; dropped %d byte(s)",
-                path, result.torn_reason, result.torn_at, size - result.torn_at)
-
-
-def _summarise_last(seg: Segment, records: list[rec.RawRecord]) -> tuple[bytes, HardState, int]:
-    """Metadata, last hard state and last index written, from the newest segment's records."""
-    _check_preamble(seg, records)
-    metadata = b""
-    hs = EMPTY_HARD_STATE
-    last_index = max(seg.index - 1, 0)
-    for r in records[1:]:
-        try:
-            if r.type == rec.RecordType.ENTRY:
-                last_index = rec.entry_index(r.payload)
-            elif r.type == rec.RecordType.STATE:
-                hs = hard_state_from_bytes(r.payload)
-            elif r.type == rec.RecordType.METADATA:
-                metadata = bytes(r.payload)
-            elif r.type == rec.RecordType.SNAPSHOT:
-                last_index = max(last_index, _decode_marker(r.payload).index)
-        except (DecodeError, ValueError) as exc:
-            raise rec.corrupt(seg.path, r.offset,
-                              f"impossible {r.type.name} record: {exc}") from None
-    return metadata, hs, last_index

@@ -45,8 +45,7 @@ from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.types import ProposalResult, StateMachine
 from trio_raft.engine.waiters import WaiterTable
 from trio_raft.errors import FSMApplyHaltError, SnapshotRequiredError
-from trio_raft.storage.peers import write_current_persisted_peers
-from trio_raft.storage.recovery import DiskPersistence, restore_snapshot_state
+from trio_raft.storage.recovery import DiskPersistence
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ class Applier:
     async def _persist_membership(self, change: Change) -> None:
         """The peers file, then a state machine snapshot at the change's index (unless the
         newest snapshot already carries this configuration)."""
-        await self._io.run(write_current_persisted_peers, self._disk.data_dir, change.index,
+        await self._io.run(self._disk.write_current_peers, change.index,
                            to_persisted(change.members))
         meta = self._storage.snapshot().metadata
         if meta.index > change.index or (
@@ -189,12 +188,11 @@ class Applier:
             try:
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
-                await self._io.run(restore_snapshot_state, self._fsm, snap, self._disk.fsm_dir)
+                await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap)
                 self._storage.apply_snapshot(snap)
                 self.applied = max(self.applied, idx)
             finally:
                 self.restoring = False
         m.note_applied(idx)
         m.commit(idx, cs, members)
-        await self._io.run(write_current_persisted_peers, self._disk.data_dir, idx,
-                           to_persisted(members))
+        await self._io.run(self._disk.write_current_peers, idx, to_persisted(members))

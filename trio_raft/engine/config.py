@@ -23,6 +23,7 @@ from trio_raft.errors import (
     PeerNodeIDConflictError,
     StateMachineUnsetError,
 )
+from trio_raft.storage.fileio import FileIO
 from trio_raft.transport.base import Transport
 
 DEFAULT_TICK_INTERVAL = 0.010
@@ -113,6 +114,10 @@ class OpenConfig:
     persist_observer: Callable[[float], None] | None = None
     #: Tests only: seconds to wait before each WAL write, re-read every time (a slow disk).
     test_persist_delay: Callable[[], float] | None = None
+    #: The seam every file operation of storage goes through (``docs/storage.md``); None: the
+    #: real file system. Tests pass ``trio_raft.testing.faults.FaultyFileIO`` to inject disk
+    #: faults.
+    file_io: FileIO | None = None
 
 
 def with_defaults(cfg: OpenConfig) -> OpenConfig:

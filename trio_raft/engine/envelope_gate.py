@@ -62,6 +62,7 @@ from trio_raft.errors import (
     RaftUnwrapFailedError,
 )
 from trio_raft.storage.cutover import save_cutover
+from trio_raft.storage.fileio import FileIO
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class EnvelopeGate:
     """See the module docstring."""
 
     def __init__(self, *, cipher: Cipher | None, configured: Callable[[], int] | None,
-                 recorded: int | None, data_dir: str, inbox: Inbox,
+                 recorded: int | None, data_dir: str, file_io: FileIO, inbox: Inbox,
                  proposals: WaiterTable, applied: Callable[[], int],
                  tick_interval: float) -> None:
         self.cipher = cipher
@@ -134,6 +135,7 @@ class EnvelopeGate:
         #: The cutover recorded on this node (cutover file / marker apply), None before.
         self._recorded = recorded
         self._data_dir = data_dir
+        self._file_io = file_io
         self._inbox = inbox
         self._proposals = proposals
         self._applied = applied
@@ -242,7 +244,7 @@ class EnvelopeGate:
             raise RaftUnwrapFailedError(f"entry {index}: cannot install key: {exc}") from exc
         if rec.opcode is Opcode.CUTOVER:
             if self._recorded is None:
-                save_cutover(self._data_dir, index)
+                save_cutover(self._data_dir, index, file_io=self._file_io)
                 self._recorded = index
                 logger.info("raft envelope cutover at index %d (key id %d)", index, rec.key_id)
                 self._fail_queued_cleartext()

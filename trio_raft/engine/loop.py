@@ -128,8 +128,9 @@ class RunLoop:
         self.status_view = StatusView(self.node, self.membership, self.storage)
         self.gate = EnvelopeGate(
             cipher=cfg.raft_cipher, configured=cfg.raft_cutover_index, recorded=opened.cutover,
-            data_dir=self.disk.data_dir, inbox=self.inbox, proposals=self.pending.proposals,
-            applied=lambda: self.applier.applied, tick_interval=cfg.tick_interval)
+            data_dir=self.disk.data_dir, file_io=self.disk.file_io, inbox=self.inbox,
+            proposals=self.pending.proposals, applied=lambda: self.applier.applied,
+            tick_interval=cfg.tick_interval)
         self.log_writer = LogWriter(disk=self.disk, storage=self.storage, io=io,
                                     observer=cfg.persist_observer,
                                     test_delay=cfg.test_persist_delay)

@@ -29,6 +29,7 @@ from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer
 from trio_raft.errors import ClusterMismatchError
 from trio_raft.storage.cutover import load_cutover
+from trio_raft.storage.fileio import OS_FILE_IO
 from trio_raft.storage.peers import PersistedPeer, load_persisted_peers, save_persisted_peers
 from trio_raft.storage.recovery import DiskPersistence, open_disk_state
 
@@ -74,7 +75,8 @@ def validate_conf_state(cs: ConfState, peers: list[Peer]) -> None:
 def open_state(cfg: OpenConfig) -> OpenedState:
     """See the module docstring; the caller closes ``OpenedState.disk``."""
     peers: list[Peer] = list(cfg.peers)
-    persisted = load_persisted_peers(cfg.data_dir) if cfg.data_dir else None
+    file_io = cfg.file_io or OS_FILE_IO
+    persisted = load_persisted_peers(cfg.data_dir, file_io=file_io) if cfg.data_dir else None
     if persisted is not None:
         if persisted.seed_active and cfg.bootstrap_seed:
             local = Peer(cfg.local_id, cfg.local_address, cfg.node_id)
@@ -92,7 +94,7 @@ def open_state(cfg: OpenConfig) -> OpenedState:
         local, peers, allow_incomplete=persisted is not None, allow_self_bootstrap=cfg.bootstrap
     )
     disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine,
-                           join=cfg.join_as_learner)
+                           join=cfg.join_as_learner, file_io=file_io)
     try:
         snap = disk.snapshot
         cs = snap.metadata.conf_state
@@ -114,12 +116,13 @@ def open_state(cfg: OpenConfig) -> OpenedState:
             ]
         pindex = max(snap_index, persisted.index if persisted is not None else 0)
         save_persisted_peers(cfg.data_dir, pindex, to_persisted(peers),
-                             seed=to_persisted(peers) if persisted is None else None)
+                             seed=to_persisted(peers) if persisted is None else None,
+                             file_io=file_io)
         fence = 0
         for e in disk.entries:
             if e.index > disk.applied_index and e.type is not EntryType.NORMAL:
                 fence = e.index
-        cutover = load_cutover(disk.data_dir)
+        cutover = load_cutover(disk.data_dir, file_io=file_io)
         return OpenedState(
             disk=disk.persistence,
             storage=disk.storage,

@@ -17,7 +17,8 @@ import struct
 import zlib
 
 from trio_raft.errors import KeyStoreCorruptError
-from trio_raft.storage.fileutil import remove_stale_temp_files, replace_file
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import read_file_if_exists, remove_stale_temp_files, replace_file
 
 CUTOVER_FILE = "trio-raft-envelope-cutover.bin"
 _CUTOVER = struct.Struct(">4sBQ")
@@ -25,21 +26,20 @@ _CRC = struct.Struct(">I")
 _MAGIC = b"TREC"
 
 
-def save_cutover(data_dir: str, index: int) -> None:
+def save_cutover(data_dir: str, index: int, *, file_io: FileIO = OS_FILE_IO) -> None:
     """Record ``index`` as the cutover, replacing any earlier file atomically."""
     body = _CUTOVER.pack(_MAGIC, 1, index)
-    replace_file(os.path.join(data_dir, CUTOVER_FILE), body + _CRC.pack(zlib.crc32(body)))
+    replace_file(os.path.join(data_dir, CUTOVER_FILE), body + _CRC.pack(zlib.crc32(body)),
+                 file_io=file_io)
 
 
-def load_cutover(data_dir: str) -> int | None:
+def load_cutover(data_dir: str, *, file_io: FileIO = OS_FILE_IO) -> int | None:
     """The recorded cutover index, or None when there is none; KeyStoreCorruptError for a
     damaged file."""
-    remove_stale_temp_files(data_dir, CUTOVER_FILE)
+    remove_stale_temp_files(data_dir, CUTOVER_FILE, file_io=file_io)
     path = os.path.join(data_dir, CUTOVER_FILE)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    data = read_file_if_exists(path, file_io=file_io)
+    if data is None:
         return None
     if len(data) != _CUTOVER.size + _CRC.size:
         raise KeyStoreCorruptError(f"{path}: {len(data)} bytes")

@@ -1,8 +1,10 @@
 """The trio_raft exception hierarchy.
 
-Every error trio_raft raises on purpose is a subclass of :class:`RaftError`. Where the seed engine
-(elastickv's etcd-raft engine) has a sentinel error, this module has a class with the same meaning;
-the message text is the seed's where callers may log or match it.
+Every error trio_raft raises on purpose is a subclass of :class:`RaftError`. The errors a request
+can end with fall in two families that never mix: :class:`NotAppliedError` (certainly not
+applied, always safe to retry) and :class:`OutcomeUnknownError` (may or may not be applied);
+``docs/api.md`` tabulates what to do with each. ``default_message`` is the stable text callers may
+log or match.
 """
 
 from __future__ import annotations
@@ -316,7 +318,7 @@ class MigrationDestinationExistsError(StorageError):
 
 
 class FSMSnapshotError(StorageError):
-    """Base of the ``.fsm`` payload file errors (spec e.2)."""
+    """Base of the ``.fsm`` payload file errors (``docs/storage.md``, payload files)."""
 
 
 class FSMSnapshotFileCRCError(FSMSnapshotError):
@@ -419,8 +421,8 @@ class TransportClosedError(TransportError):
 class DispatchError(TransportError):
     """A message could not be delivered to a peer.
 
-    ``code`` names the failure the way the engine counts it: a gRPC status name in the seed's
-    CamelCase spelling ("Unavailable", "DeadlineExceeded", "ResourceExhausted", ...), or
+    ``code`` names the failure the way the engine counts it: a gRPC status name in CamelCase
+    ("Unavailable", "DeadlineExceeded", "ResourceExhausted", ...), or
     "Unknown" when no status applies.
     """
     default_message = "raft transport dispatch failed"
@@ -498,7 +500,7 @@ class ReservedPrefixError(EnvelopeError):
 
 
 class EncryptionScanError(EnvelopeError):
-    """The encryption scanner could not scan the requested range (spec a.4)."""
+    """The encryption scanner could not scan the requested range (``docs/envelope.md``)."""
     default_message = "envelope: encryption scan failed"
 
 

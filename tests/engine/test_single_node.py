@@ -1,4 +1,4 @@
-"""The seed's conformance scenarios on a single node, plus config validation and lifecycle."""
+"""A single-node engine end to end: propose, reads, snapshots, config validation, lifecycle."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ RESPONSE_MESSAGE_TYPES = frozenset(
 
 #: Latency-sensitive types: the engine sends them on the heartbeat/vote lane and steps them
 #: through its priority queue (``trio_raft/engine/inbox.py``). MsgAppResp is deliberately not
-#: among them: it paces replication, and a flood of them must not crowd out heartbeats.
+#: among them: it stays in order with the replication traffic it answers.
 PRIORITY_MESSAGE_TYPES = frozenset(
     {
         MessageType.HEARTBEAT,

@@ -5,6 +5,7 @@ Open an engine with :func:`open_engine` and an :class:`OpenConfig`; see the READ
 """
 
 from trio_raft import errors
+from trio_raft._version import __version__ as __version__
 from trio_raft.engine import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -31,8 +32,6 @@ from trio_raft.engine import (
 from trio_raft.envelope import KEK, Cipher
 from trio_raft.errors import *  # noqa: F403  (every error class is part of the public surface)
 from trio_raft.errors import RaftError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "KEK",

@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import attrs
 import trio
 from grpclib.const import Status
-from kvnode_lib.client import KVClient, KVError
 
 from tests.chaos.proxy import Proxy
 from trio_raft.transport.bridge import AsyncioBridge
+from trio_raft_kv.client import KVClient, KVError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KVNODE = os.path.join(ROOT, "examples", "kvnode.py")

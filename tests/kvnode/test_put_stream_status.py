@@ -6,8 +6,9 @@ import asyncio
 from typing import Any
 
 from grpclib.const import Status
-from kvnode_lib.service import Reply, _settle_after_failure
-from kvproto.trio_raft.kv import v1 as pb
+
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.services import Reply, _settle_after_failure
 
 NOT_LEADER = Reply(Status.FAILED_PRECONDITION, "not the leader", "127.0.0.1:7001")
 

@@ -14,9 +14,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvproto.trio_raft.kv import v1 as pb
-
-from kvnode_lib.client import KVClient, KVError, client_ssl
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.client import KVClient, KVError, client_ssl
 
 EXIT_MISS, EXIT_RPC = 1, 3
 PROMOTE_RETRY = 0.2
@@ -223,11 +222,11 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace, KVClient], Awaitable[int]]] =
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from kvnode_lib.node import serve_main
+        from trio_raft_kv.serve import serve_main
 
         return serve_main(args)
     if args.command == "demo":
-        from kvnode_lib.demo import demo_main
+        from trio_raft_kv.demo import demo_main
 
         return demo_main(args)
     return asyncio.run(_client_command(args))

@@ -28,11 +28,11 @@ from typing import Any
 import trio
 
 import trio_raft
-from kvnode_lib.client import KVClient, KVError, client_ssl, split_address, tls_paths
-from kvnode_lib.fsm import KVStateMachine
-from kvnode_lib.metrics import Metrics
-from kvnode_lib.service import AdminService, KVService, Node
 from trio_raft.transport.grpc import GRPCTransport
+from trio_raft_kv.client import KVClient, KVError, client_ssl, split_address, tls_paths
+from trio_raft_kv.metrics import Metrics
+from trio_raft_kv.services import AdminService, KVService, Node
+from trio_raft_kv.statemachine import KVStateMachine
 
 log = logging.getLogger("kvnode")
 
@@ -133,7 +133,7 @@ async def announce_membership(node: Node, transport: GRPCTransport) -> None:
         leader = engine.leader()
         try:
             if engine.state() is trio_raft.State.LEADER:
-                from kvnode_lib.fsm import encode_member
+                from trio_raft_kv.statemachine import encode_member
 
                 await engine.propose(encode_member(node.node_id))
             elif leader.address and engine.applied_index() > 0 and transport.bridge is not None:

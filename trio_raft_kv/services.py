@@ -31,12 +31,12 @@ import outcome
 import trio
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.metadata import encode_grpc_message
-from kvproto.trio_raft.kv import v1 as pb
 
 import trio_raft
-from kvnode_lib import fsm as kvfsm
-from kvnode_lib.metrics import Metrics
 from trio_raft import errors
+from trio_raft_kv import statemachine as kvfsm
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.metrics import Metrics
 
 log = logging.getLogger("kvnode.service")
 

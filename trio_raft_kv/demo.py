@@ -26,12 +26,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from grpclib.const import Status
-from kvproto.trio_raft.kv import v1 as pb
 
-from kvnode_lib.client import KVClient, KVError
 from trio_raft.testing.net import free_loopback_ports
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.client import KVClient, KVError
 
-KVNODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvnode.py")
+#: How the demo starts a node: this package's ``kvnode`` command, with this interpreter.
+KVNODE = (sys.executable, "-m", "trio_raft_kv")
 NAMES = ("n1", "n2", "n3")
 POLL = 0.05
 T = TypeVar("T")
@@ -56,7 +57,7 @@ class Cluster:
         self._logs: list[Any] = []
 
     def command(self, name: str) -> list[str]:
-        return [sys.executable, KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
+        return [*KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
                 "--peers", self.peers, "--data-dir", os.path.join(self.root, name),
                 "--bootstrap", "--snapshot-every", str(self.snapshot_every), *self.extra]
 

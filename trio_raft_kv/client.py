@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from kvproto.trio_raft.kv import v1 as pb
+
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
 LEADER_ADDRESS_KEY = "leader-address"
 KV = "/trio_raft.kv.v1.KV/"

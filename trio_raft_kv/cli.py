@@ -73,9 +73,15 @@ _CATEGORY = {
 
 
 def single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups, else ``exc``."""
+    """What ``exc`` is about: the one exception inside (nested) single-member exception
+    groups; for an error raised while cleaning up after an ``OSError`` (a server that failed
+    to bind, then failed to stop), that ``OSError``."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
+    context = exc.__context__
+    if (not isinstance(exc, trio_raft.RaftError | OSError | KeyboardInterrupt)
+            and isinstance(context, OSError)):
+        return context
     return exc
 
 

@@ -21,10 +21,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.errors import NOT_APPLIED_STATUSES, InvalidFieldError, Reply
-from trio_raft_kv.replies import end_stream_call, send_messages
+from trio_raft_kv.replies import decode_failure, end_stream_call, send_messages
 
 if TYPE_CHECKING:
     from trio_raft_kv.services import KVService
@@ -83,8 +84,11 @@ async def serve_put_stream(service: KVService, stream: Any) -> None:
                 fut: asyncio.Future[Any] = loop.create_future()
                 ctx.portal.post(ctx.submit, data, fut, loop)
                 queue.put_nowait((request, fut))
-        except InvalidFieldError as exc:  # a request that does not decode
-            queue.put_nowait(Reply(Status.INVALID_ARGUMENT, str(exc)))
+        except (InvalidFieldError, GRPCError) as exc:  # a request that does not decode
+            reply = decode_failure(exc)
+            if reply is None:
+                raise
+            queue.put_nowait(reply)
             return
         queue.put_nowait(None)
 

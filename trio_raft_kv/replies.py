@@ -12,7 +12,8 @@ Owns three things the services share:
   (a truncated varint or length, a group or an invalid wire type is refused, where betterproto2
   would accept a prefix) and then checks that every decoded field has its schema's Python type
   (betterproto2 keeps a value of the wrong wire type as it came). Any failure is an
-  :class:`~trio_raft_kv.errors.InvalidFieldError`, answered ``INVALID_ARGUMENT``.
+  :class:`~trio_raft_kv.errors.InvalidFieldError` (the transport's codec, which decodes for
+  grpclib, wraps it in a ``GRPCError``), answered ``INVALID_ARGUMENT``.
 * Sending replies on raw grpclib streams (:func:`send_reply`, :func:`send_messages`,
   :func:`end_stream_call`). These reach into grpclib 0.4's server stream (``_stream``,
   ``_codec``, ``_send_initial_metadata_done``); pyproject.toml caps grpclib below 0.5 for this.
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 from grpclib.metadata import encode_grpc_message
 
 from trio_raft import errors
@@ -153,12 +155,28 @@ class StrictRequest(Generic[M]):
         return message
 
 
+def decode_failure(exc: BaseException) -> Reply | None:
+    """The reply for a request that could not be decoded, or None when ``exc`` is not that.
+    The transport's codec reports its own refusals (size cap, undecodable bytes) as a
+    ``GRPCError`` with the status to send; :class:`StrictRequest` raises
+    :class:`InvalidFieldError`, possibly wrapped in such a ``GRPCError``."""
+    if isinstance(exc, GRPCError) and exc.status in (Status.INVALID_ARGUMENT,
+                                                     Status.RESOURCE_EXHAUSTED):
+        return Reply(exc.status, exc.message or "malformed request")
+    if isinstance(exc, InvalidFieldError):
+        return Reply(Status.INVALID_ARGUMENT, str(exc))
+    return None
+
+
 async def receive_request(stream: Any) -> Any:
     """The call's request; a malformed one raises :class:`Reply` (INVALID_ARGUMENT)."""
     try:
         return await stream.recv_message()
-    except InvalidFieldError as exc:
-        raise Reply(Status.INVALID_ARGUMENT, str(exc)) from None
+    except (InvalidFieldError, GRPCError) as exc:
+        reply = decode_failure(exc)
+        if reply is None:
+            raise
+        raise reply from None
 
 
 # -- raw replies --------------------------------------------------------------------------------

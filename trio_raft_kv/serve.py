@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -133,22 +134,29 @@ def persist_delay_reader(path: str | None) -> Callable[[], float] | None:
 class MembershipAnnouncer:
     """Records (replicated) that this node holds data, once, driven by events.
 
-    The state machine calls :meth:`members_changed` when it applies a member record or restores
-    a snapshot; the engine calls :meth:`leader_acquired` when this node becomes leader. Either
-    wakes :meth:`run` at once, which ends as soon as this node's record is applied. An attempt
-    that cannot be made yet (no leader known, nothing applied here) or failed (leaders change,
-    nodes restart) is retried after :data:`ANNOUNCE_RETRY` seconds unless an event comes first.
-    Every method runs in the trio thread.
+    The state machine calls :meth:`members_changed` when it applies a member record (in the
+    engine's trio thread) or restores a snapshot (in a worker thread); the engine calls
+    :meth:`leader_acquired` when this node becomes leader. Either wakes :meth:`run` at once,
+    which ends as soon as this node's record is applied. An attempt that cannot be made yet (no
+    leader known, nothing applied here) or failed (leaders change, nodes restart) is retried
+    after :data:`ANNOUNCE_RETRY` seconds unless an event comes first. Build it inside
+    ``trio.run``; :meth:`members_changed` may be called from any thread, the rest run in trio.
     """
 
     def __init__(self, ctx: ServiceContext, transport: GRPCTransport) -> None:
         self._ctx = ctx
         self._transport = transport
+        self._token = trio.lowlevel.current_trio_token()
         self.recorded = trio.Event()
         self._wakeup = trio.Event()
-        self.members_changed()
+        self._changed()
 
     def members_changed(self) -> None:
+        """Any thread: the state machine's members may have changed."""
+        with contextlib.suppress(trio.RunFinishedError):  # the node is gone: no one to tell
+            self._token.run_sync_soon(self._changed)
+
+    def _changed(self) -> None:
         if self._ctx.node_id in self._ctx.fsm.members:
             self.recorded.set()
         self._wakeup.set()

@@ -114,8 +114,9 @@ class KVStateMachine:
     """``apply`` returns: put -> None, delete -> bool (deleted), cas -> :class:`CasResult`.
 
     ``on_members_changed`` (optional) is called after ``apply`` recorded a member and after
-    ``restore``, in the thread that called them (the engine's trio thread): the serve command
-    waits on it instead of polling ``members``.
+    ``restore``, in the thread that called them: ``apply`` runs in the engine's trio thread,
+    ``restore`` in a worker thread (docs/api.md). The serve command waits on it instead of
+    polling ``members``.
     """
 
     def __init__(self, on_members_changed: Callable[[], None] | None = None) -> None:

@@ -6,7 +6,7 @@ directed link ``node -> x``. kvnode pins those entries (they win over the addres
 membership changes), so every raft message between two nodes crosses the proxy, including
 after a node was removed and added back.
 
-Clients use the examples' asyncio ``KVClient`` through trio_raft's ``AsyncioBridge`` (one
+Clients use trio_raft_kv's asyncio ``KVClient`` through trio_raft's ``AsyncioBridge`` (one
 asyncio loop thread owned by the harness). Nothing here sleeps to let something happen: waits
 poll a condition with a generous deadline.
 """

@@ -10,8 +10,10 @@ Each failure is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -132,6 +134,30 @@ def test_unreachable() -> None:
     r = cli("status", "--addr", "no-such-host.invalid:7001")
     assert r.returncode == ExitCode.UNREACHABLE
     one_line_error(r)
+
+
+def test_silent_server_is_unreachable_and_sigint_interrupts() -> None:
+    """A server that accepts the connection and never speaks HTTP/2: the client sends nothing
+    and gives up at its deadline (unreachable); SIGINT while it waits is exit 130."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(30)
+        addr = f"127.0.0.1:{listener.getsockname()[1]}"
+        r = cli("put", "k", "v", "--addr", addr, "--timeout", "0.5")
+        assert r.returncode == ExitCode.UNREACHABLE, r.stderr
+        assert "no connection within" in one_line_error(r)
+        listener.accept()[0].close()  # the connection that call made
+
+        proc = subprocess.Popen([sys.executable, KVNODE, "put", "k", "v", "--addr", addr,
+                                 "--timeout", "60"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        conn, _ = listener.accept()  # the client is connected and waiting for the server
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert one_line_error(subprocess.CompletedProcess([], proc.returncode, out, err))
 
 
 def test_tls_trusted_client_is_served_and_others_are_refused(tls: dict[str, Any]) -> None:

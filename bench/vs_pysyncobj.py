@@ -43,7 +43,6 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-sys.path.insert(0, EXAMPLES)
 
 PYSYNCOBJ_REQ = ["pysyncobj>=0.3.12", "grpclib>=0.4.7", "betterproto2>=0.10,<0.11"]
 MAX_CHANNELS = 16
@@ -61,7 +60,8 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
     awaitable settled once the write is acknowledged (PutStream answers them in order)."""
     from grpclib.const import Cardinality, Handler
     from grpclib.server import Server
-    from kvproto.trio_raft.kv import v1 as pb
+
+    from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
     async def put_stream(stream: Any) -> None:
         pending: asyncio.Queue[Any] = asyncio.Queue()
@@ -110,9 +110,10 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
 
 def pysyncobj_node(args: argparse.Namespace) -> None:
     from grpclib.const import Status
-    from kvproto.trio_raft.kv import v1 as pb
     from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
     from pysyncobj.batteries import ReplDict
+
+    from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
     peers = dict(item.split("=", 1) for item in args.peers.split(","))
     store = ReplDict()
@@ -161,7 +162,7 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
 def null_node(args: argparse.Namespace) -> None:
     """One process serving ``Put`` by acknowledging at once: what the shared grpclib front end
     and this load generator cost on their own, i.e. the ceiling for any system fronted this way."""
-    from kvproto.trio_raft.kv import v1 as pb
+    from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
     async def put(stream: Any) -> None:
         await stream.recv_message()
@@ -218,7 +219,7 @@ class Procs:
 
 
 async def find_leader(addrs: list[str], timeout: float = 60.0) -> str:
-    from kvnode_lib.client import KVClient, KVError
+    from trio_raft_kv.client import KVClient, KVError
 
     client = KVClient(addrs[0], timeout=1.0)
     deadline = time.monotonic() + timeout
@@ -239,8 +240,8 @@ async def load(addr: str, concurrency: int, duration: float, size: int,
     """``concurrency`` tasks putting back to back for ``duration`` seconds, over up to
     ``MAX_CHANNELS`` connections: one unary ``Put`` call per write, or (``rpc="stream"``) one
     long ``PutStream`` call per connection carrying the writes of the tasks that share it."""
-    from kvnode_lib.client import KVClient, KVError, PutPipeline
-    from kvproto.trio_raft.kv import v1 as pb
+    from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+    from trio_raft_kv.client import KVClient, KVError, PutPipeline
 
     clients = [KVClient(addr, timeout=30.0) for _ in range(min(concurrency, MAX_CHANNELS))]
     value = os.urandom(size)
@@ -297,7 +298,7 @@ async def load(addr: str, concurrency: int, duration: float, size: int,
 
 async def run_system(system: str, args: argparse.Namespace, base: str,
                      py: str | None) -> list[dict[str, Any]]:
-    from kvnode_lib.demo import NAMES, free_ports
+    from trio_raft_kv.demo import NAMES, free_ports
 
     ports = free_ports(6)
     api = {n: f"127.0.0.1:{p}" for n, p in zip(NAMES, ports[:3])}
@@ -320,7 +321,9 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
                 assert py is not None
                 raft = {m: f"127.0.0.1:{p}" for m, p in zip(NAMES, ports[3:])}
                 peers = ",".join(f"{m}={a}" for m, a in raft.items())
-                cmd = [py, os.path.abspath(__file__), "pysyncobj-node", "--id", n,
+                # Run as a module from ROOT (the cwd): PySyncObj's venv does not have
+                # trio_raft_kv installed, so it imports the generated KV messages from the tree.
+                cmd = [py, "-m", "bench.vs_pysyncobj", "pysyncobj-node", "--id", n,
                        "--listen", api[n], "--peers", peers]
             await procs.start(cmd, log)
             del i

@@ -6,18 +6,16 @@
     python examples/kvnode.py put greeting hello --addr 127.0.0.1:7002
     python examples/kvnode.py get greeting --addr 127.0.0.1:7003 --mode lease
 
-Every node serves the raft transport and the KV/Admin gRPC services (protos/kv.proto) on one port.
-The implementation lives in examples/kvnode_lib/; see docs/operations.md for running a cluster.
+The same command is installed as ``kvnode`` (``pip install .[kv]``). Every node serves the raft
+transport and the KV/Admin gRPC services (protos/kv.proto) on one port. The implementation is the
+``trio_raft_kv`` package; docs/operations.md describes running a cluster.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from kvnode_lib.cli import main
+from trio_raft_kv.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

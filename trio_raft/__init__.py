@@ -6,6 +6,7 @@ in :mod:`trio_raft.errors`; the ones most callers handle are re-exported here.
 """
 
 from trio_raft import errors as errors
+from trio_raft._version import __version__ as __version__
 from trio_raft.engine import SUFFRAGE_LEARNER as SUFFRAGE_LEARNER
 from trio_raft.engine import SUFFRAGE_VOTER as SUFFRAGE_VOTER
 from trio_raft.engine import Configuration as Configuration
@@ -43,5 +44,3 @@ from trio_raft.errors import NotLeaderError as NotLeaderError
 from trio_raft.errors import OutcomeUnknownError as OutcomeUnknownError
 from trio_raft.errors import RaftError as RaftError
 from trio_raft.errors import StorageError as StorageError
-
-__version__ = "0.1.0"

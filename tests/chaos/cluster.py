@@ -6,7 +6,7 @@ directed link ``node -> x``. kvnode pins those entries (they win over the addres
 membership changes), so every raft message between two nodes crosses the proxy, including
 after a node was removed and added back.
 
-Clients use the examples' asyncio ``KVClient`` through trio_raft's ``AsyncioBridge`` (one
+Clients use trio_raft_kv's asyncio ``KVClient`` through trio_raft's ``AsyncioBridge`` (one
 asyncio loop thread owned by the harness). Nothing here sleeps to let something happen: waits
 poll a condition with a generous deadline.
 """
@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import attrs
 import trio
 from grpclib.const import Status
-from kvnode_lib.client import KVClient, KVError
 
 from tests.chaos.proxy import Proxy
 from trio_raft.transport.bridge import AsyncioBridge
+from trio_raft_kv.client import KVClient, KVError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KVNODE = os.path.join(ROOT, "examples", "kvnode.py")

@@ -26,7 +26,6 @@ from typing import Any
 
 import attrs
 import trio
-from kvproto.trio_raft.kv import v1 as pb
 
 from tests.chaos.cluster import ROOT, ChaosError, Cluster
 from tests.chaos.nemesis import KINDS, Fault, Nemesis, churn, make_schedule
@@ -34,6 +33,7 @@ from tests.chaos.proxy import Proxy
 from tests.chaos.workload import History, Workload
 from trio_raft.testing.linearizability import GET, OK, Op, check
 from trio_raft.transport.bridge import AsyncioBridge
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
 
 @attrs.frozen
@@ -241,7 +241,7 @@ async def _linearizable_get(c: Cluster, key: str) -> bytes | None:
         leader = await c.leader()
         if leader is None:
             return None
-        from kvnode_lib.client import KV, KVError
+        from trio_raft_kv.client import KV, KVError
 
         try:
             r = await c.rpc(c.client.call_at, c.nodes[leader].address, KV + "Get",
@@ -255,7 +255,7 @@ async def _linearizable_get(c: Cluster, key: str) -> bytes | None:
 
 
 async def _local_values(c: Cluster, keys: list[str]) -> dict[str, dict[str, bytes | None]]:
-    from kvnode_lib.client import KV
+    from trio_raft_kv.client import KV
 
     out: dict[str, dict[str, bytes | None]] = {}
     for n in c.names:
@@ -270,8 +270,7 @@ async def _local_values(c: Cluster, keys: list[str]) -> dict[str, dict[str, byte
 
 _DUMP = r"""
 import json, sys
-sys.path.insert(0, sys.argv[2])
-from kvnode_lib.fsm import KVStateMachine
+from trio_raft_kv.statemachine import KVStateMachine
 from trio_raft.core.messages import EntryType
 from trio_raft.engine.contexts import decode_proposal
 from trio_raft.storage.recovery import open_disk_state
@@ -293,7 +292,7 @@ finally:
 
 
 def _dump_data_dir(data_dir: str) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-c", _DUMP, data_dir, os.path.join(ROOT, "examples")],
+    r = subprocess.run([sys.executable, "-c", _DUMP, data_dir],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"]}

@@ -29,11 +29,11 @@ from typing import Any
 
 import trio
 from grpclib.const import Status
-from kvnode_lib.client import KV, KVClient, KVError, PutPipeline
-from kvproto.trio_raft.kv import v1 as pb
 
 from tests.chaos.cluster import Cluster
 from trio_raft.testing.linearizability import CAS, DELETE, FAIL, GET, OK, PUT, UNKNOWN, Op
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.client import KV, KVClient, KVError, PutPipeline
 
 CALL_TIMEOUT = 3.0
 STREAM_BURST = 8

@@ -244,8 +244,7 @@ def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) 
 
 _FILL = r"""
 import asyncio, json, sys
-sys.path.insert(0, "examples")
-from kvnode_lib.client import KVClient
+from trio_raft_kv.client import KVClient
 
 async def main(addr, n):
     out = {}
@@ -262,8 +261,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 _STREAM = r"""
 import asyncio, json, sys
-sys.path.insert(0, "examples")
-from kvnode_lib.client import KVClient, KVError
+from trio_raft_kv.client import KVClient, KVError
 
 async def main(addr, follower):
     out = {}
@@ -297,8 +295,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 _CHECK = r"""
 import asyncio, json, sys
-sys.path.insert(0, "examples")
-from kvnode_lib.client import KVClient
+from trio_raft_kv.client import KVClient
 
 async def main(addr):
     want = json.loads(sys.stdin.read())

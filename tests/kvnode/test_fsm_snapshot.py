@@ -6,7 +6,8 @@ import io
 import struct
 
 import pytest
-from kvnode_lib.fsm import (
+
+from trio_raft_kv.statemachine import (
     SNAPSHOT_MAGIC_V1,
     CommandError,
     KVStateMachine,

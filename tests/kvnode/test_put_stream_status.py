@@ -6,8 +6,10 @@ import asyncio
 from typing import Any
 
 from grpclib.const import Status
-from kvnode_lib.service import Reply, _settle_after_failure
-from kvproto.trio_raft.kv import v1 as pb
+
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.errors import Reply
+from trio_raft_kv.putstream import settle_after_failure
 
 NOT_LEADER = Reply(Status.FAILED_PRECONDITION, "not the leader", "127.0.0.1:7001")
 
@@ -24,7 +26,7 @@ def settle(first: Reply, later: list[Any]) -> Reply:
             loop.call_later(0.001, _resolve, fut, outcome)
             queue.put_nowait((pb.PutRequest(key="k"), fut))
         queue.put_nowait(Reply(Status.INVALID_ARGUMENT, "a malformed request read later"))
-        return await _settle_after_failure(queue, first)
+        return await settle_after_failure(queue, first)
 
     return asyncio.run(main())
 

@@ -2,7 +2,15 @@
 
 A call that a follower answers with ``FAILED_PRECONDITION`` and a non-empty ``leader-address``
 trailer is retried once at that address (the operation certainly did not happen, so this is
-safe for writes too). Everything else is raised as :class:`KVError`, carrying the gRPC status.
+safe for writes too). Everything else is raised as :class:`~trio_raft_kv.errors.KVError`,
+carrying the gRPC status and whether the request may have reached the server.
+
+Nothing is sent on a new connection before the server has spoken HTTP/2 (its SETTINGS frame,
+sent once the TLS handshake accepted this client). So a refusal during the handshake (TLS
+1.3 reports a rejected client certificate only after the client's side of the handshake is
+done) or a server that closes the connection at once is known to have happened before any
+request left: ``KVError.sent`` is False and ``KVError.refused`` True. Waiting costs nothing
+on a connection already open, and at most one round trip on a new one.
 """
 
 from __future__ import annotations
@@ -15,38 +23,33 @@ from collections import deque
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
+from grpclib.client import Handler as _ClientHandler
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
-from kvproto.trio_raft.kv import v1 as pb
+from grpclib.protocol import H2Protocol
+
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.errors import KVError, TLSFilesError
+from trio_raft_kv.validation import split_address
 
 LEADER_ADDRESS_KEY = "leader-address"
 KV = "/trio_raft.kv.v1.KV/"
 ADMIN = "/trio_raft.kv.v1.Admin/"
+TLS_FILES = ("ca.crt", "node.crt", "node.key")
 
 R = TypeVar("R")
 
-
-class KVError(Exception):
-    """A failed call: ``status`` is the gRPC status (UNAVAILABLE for connection failures)."""
-
-    def __init__(self, status: Status, message: str, leader_address: str = "",
-                 address: str = "") -> None:
-        super().__init__(f"{status.name}: {message}" + (f" (at {address})" if address else ""))
-        self.status = status
-        self.message = message
-        self.leader_address = leader_address
-        self.address = address
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+__all__ = ["ADMIN", "KV", "KVClient", "KVError", "PutPipeline", "client_ssl", "split_address"]
 
 
 def tls_paths(tls_dir: str) -> dict[str, str]:
-    return {name: os.path.join(tls_dir, f"{name}") for name in ("ca.crt", "node.crt", "node.key")}
+    """``DIR/ca.crt``, ``DIR/node.crt``, ``DIR/node.key``; a missing one is a
+    :class:`TLSFilesError`."""
+    paths = {name: os.path.join(tls_dir, name) for name in TLS_FILES}
+    missing = [name for name, path in paths.items() if not os.path.isfile(path)]
+    if missing:
+        raise TLSFilesError(f"--tls-dir {tls_dir!r}: missing {', '.join(missing)}")
+    return paths
 
 
 def client_ssl(tls_dir: str | None) -> ssl.SSLContext | None:
@@ -56,7 +59,42 @@ def client_ssl(tls_dir: str | None) -> ssl.SSLContext | None:
     from trio_raft.transport.tls import client_ssl_context
 
     p = tls_paths(tls_dir)
-    return client_ssl_context(p["ca.crt"], certfile=p["node.crt"], keyfile=p["node.key"])
+    try:
+        return client_ssl_context(p["ca.crt"], certfile=p["node.crt"], keyfile=p["node.key"])
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSFilesError(f"--tls-dir {tls_dir!r}: not a usable CA, certificate and key: "
+                            f"{exc}") from None
+
+
+class _GreetedProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol, noting whether the server spoke before the connection ended."""
+
+    greeted: asyncio.Future[bool]
+
+    def connection_made(self, transport: Any) -> None:
+        self.greeted = asyncio.get_running_loop().create_future()
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.greeted.done():
+            self.greeted.set_result(True)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.greeted.done():
+            self.greeted.set_result(False)
+        super().connection_lost(exc)
+
+
+class _GreetedChannel(Channel):
+    def _protocol_factory(self) -> H2Protocol:
+        return _GreetedProtocol(_ClientHandler(), self._config, self._h2_config)
+
+
+def _is_tls_refusal(exc: BaseException) -> bool:
+    """A handshake failure (certificate, protocol), not a connection that merely ended."""
+    return isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError)
 
 
 class KVClient:
@@ -83,14 +121,45 @@ class KVClient:
     def _channel(self, address: str) -> Channel:
         ch = self._channels.get(address)
         if ch is None:
-            host, port = split_address(address)
-            ch = Channel(host, port, ssl=self._ssl)
+            try:
+                host, port = split_address(address)
+            except ValueError as exc:
+                raise KVError(Status.INVALID_ARGUMENT, str(exc), "", address,
+                              sent=False) from None
+            ch = _GreetedChannel(host, port, ssl=self._ssl)
             self._channels[address] = ch
+        return ch
+
+    async def connect(self, address: str) -> Channel:
+        """The channel to ``address``, connected and greeted by the server (see the module
+        docstring); a failure is a :class:`KVError` with ``sent`` False."""
+        ch = self._channel(address)
+        try:
+            async with asyncio.timeout(self.timeout):
+                protocol = await ch.__connect__()
+                greeted = getattr(protocol, "greeted", None)
+                spoke = True if greeted is None else await asyncio.shield(greeted)
+        except Exception as exc:
+            self._drop_channel(address, ch)
+            if _is_tls_refusal(exc):
+                raise KVError(Status.UNAVAILABLE, f"TLS handshake failed: {exc}", "", address,
+                              sent=False, refused=True) from None
+            if isinstance(exc, TimeoutError):
+                raise KVError(Status.DEADLINE_EXCEEDED,
+                              f"no connection within {self.timeout:g}s", "", address,
+                              sent=False) from None
+            raise KVError(Status.UNAVAILABLE, f"cannot connect: {type(exc).__name__}: {exc}",
+                          "", address, sent=False) from None
+        if not spoke:
+            self._drop_channel(address, ch)
+            raise KVError(Status.UNAVAILABLE, "the server closed the connection before "
+                          "speaking HTTP/2 (TLS refused, or not a kvnode)", "", address,
+                          sent=False, refused=True)
         return ch
 
     async def call_at(self, address: str, path: str, request: Any, reply_type: type[R]) -> R:
         """One call at ``address`` (no leader following)."""
-        ch = self._channel(address)
+        ch = await self.connect(address)
         stream_cm = ch.request(path, Cardinality.UNARY_UNARY, type(request), reply_type,
                                timeout=self.timeout)
         try:
@@ -99,10 +168,9 @@ class KVClient:
                 try:
                     reply = await stream.recv_message()
                 except GRPCError as exc:
-                    tm = stream.trailing_metadata or {}
-                    raise KVError(exc.status, exc.message or "", str(tm.get(LEADER_ADDRESS_KEY,
-                                                                              "")),
-                                  address) from None
+                    tm: Any = stream.trailing_metadata or {}
+                    raise KVError(exc.status, exc.message or "",
+                                  str(tm.get(LEADER_ADDRESS_KEY, "")), address) from None
                 assert reply is not None
                 return reply
         except KVError:
@@ -138,7 +206,7 @@ class KVClient:
     def put_pipeline(self, address: str | None = None) -> PutPipeline:
         """``async with c.put_pipeline() as p: await p.put(k, v)`` (from many tasks): puts over
         one PutStream call at ``address`` (default: this client's), no leader following."""
-        return PutPipeline(self._channel(address or self.address), address or self.address)
+        return PutPipeline(self, address or self.address)
 
     # -- KV ------------------------------------------------------------------------------
     async def put(self, key: str, value: bytes) -> pb.PutResponse:
@@ -196,8 +264,8 @@ class PutPipeline:
     the waiting callers. The first failure ends the call and is raised to every caller still
     waiting and every later one; its status says what became of their writes (kv.proto)."""
 
-    def __init__(self, channel: Channel, address: str) -> None:
-        self._channel = channel
+    def __init__(self, client: KVClient, address: str) -> None:
+        self._client = client
         self._address = address
         self._cm: Any = None
         self._stream: Any = None
@@ -208,8 +276,9 @@ class PutPipeline:
         self._error: KVError | None = None
 
     async def __aenter__(self) -> PutPipeline:
-        self._cm = self._channel.request(KV + "PutStream", Cardinality.STREAM_STREAM,
-                                         pb.PutRequest, pb.PutResponse)
+        channel = await self._client.connect(self._address)
+        self._cm = channel.request(KV + "PutStream", Cardinality.STREAM_STREAM,
+                                   pb.PutRequest, pb.PutResponse)
         try:
             self._stream = await self._cm.__aenter__()
             await self._stream.send_request()

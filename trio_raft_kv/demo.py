@@ -26,13 +26,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from grpclib.const import Status
-from kvproto.trio_raft.kv import v1 as pb
 
-from kvnode_lib.client import KVClient, KVError
 from trio_raft.testing.net import free_loopback_ports
+from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+from trio_raft_kv.cli import ExitCode
+from trio_raft_kv.client import KVClient, KVError
 
-KVNODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kvnode.py")
+#: How the demo starts a node: this package's ``kvnode`` command, with this interpreter.
+KVNODE = (sys.executable, "-m", "trio_raft_kv")
 NAMES = ("n1", "n2", "n3")
+#: Seconds between two looks at the nodes' status (they are other processes: no event crosses
+#: over) and between two attempts after a refused or failed write.
 POLL = 0.05
 T = TypeVar("T")
 VALUE_BYTES = 100
@@ -56,7 +60,7 @@ class Cluster:
         self._logs: list[Any] = []
 
     def command(self, name: str) -> list[str]:
-        return [sys.executable, KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
+        return [*KVNODE, "serve", "--id", name, "--listen", self.addrs[name],
                 "--peers", self.peers, "--data-dir", os.path.join(self.root, name),
                 "--bootstrap", "--snapshot-every", str(self.snapshot_every), *self.extra]
 
@@ -131,6 +135,7 @@ class Load:
         self.rejected = 0
         self.reads = 0
         self.stop = asyncio.Event()
+        self.first_ack = asyncio.Event()  # set by the first acknowledged write
         self._seq = 0
 
     def _next_addr(self, bad: str) -> None:
@@ -166,6 +171,7 @@ class Load:
                         await asyncio.sleep(POLL)
                         break
                     self.acked[key] = value
+                    self.first_ack.set()
                     break
         finally:
             client.close()
@@ -173,10 +179,8 @@ class Load:
     async def reader(self) -> None:
         client = KVClient(self.leader_addr, timeout=3.0)
         try:
+            await self.first_ack.wait()  # something to read back
             while not self.stop.is_set():
-                if not self.acked:
-                    await asyncio.sleep(POLL)
-                    continue
                 key = random.choice(list(self.acked)[-200:])
                 with contextlib.suppress(KVError):
                     await client.call_at(self.leader_addr, "/trio_raft.kv.v1.KV/Get",
@@ -316,7 +320,7 @@ def demo_main(args: argparse.Namespace) -> int:
         summary = asyncio.run(run_demo(args, root))
     except (TimeoutError, KVError) as exc:
         print(f"demo failed: {exc}; logs in {root}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     say("== summary")
     for k, v in summary.items():
         say(f"   {k:24s} {v}")
@@ -325,4 +329,4 @@ def demo_main(args: argparse.Namespace) -> int:
         shutil.rmtree(root, ignore_errors=True)
     elif not summary["ok"]:
         print(f"logs and data dirs kept in {root}", file=sys.stderr)
-    return 0 if summary["ok"] else 1
+    return ExitCode.OK if summary["ok"] else ExitCode.FAILED

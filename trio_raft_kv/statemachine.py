@@ -28,10 +28,12 @@ import array
 import itertools
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import attrs
+
+from trio_raft_kv.errors import CommandError
 
 SNAPSHOT_MAGIC = b"KVS2"
 SNAPSHOT_MAGIC_V1 = b"KVS1"
@@ -41,10 +43,6 @@ MAX_VALUE_BYTES = 512 * 1024
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U32_CODE = next(c for c in "IL" if array.array(c).itemsize == 4)
-
-
-class CommandError(ValueError):
-    """A malformed command (never produced by this module's encoders)."""
 
 
 @attrs.frozen
@@ -113,14 +111,21 @@ class KVSnapshot:
 
 
 class KVStateMachine:
-    """``apply`` returns: put -> None, delete -> bool (deleted), cas -> :class:`CasResult`."""
+    """``apply`` returns: put -> None, delete -> bool (deleted), cas -> :class:`CasResult`.
 
-    def __init__(self) -> None:
+    ``on_members_changed`` (optional) is called after ``apply`` recorded a member and after
+    ``restore``, in the thread that called them: ``apply`` runs in the engine's trio thread,
+    ``restore`` in a worker thread (docs/api.md). The serve command waits on it instead of
+    polling ``members``.
+    """
+
+    def __init__(self, on_members_changed: Callable[[], None] | None = None) -> None:
         self.data: dict[str, bytes] = {}
         self.members: set[str] = set()
         self.apply_index = 0
         self.snapshots_taken = 0
         self.snapshots_restored = 0
+        self.on_members_changed = on_members_changed
 
     def set_apply_index(self, index: int) -> None:
         self.apply_index = index
@@ -145,17 +150,19 @@ class KVStateMachine:
             expect_absent = bool(data[1] & 1)
             raw_key, pos = _take(data, 2)
             expected, pos = _take(data, pos)
-            key = raw_key.decode("utf-8")
-            current = self.data.get(key)
+            cas_key = raw_key.decode("utf-8")
+            current = self.data.get(cas_key)
             if expect_absent:
                 swapped = current is None
             else:
                 swapped = current is not None and current == expected
             if swapped:
-                self.data[key] = bytes(data[pos:])
+                self.data[cas_key] = bytes(data[pos:])
             return CasResult(swapped, current is not None, current or b"")
         if op == b"M":
             self.members.add(data[1:].decode("utf-8"))
+            if self.on_members_changed is not None:
+                self.on_members_changed()
             return None
         return None  # unknown opcodes from a newer version are ignored, deterministically
 
@@ -168,6 +175,8 @@ class KVStateMachine:
         data, members = decode_snapshot(blob)
         self.data, self.members = data, members
         self.snapshots_restored += 1
+        if self.on_members_changed is not None:
+            self.on_members_changed()
 
 
 def _u32_array(lengths: Iterable[int]) -> bytes:

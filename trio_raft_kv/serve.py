@@ -3,45 +3,47 @@
 Lifecycle: check the bootstrap guard (below), start the gRPC transport with the KV and Admin
 services on ``--listen``, open the engine on ``--data-dir`` with that transport, serve until
 SIGINT/SIGTERM (or until this node is removed from the cluster), then close the engine, the
-transport and the metrics endpoint, and return exit code 0.
+transport and the metrics endpoint, and return 0. Failures are raised, not printed: the command
+line maps them to its exit codes (:mod:`trio_raft_kv.cli`, docs/operations.md).
 
 Bootstrap guard: ``--bootstrap`` only acts on an empty data dir. Every node, once it holds data,
-records in the replicated state that it has been a member. A node started with ``--bootstrap``
-on an empty data dir first asks its peers; if any of them remembers it, its data dir was wiped,
-and it refuses to start (exit 2) instead of rejoining with a forgotten vote and log: remove it
-and add it back as a learner (``--join-as-learner``), see docs/operations.md.
+records in the replicated state that it has been a member (:class:`MembershipAnnouncer`). A
+node started with ``--bootstrap`` on an empty data dir first asks its peers; if any of them
+remembers it, its data dir was wiped, and it refuses to start
+(:class:`~trio_raft_kv.errors.StartRefusedError`) instead of rejoining with a forgotten vote and
+log: remove it and add it back as a learner (``--join-as-learner``), see docs/operations.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import trio
 
 import trio_raft
-from kvnode_lib.client import KVClient, KVError, client_ssl, split_address, tls_paths
-from kvnode_lib.fsm import KVStateMachine
-from kvnode_lib.metrics import Metrics
-from kvnode_lib.service import AdminService, KVService, Node
 from trio_raft.transport.grpc import GRPCTransport
+from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
+from trio_raft_kv.errors import StartRefusedError, TLSFilesError
+from trio_raft_kv.metrics import Metrics
+from trio_raft_kv.services import AdminService, KVService, ServiceContext
+from trio_raft_kv.statemachine import KVStateMachine, encode_member
+from trio_raft_kv.validation import split_address
 
 log = logging.getLogger("kvnode")
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+#: Seconds between two attempts to record membership that could not be made or failed.
 ANNOUNCE_RETRY = 1.0
-
-
-class UsageError(Exception):
-    """A refusal to start that the operator must resolve (exit 2)."""
 
 
 def data_dir_is_empty(path: str) -> bool:
@@ -54,7 +56,11 @@ def server_ssl(tls_dir: str | None) -> ssl.SSLContext | None:
     from trio_raft.transport.tls import server_ssl_context
 
     p = tls_paths(tls_dir)
-    return server_ssl_context(p["node.crt"], p["node.key"], client_ca=p["ca.crt"])
+    try:
+        return server_ssl_context(p["node.crt"], p["node.key"], client_ca=p["ca.crt"])
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSFilesError(f"--tls-dir {tls_dir!r}: not a usable CA, certificate and key: "
+                            f"{exc}") from None
 
 
 async def _probe_was_member(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> str | None:
@@ -84,9 +90,9 @@ def bootstrap_guard(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> No
         return
     witness = asyncio.run(_probe_was_member(args, peers))
     if witness is not None:
-        raise UsageError(
+        raise StartRefusedError(
             f"the data dir {args.data_dir!r} is empty, but peer {witness} remembers node "
-            f"{args.id} as a member: its data was wiped. Remove it (`kvnode.py remove "
+            f"{args.id} as a member: its data was wiped. Remove it (`kvnode remove "
             f"{args.id}`), then start it with --join-as-learner and add it back "
             f"(`add-learner`, `promote`).")
 
@@ -110,7 +116,7 @@ class PinnedTransport(GRPCTransport):
         super().upsert_peer(peer)
 
 
-def persist_delay_reader(path: str | None) -> Any:
+def persist_delay_reader(path: str | None) -> Callable[[], float] | None:
     """Tests only: ``test_persist_delay`` reading seconds from ``path`` (missing/bad: 0)."""
     if not path:
         return None
@@ -125,23 +131,67 @@ def persist_delay_reader(path: str | None) -> Any:
     return delay
 
 
-async def announce_membership(node: Node, transport: GRPCTransport) -> None:
-    """Record (replicated) that this node holds data, once; retried until it succeeds."""
-    engine = node.engine
-    assert engine is not None
-    while node.node_id not in node.fsm.members:
-        leader = engine.leader()
-        try:
-            if engine.state() is trio_raft.State.LEADER:
-                from kvnode_lib.fsm import encode_member
+class MembershipAnnouncer:
+    """Records (replicated) that this node holds data, once, driven by events.
 
-                await engine.propose(encode_member(node.node_id))
-            elif leader.address and engine.applied_index() > 0 and transport.bridge is not None:
-                await transport.bridge.run(_announce_rpc, leader.address, node.node_id,
-                                           transport)
-        except Exception as exc:  # retried: leaders change, nodes restart
-            log.debug("announce failed: %r", exc)
-        await trio.sleep(ANNOUNCE_RETRY)
+    The state machine calls :meth:`members_changed` when it applies a member record (in the
+    engine's trio thread) or restores a snapshot (in a worker thread); the engine calls
+    :meth:`leader_acquired` when this node becomes leader. Either wakes :meth:`run` at once,
+    which ends as soon as this node's record is applied. An attempt that cannot be made yet (no
+    leader known, nothing applied here) or failed (leaders change, nodes restart) is retried
+    after :data:`ANNOUNCE_RETRY` seconds unless an event comes first. Build it inside
+    ``trio.run``; :meth:`members_changed` may be called from any thread, the rest run in trio.
+    """
+
+    def __init__(self, ctx: ServiceContext, transport: GRPCTransport) -> None:
+        self._ctx = ctx
+        self._transport = transport
+        self._token = trio.lowlevel.current_trio_token()
+        self.recorded = trio.Event()
+        self._wakeup = trio.Event()
+        self._changed()
+
+    def members_changed(self) -> None:
+        """Any thread: the state machine's members may have changed."""
+        with contextlib.suppress(trio.RunFinishedError):  # the node is gone: no one to tell
+            self._token.run_sync_soon(self._changed)
+
+    def _changed(self) -> None:
+        if self._ctx.node_id in self._ctx.fsm.members:
+            self.recorded.set()
+        self._wakeup.set()
+
+    def leader_acquired(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, engine: trio_raft.Engine) -> None:
+        deregister = engine.register_leader_acquired_callback(self.leader_acquired)
+        try:
+            while not self.recorded.is_set():
+                self._wakeup = trio.Event()
+                try:
+                    await self._attempt(engine)
+                except Exception as exc:  # retried: leaders change, nodes restart
+                    log.debug("announce failed: %r", exc)
+                if self.recorded.is_set():
+                    break
+                with trio.move_on_after(ANNOUNCE_RETRY):
+                    await self._wakeup.wait()
+        finally:
+            deregister()
+
+    async def _attempt(self, engine: trio_raft.Engine) -> None:
+        node_id = self._ctx.node_id
+        if engine.state() is trio_raft.State.LEADER:
+            await engine.propose(encode_member(node_id))
+            return
+        leader = engine.leader()
+        bridge = self._transport.bridge
+        if leader.address and engine.applied_index() > 0 and bridge is not None:
+            await bridge.run(_announce_rpc, leader.address, node_id, self._transport)
+            # Committed at the leader: applied here shortly, which sets ``recorded``.
+            with trio.move_on_after(ANNOUNCE_RETRY):
+                await self.recorded.wait()
 
 
 async def _announce_rpc(address: str, node_id: str, transport: GRPCTransport) -> None:
@@ -160,27 +210,29 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope,
         return
 
 
-async def run_node(args: argparse.Namespace) -> int:
-    peers = trio_raft.parse_peers(args.peers) if args.peers else []
+async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int:
     local = next((p for p in peers if p.id == args.id), None)
     local_address = local.address if local is not None else args.listen
-    host, port = split_address(args.listen)
+    host, port = split_address(args.listen, "--listen", any_port=True)
     fsm = KVStateMachine()
     metrics = Metrics(args.id)
-    node = Node(args.id, fsm, metrics)
+    ctx = ServiceContext(args.id, fsm, metrics)
     transport = PinnedTransport(local_address=local_address,
                                 server_ssl=server_ssl(args.tls_dir),
                                 client_ssl=client_ssl(args.tls_dir),
                                 pinned={p.id: p.address for p in peers if p.id != args.id})
-    handlers = [KVService(node), AdminService(node)]
+    announcer = MembershipAnnouncer(ctx, transport)
+    fsm.on_members_changed = announcer.members_changed
+    handlers = [KVService(ctx), AdminService(ctx)]
     stopped_by: list[str] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(partial(transport.serve, host, port, handlers=handlers))
-            node.portal = transport.portal
+            ctx.portal = transport.portal
             metrics_port = None
             if args.metrics_listen:
-                mhost, mport = split_address(args.metrics_listen)
+                mhost, mport = split_address(args.metrics_listen, "--metrics-listen",
+                                             any_port=True)
                 metrics_port = metrics.start_server(mhost, mport)
             cfg = trio_raft.OpenConfig(
                 local_id=args.id, local_address=local_address, data_dir=args.data_dir,
@@ -193,7 +245,7 @@ async def run_node(args: argparse.Namespace) -> int:
                     getattr(args, "test_fsync_delay_file", None)))
             try:
                 async with trio_raft.open_engine(cfg) as engine:
-                    node.engine = engine
+                    ctx.engine = engine
                     metrics.refresh(engine, fsm)
                     print(json.dumps({"event": "ready", "id": args.id, "port": bound,
                                       "metrics_port": metrics_port, "pid": os.getpid()}),
@@ -202,44 +254,23 @@ async def run_node(args: argparse.Namespace) -> int:
                         tasks.start_soon(_stop_on_signal, tasks.cancel_scope, signals,
                                          stopped_by)
                         tasks.start_soon(metrics.refresh_forever, engine, fsm)
-                        tasks.start_soon(announce_membership, node, transport)
+                        tasks.start_soon(announcer.run, engine)
                         await engine.wait_closed()
                         tasks.cancel_scope.cancel()
-                    node.engine = None
+                    ctx.engine = None
             finally:
-                node.engine = None
+                ctx.engine = None
                 await transport.aclose()
                 metrics.stop_server()
     reason = stopped_by[0] if stopped_by else "removed from the cluster or engine closed"
     print(json.dumps({"event": "stopped", "id": args.id, "reason": reason}), flush=True)
-    return EXIT_OK
+    return 0
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
-                        stream=sys.stderr,
+    """Run the node; 0 after a clean stop. Refusals and fatal errors are raised."""
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        peers = trio_raft.parse_peers(args.peers) if args.peers else []
-        bootstrap_guard(args, peers)
-        return trio.run(run_node, args)
-    except Exception as exc:
-        leaf = single_leaf(exc)
-        if isinstance(leaf, UsageError):
-            print(f"kvnode: refusing to start: {leaf}", file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(leaf, trio_raft.errors.ConfigError | ValueError):
-            print(f"kvnode: configuration error: {type(leaf).__name__}: {leaf}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        if isinstance(leaf, trio_raft.RaftError | OSError):
-            print(f"kvnode: fatal: {type(leaf).__name__}: {leaf}", file=sys.stderr)
-            return EXIT_FATAL
-        raise
-
-
-def single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups, else ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+    peers = trio_raft.parse_peers(args.peers) if args.peers else []
+    bootstrap_guard(args, peers)
+    return trio.run(run_node, args, peers)

@@ -4,11 +4,14 @@ Each node has its own data directory (real WAL, real fsync) and runs ``open_engi
 the cluster's nursery. File I/O runs on the trio thread (``blocking_io=True``) so the cluster is
 deterministic under ``trio.testing.MockClock(autojump_threshold=0)``.
 
-    async with open_memory_cluster(tmp_path, 3, make_fsm=KV) as cluster:
+    async with open_memory_cluster(tmp_path, 3, KV) as cluster:
         leader = await cluster.wait_for_leader()
         await leader.propose(b"...")
-        await cluster.stop(2); await cluster.start(2)     # crash / restart (files survive)
-        cluster.network.partition([1], [2, 3])
+        await cluster.stop("n2"); await cluster.start("n2")   # crash / restart (files survive)
+        cluster.partition(["n1"], ["n2", "n3"])
+        cluster.heal()
+
+(``tests/engine/test_cluster_basic.py`` runs this example.)
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""A small in-process demo of the trio_raft core (what ``make demo`` runs for now).
+"""The sans-IO core on its own: ``python examples/core_demo.py``.
 
-Three Raft nodes run in one process over a simulated network: they elect a leader, replicate
-some writes, lose the leader (it crashes), elect a new one, serve a linearizable read, and let
-the old leader rejoin and catch up. Everything is deterministic (seeded); it takes well under a
-second.
+Three Raft nodes (``trio_raft.core.RawNode``) run in one process over a simulated network, with
+no trio, no files and no sockets: they elect a leader, replicate some writes, lose the leader
+(it crashes), elect a new one, serve a linearizable read, and let the old leader rejoin and
+catch up. Everything is deterministic (seeded); it takes well under a second. ``make demo``
+runs the real thing instead: three kvnode processes (``examples/kvnode.py demo``).
 """
 
 from __future__ import annotations

@@ -11,14 +11,17 @@ from pathlib import Path
 import crc32c
 import pytest
 
+from tests.transport.conftest import grpc_pair
 from tests.transport.snapshot_helpers import (
     ProbedExchange,
     fsm_name,
     open_files_under,
+    snap_msg,
     spools,
     write_fsm,
 )
 from trio_raft.errors import (
+    DispatchError,
     FSMSnapshotFileCRCError,
     FSMSnapshotNotFoundError,
     FSMSnapshotTokenCRCError,
@@ -265,4 +268,26 @@ def test_a_payload_file_that_shrinks_while_sending_is_refused(tmp_path: Path) ->
         with pytest.raises(FSMSnapshotFileCRCError, match="bytes short"):
             while out.read(1 << 20):
                 pass
+    assert open_files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("rule", [Fault("write", path=SPOOL, after=1, error=errno.ENOSPC),
+                                  Fault("fsync", path=SPOOL),
+                                  Fault("open", path=SPOOL, error=errno.EMFILE)],
+                         ids=["enospc", "fsync", "create"])
+async def test_a_disk_failure_of_the_receiver_reaches_the_sender_as_internal(
+        tmp_path: Path, rule: Fault) -> None:
+    src, dst = ProbedExchange(tmp_path / "src"), ProbedExchange(tmp_path / "dst")
+    dst.io.add(rule)
+    token = write_fsm(tmp_path / "src", 40, PAYLOAD)
+    async with grpc_pair(snapshot_chunk_bytes=1 << 20, a_snapshots=src, b_snapshots=dst) as (
+            a, b, inbox):
+        with pytest.raises(DispatchError) as info:
+            await a.send_snapshot(snap_msg(40, token))
+        assert info.value.code == "Internal"
+        assert "StorageIOError" in str(info.value)
+        assert b.incoming_transfers() == 0
+    assert inbox.messages == []
+    assert dst.io.fired() and os.listdir(tmp_path / "dst") == []
+    assert dst.protected_indexes() == frozenset()
     assert open_files_under(tmp_path) == []

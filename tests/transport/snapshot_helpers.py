@@ -1,11 +1,13 @@
-"""Helpers for the snapshot transfer tests: real ``.fsm`` files, probes into transfers in flight,
-and what this process still has open."""
+"""Helpers for the snapshot transfer tests: real ``.fsm`` files, exchanges whose file I/O the
+test can watch and hold (through a :class:`~trio_raft.testing.faults.FaultyFileIO`), and what this
+process still has open."""
 
 from __future__ import annotations
 
 import os
 import struct
-import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,13 @@ import trio
 from trio_raft.core.messages import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.recovery import SPOOL_PREFIX
-from trio_raft.storage.snapshot_exchange import (
-    IncomingSnapshot,
-    OutgoingPayload,
-    SnapshotExchange,
-)
+from trio_raft.storage.snapshot_exchange import OutgoingPayload, SnapshotExchange
+from trio_raft.testing.faults import FaultyFileIO
+
+#: Seam patterns of the exchange's two streams: the spool a received payload is written to, and
+#: the ``.fsm`` file a payload is sent from (read with ``readinto``).
+SPOOL_WRITES = "*/" + SPOOL_PREFIX + "*"
+FSM_FILES = "*" + fsm.FSM_SUFFIX
 
 
 def snap_msg(index: int, data: bytes = b"", to: int = 2) -> Message:
@@ -59,6 +63,17 @@ def open_files_under(directory: Path) -> list[str]:
     return out
 
 
+@asynccontextmanager
+async def released_at_exit(*ios: FaultyFileIO) -> AsyncIterator[None]:
+    """Release every hold of ``ios`` when the block ends: a failing assertion must not leave a
+    worker thread held (the transports wait for it when they close)."""
+    try:
+        yield
+    finally:
+        for io in ios:
+            io.release_all()
+
+
 def portal_tasks() -> list[str]:
     """Names of the trio tasks that run calls coming from an asyncio loop (TrioPortal.run)."""
     names: list[str] = []
@@ -74,73 +89,19 @@ def portal_tasks() -> list[str]:
     return names
 
 
-class Probe:
-    """Watches bytes passing a point in a worker thread: ``reached`` (a trio event) is set once
-    ``threshold`` bytes have passed; with ``hold``, the thread then waits for :meth:`release`."""
-
-    def __init__(self, threshold: int, *, hold: bool = False) -> None:
-        self.threshold = threshold
-        self.hold = hold
-        self.reached = trio.Event()
-        self.seen = 0
-        self._gate = threading.Event()
-
-    def passed(self, n: int) -> None:  # worker thread
-        self.seen += n
-        if self.seen >= self.threshold:
-            if not self.reached.is_set():
-                trio.from_thread.run_sync(self.reached.set)
-            if self.hold:
-                self._gate.wait(timeout=60)
-
-    def release(self) -> None:
-        self._gate.set()
-
-
-class _ProbedIncoming:
-    def __init__(self, inner: IncomingSnapshot, probe: Probe) -> None:
-        self._inner, self._probe = inner, probe
-
-    def write(self, data: bytes) -> None:
-        self._inner.write(data)
-        self._probe.passed(len(data))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _ProbedOutgoing:
-    def __init__(self, inner: OutgoingPayload, probe: Probe) -> None:
-        self._inner, self._probe = inner, probe
-
-    def read(self, n: int) -> bytes:
-        data = self._inner.read(n)
-        self._probe.passed(len(data))
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 class ProbedExchange(SnapshotExchange):
-    """A real exchange whose incoming writes and outgoing reads pass through probes."""
+    """A real exchange on a :class:`FaultyFileIO` (``io``: the test arms holds and faults on it
+    and reads its call record), with an applied index the test sets and a record of the
+    payload readers it opened."""
 
-    def __init__(self, fsm_dir: Path, applied: int = 0, *, incoming: Probe | None = None,
-                 outgoing: Probe | None = None, **kwargs: Any) -> None:
-        super().__init__(fsm_dir, lambda: self.applied, **kwargs)
+    def __init__(self, fsm_dir: Path, applied: int = 0, *, io: FaultyFileIO | None = None,
+                 **kwargs: Any) -> None:
+        self.io = io if io is not None else FaultyFileIO()
+        super().__init__(fsm_dir, lambda: self.applied, file_io=self.io, **kwargs)
         self.applied = applied
-        self.incoming_probe = incoming
-        self.outgoing_probe = outgoing
-        self.outgoing: list[Any] = []
+        self.outgoing: list[OutgoingPayload | None] = []
 
-    def begin_incoming(self, index: int) -> Any:
-        inner = super().begin_incoming(index)
-        return inner if self.incoming_probe is None else _ProbedIncoming(
-            inner, self.incoming_probe)
-
-    def open_outgoing(self, data: bytes) -> Any:
-        inner = super().open_outgoing(data)
-        self.outgoing.append(inner)
-        if inner is None or self.outgoing_probe is None:
-            return inner
-        return _ProbedOutgoing(inner, self.outgoing_probe)
+    def open_outgoing(self, data: bytes) -> OutgoingPayload | None:
+        opened = super().open_outgoing(data)
+        self.outgoing.append(opened)
+        return opened

@@ -14,9 +14,10 @@ import trio.testing
 
 from tests.transport.conftest import Inbox, app
 from tests.transport.snapshot_helpers import (
-    Probe,
+    SPOOL_WRITES,
     ProbedExchange,
     fsm_name,
+    released_at_exit,
     snap_msg,
     spools,
     write_fsm,
@@ -29,6 +30,7 @@ from trio_raft.errors import (
     TransportPeerUnknownError,
 )
 from trio_raft.storage import fsm_snapshot as fsm
+from trio_raft.testing.faults import Hold
 from trio_raft.transport import (
     LinkConfig,
     MemoryNetwork,
@@ -212,14 +214,15 @@ async def test_snapshot_payload_travels_through_the_exchanges(tmp_path: Path) ->
 
 async def test_memory_detach_cancels_a_landing_snapshot(tmp_path: Path) -> None:
     net = MemoryNetwork()
-    held = Probe(1, hold=True)
-    dst = ProbedExchange(tmp_path, incoming=held)
+    dst = ProbedExchange(tmp_path)
+    held = dst.io.add(Hold("write", path=SPOOL_WRITES))
     async with net.transport(1, [TransportPeer(2, "n2", "mem:2")]) as t1, \
-            net.transport(2, [TransportPeer(1, "n1", "mem:1")]) as t2:
+            net.transport(2, [TransportPeer(1, "n1", "mem:1")]) as t2, released_at_exit(dst.io):
         inbox = Inbox()
         t2.attach(inbox, dst)
         await t1.send_snapshot(snap_msg(8, b"x" * 5000))
-        await held.reached.wait()
+        with trio.fail_after(60):
+            await held.wait_reached()
         assert len(spools(tmp_path)) == 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(t2.detach)

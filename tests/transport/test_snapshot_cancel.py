@@ -1,16 +1,15 @@
 """Large snapshot transfers interrupted while really in flight (64 MiB, real gRPC on loopback,
 real files): nothing is left running, open, half-written or handed to the engine.
 
-Each test knows the transfer is in flight from a probe in the worker thread that moves the bytes
-(a trio event set once enough bytes have passed); the side that must stay busy is held there
-until the test releases it, so nothing depends on timing.
+Each test knows the transfer is in flight from a hold on the file I/O seam of the exchange that
+moves the bytes (``Hold`` on the spool's writes or on the ``.fsm`` file's reads, reached once
+enough bytes have passed); the side that must stay busy is held there until the test releases
+it, so nothing depends on timing. A hold released in advance only marks that its call was made.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -18,29 +17,29 @@ import trio
 
 from tests.transport.conftest import grpc_pair
 from tests.transport.snapshot_helpers import (
-    Probe,
+    FSM_FILES,
+    SPOOL_WRITES,
     ProbedExchange,
     fsm_name,
     open_files_under,
     portal_tasks,
+    released_at_exit,
     snap_msg,
     spools,
     write_fsm,
 )
 from trio_raft.errors import DispatchError, TransportClosedError
+from trio_raft.testing.faults import Hold
 
 SIZE = 64 << 20
 CHUNK = 1 << 20
 INDEX = 40
 
 
-@asynccontextmanager
-async def _released_at_exit(probe: Probe) -> AsyncIterator[None]:
-    """A failing assertion must not leave a worker thread held (the transports wait for it)."""
-    try:
-        yield
-    finally:
-        probe.release()
+def _marker(hold: Hold) -> Hold:
+    """``hold`` released in advance: it never blocks, it only marks that its call was made."""
+    hold.release()
+    return hold
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +51,10 @@ def big_payload() -> bytes:
 async def test_receiver_stops_during_a_large_incoming_snapshot(
         tmp_path: Path, big_payload: bytes, how: str) -> None:
     # The receiver has spooled 8 MiB; the sender is held after reading 16 MiB.
-    received = Probe(8 << 20)
-    read = Probe(16 << 20, hold=True)
-    src = ProbedExchange(tmp_path / "src", outgoing=read)
-    dst = ProbedExchange(tmp_path / "dst", incoming=received)
+    src = ProbedExchange(tmp_path / "src")
+    dst = ProbedExchange(tmp_path / "dst")
+    received = _marker(dst.io.add(Hold("write", path=SPOOL_WRITES, after=8)))
+    read = src.io.add(Hold("readinto", path=FSM_FILES, after=16))
     token = write_fsm(tmp_path / "src", INDEX, big_payload)
     outcome: list[BaseException] = []
 
@@ -66,12 +65,12 @@ async def test_receiver_stops_during_a_large_incoming_snapshot(
             outcome.append(exc)
 
     async with grpc_pair(snapshot_chunk_bytes=CHUNK, a_snapshots=src, b_snapshots=dst) as (
-            a, b, inbox), _released_at_exit(read):
+            a, b, inbox), released_at_exit(src.io):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
             with trio.fail_after(60):
-                await received.reached.wait()
-                await read.reached.wait()
+                await received.wait_reached()
+                await read.wait_reached()
             # Really in flight: the landing task runs and holds its spool file open.
             assert b.incoming_transfers() == 1
             [spool] = spools(tmp_path / "dst")
@@ -109,14 +108,14 @@ async def test_receiver_stops_during_a_large_incoming_snapshot(
 async def test_sender_stops_during_a_large_outgoing_snapshot(
         tmp_path: Path, big_payload: bytes, how: str) -> None:
     # The receiver is held after spooling 8 MiB; the sender has read 16 MiB by then.
-    received = Probe(8 << 20, hold=True)
-    read = Probe(16 << 20)
-    src = ProbedExchange(tmp_path / "src", outgoing=read)
-    dst = ProbedExchange(tmp_path / "dst", incoming=received)
+    src = ProbedExchange(tmp_path / "src")
+    dst = ProbedExchange(tmp_path / "dst")
+    received = dst.io.add(Hold("write", path=SPOOL_WRITES, after=8))
+    read = _marker(src.io.add(Hold("readinto", path=FSM_FILES, after=16)))
     token = write_fsm(tmp_path / "src", INDEX, big_payload)
     outcome: list[BaseException] = []
     async with grpc_pair(snapshot_chunk_bytes=CHUNK, a_snapshots=src, b_snapshots=dst) as (
-            a, b, inbox), _released_at_exit(received):
+            a, b, inbox), released_at_exit(dst.io):
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 async def send() -> None:
@@ -126,8 +125,8 @@ async def test_sender_stops_during_a_large_outgoing_snapshot(
                         outcome.append(exc)
                 nursery.start_soon(send)
                 with trio.fail_after(60):
-                    await received.reached.wait()
-                    await read.reached.wait()
+                    await received.wait_reached()
+                    await read.wait_reached()
                 assert open_files_under(tmp_path / "src") == [
                     str(tmp_path / "src" / fsm_name(INDEX))]
                 if how == "cancel":

@@ -1,7 +1,9 @@
-"""SnapshotExchange with real files: landing, refusals, protection through retention, sending."""
+"""SnapshotExchange with real files: landing, refusals, protection through retention, sending,
+and disk failures injected through its file-I/O seam."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
@@ -9,18 +11,29 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from tests.transport.snapshot_helpers import ProbedExchange, fsm_name, spools, write_fsm
+from tests.transport.conftest import grpc_pair
+from tests.transport.snapshot_helpers import (
+    ProbedExchange,
+    fsm_name,
+    open_files_under,
+    snap_msg,
+    spools,
+    write_fsm,
+)
 from trio_raft.errors import (
+    DispatchError,
     FSMSnapshotFileCRCError,
     FSMSnapshotNotFoundError,
     FSMSnapshotTokenCRCError,
     ReceivedFSMSnapshotStaleError,
     SnapshotPayloadCRCError,
     SnapshotPayloadTooLargeError,
+    StorageIOError,
     TransportError,
 )
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage import snapshots as snaps
+from trio_raft.testing.faults import Fault, FaultyFileIO
 
 
 def test_land_a_payload(tmp_path: Path) -> None:
@@ -145,3 +158,136 @@ def test_open_outgoing(tmp_path: Path) -> None:
         assert len(out.read(2000)) == 2000  # the damage is found before the last bytes go
         with pytest.raises(FSMSnapshotFileCRCError):
             out.read(2000)
+
+
+# -- disk failures: through the exchange's seam --------------------------------------------------
+
+PAYLOAD = os.urandom(3 << 20)
+#: The spool's own calls (the glob matches the spool's path), and the fsm directory itself.
+SPOOL = "*/trio-raft-snapshot-*.spool"
+RECEIVE_FAULTS: dict[str, tuple[str, list[Fault]]] = {
+    # case: (the operation the error names, the rules)
+    "eio mid-payload": ("write", [Fault("write", path=SPOOL, after=1)]),
+    "short write then enospc": ("write", [
+        Fault("write", path=SPOOL, after=1, short_write=100),
+        Fault("write", path=SPOOL, after=2, error=errno.ENOSPC)]),
+    "eio on the footer": ("write", [Fault("write", path=SPOOL, after=3)]),
+    "failed fsync": ("fsync", [Fault("fsync", path=SPOOL)]),
+    "failed close": ("close", [Fault("close", path=SPOOL)]),
+    "failed rename": ("rename", [Fault("replace", path=SPOOL)]),
+    "failed directory fsync": ("fsync", [Fault("fsync", path="*/fsm")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECEIVE_FAULTS))
+def test_a_disk_failure_while_receiving_is_typed_final_and_leaves_nothing(
+        tmp_path: Path, case: str) -> None:
+    op, rules = RECEIVE_FAULTS[case]
+    fio = FaultyFileIO(rules)
+    ex = ProbedExchange(tmp_path / "fsm", io=fio)
+    incoming = ex.begin_incoming(12)
+    [spool] = spools(tmp_path / "fsm")
+    with pytest.raises(StorageIOError) as info:
+        for i in range(3):  # three 1 MiB writes, then the footer
+            incoming.write(PAYLOAD[i << 20:(i + 1) << 20])
+        incoming.finalize(crc32c.crc32c(PAYLOAD))
+    err = info.value
+    fired = fio.fired()[-1]  # the short write (when there is one) fired first
+    assert fired.fault is not None
+    assert err.op == op and err.errno == fired.fault.error
+    assert isinstance(err.__cause__, OSError)
+    assert str(tmp_path / "fsm") in err.path
+    # Final: nothing more is written, and a failed fsync is never tried again.
+    fsyncs = len(fio.calls_to("fsync"))
+    with pytest.raises(StorageIOError) as again:
+        incoming.finalize()
+    assert again.value is err
+    with pytest.raises(StorageIOError):
+        incoming.write(b"more")
+    assert len(fio.calls_to("fsync")) == fsyncs
+    # Nothing half-written was finalized; abort leaves nothing, not even a descriptor.
+    assert not (tmp_path / "fsm" / fsm_name(12)).exists()
+    incoming.abort()
+    assert os.listdir(tmp_path / "fsm") == []
+    assert ex.protected_indexes() == frozenset()
+    assert open_files_under(tmp_path) == []
+    opened = [c for c in fio.calls_to("open") if spool in c.path]
+    assert len(opened) == 1
+
+
+def test_a_spool_that_cannot_be_created_protects_nothing(tmp_path: Path) -> None:
+    fio = FaultyFileIO([Fault("open", path=SPOOL, error=errno.ENOSPC)])
+    ex = ProbedExchange(tmp_path / "fsm", io=fio)
+    with pytest.raises(StorageIOError) as info:
+        ex.begin_incoming(4)
+    assert info.value.op == "create" and info.value.errno == errno.ENOSPC
+    assert ex.protected_indexes() == frozenset()
+    assert os.listdir(tmp_path / "fsm") == []
+
+
+def test_abort_never_raises_for_the_disk(tmp_path: Path) -> None:
+    fio = FaultyFileIO()
+    ex = ProbedExchange(tmp_path, io=fio)
+    incoming = ex.begin_incoming(3)
+    incoming.write(b"abc")
+    fio.add(Fault("unlink", path=SPOOL, error=errno.EROFS))
+    fio.add(Fault("close", path=SPOOL))
+    incoming.abort()  # both failures are logged
+    assert ex.protected_indexes() == frozenset()
+    assert open_files_under(tmp_path) == []  # a failed close still released the descriptor
+    assert len(spools(tmp_path)) == 1  # left for recovery, which removes spools at open
+    refused = ex.begin_incoming(5)
+    refused.write(b"refused")
+    refused.finalize()
+    fio.add(Fault("unlink", path="*.fsm"))
+    refused.abort()
+    assert (tmp_path / fsm_name(5)).exists()  # an unreferenced .fsm: recovery removes it
+
+
+def test_a_failed_read_while_sending_is_typed_and_closes_nothing_twice(tmp_path: Path) -> None:
+    token = write_fsm(tmp_path, 6, PAYLOAD)
+    fio = FaultyFileIO([Fault("readinto", path="*.fsm", after=1)])
+    ex = ProbedExchange(tmp_path, io=fio)
+    out = ex.open_outgoing(token)
+    assert out is not None
+    assert len(out.read(1 << 20)) == 1 << 20
+    with pytest.raises(StorageIOError) as info:
+        out.read(1 << 20)
+    assert info.value.op == "read"
+    out.close()
+    out.close()
+    assert out.closed and open_files_under(tmp_path) == []
+    assert len(fio.calls_to("close", fsm_name(6))) == 1
+
+
+def test_a_payload_file_that_shrinks_while_sending_is_refused(tmp_path: Path) -> None:
+    token = write_fsm(tmp_path, 6, PAYLOAD)
+    ex = ProbedExchange(tmp_path)
+    with ex.open_outgoing(token) as out:  # type: ignore[union-attr]
+        os.truncate(tmp_path / fsm_name(6), 1 << 20)
+        with pytest.raises(FSMSnapshotFileCRCError, match="bytes short"):
+            while out.read(1 << 20):
+                pass
+    assert open_files_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("rule", [Fault("write", path=SPOOL, after=1, error=errno.ENOSPC),
+                                  Fault("fsync", path=SPOOL),
+                                  Fault("open", path=SPOOL, error=errno.EMFILE)],
+                         ids=["enospc", "fsync", "create"])
+async def test_a_disk_failure_of_the_receiver_reaches_the_sender_as_internal(
+        tmp_path: Path, rule: Fault) -> None:
+    src, dst = ProbedExchange(tmp_path / "src"), ProbedExchange(tmp_path / "dst")
+    dst.io.add(rule)
+    token = write_fsm(tmp_path / "src", 40, PAYLOAD)
+    async with grpc_pair(snapshot_chunk_bytes=1 << 20, a_snapshots=src, b_snapshots=dst) as (
+            a, b, inbox):
+        with pytest.raises(DispatchError) as info:
+            await a.send_snapshot(snap_msg(40, token))
+        assert info.value.code == "Internal"
+        assert "StorageIOError" in str(info.value)
+        assert b.incoming_transfers() == 0
+    assert inbox.messages == []
+    assert dst.io.fired() and os.listdir(tmp_path / "dst") == []
+    assert dst.protected_indexes() == frozenset()
+    assert open_files_under(tmp_path) == []

@@ -94,7 +94,8 @@ class RunLoop:
         self.storage = opened.storage
         self._io = io
         #: How snapshot payloads leave and arrive (given to the transport once).
-        self.exchange = SnapshotExchange(self.disk.fsm_dir, lambda: self.applier.applied)
+        self.exchange = SnapshotExchange(self.disk.fsm_dir, lambda: self.applier.applied,
+                                         file_io=self.disk.file_io)
         self.node = RawNode(
             CoreConfig(
                 id=cfg.node_id,

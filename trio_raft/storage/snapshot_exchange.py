@@ -4,33 +4,47 @@ The engine creates one :class:`SnapshotExchange` per data directory and hands it
 once (``Transport.attach``). The transport never touches ``fsm-snap/`` itself: it asks the
 exchange for a reader over a payload it must send, and for an :class:`IncomingSnapshot` to spool a
 payload it receives. Every file layout used here is defined in
-:mod:`trio_raft.storage.fsm_snapshot` (``.fsm`` file, token) and
-:mod:`trio_raft.storage.fileutil` (directory fsync); nothing is redefined.
+:mod:`trio_raft.storage.fsm_snapshot` (``.fsm`` file, token) and :mod:`trio_raft.storage.recovery`
+(the spool prefix); nothing is redefined.
+
+Every file access goes through the :class:`~trio_raft.storage.fileio.FileIO` the exchange was
+built with (``file_io``, the real one by default; the engine passes its data directory's), by
+way of the helpers of :mod:`trio_raft.storage.fileutil` and the ``.fsm`` reader of
+:mod:`trio_raft.storage.fsm_snapshot` (docs/storage.md section 8). A failed disk operation is a
+:class:`~trio_raft.errors.StorageIOError` naming the operation and the file, never a bare
+:class:`OSError`.
 
 Sending: :meth:`SnapshotExchange.open_outgoing` turns ``Snapshot.data`` into an
 :class:`OutgoingPayload` when it is a token (the payload of ``fsm-snap/%016x.fsm``, footer
 excluded, size known) or ``None`` when the data is an inline payload. The reader computes the
 CRC32C of what it hands out and, before handing out the last bytes, compares it with the file's
-footer and the token: a damaged file raises :class:`~trio_raft.errors.FSMSnapshotFileCRCError`
-before the receiver could see a complete stream.
+footer and the token: a damaged (or shrunken) file raises
+:class:`~trio_raft.errors.FSMSnapshotFileCRCError` before the receiver could see a complete
+stream.
 
 Receiving: :meth:`SnapshotExchange.begin_incoming` refuses an index at or below the applied index
 (:class:`~trio_raft.errors.ReceivedFSMSnapshotStaleError`), creates a spool file
 ``fsm-snap/trio-raft-snapshot-*.spool`` (the prefix that recovery deletes at open) and protects
 the index from snapshot retention. The :class:`IncomingSnapshot` then
 
-* ``write``: appends bytes, computing CRC32C over exactly the bytes written, refusing anything
-  past the size cap (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`);
+* ``write``: appends bytes (unbuffered: each chunk is handed to the disk before ``write``
+  returns), computing CRC32C over exactly the bytes written, refusing anything past the size cap
+  (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`);
 * ``finalize``: refuses a stale index or a payload whose CRC differs from the one the sender
-  announced, else appends the big-endian CRC footer, fsyncs, renames to ``%016x.fsm``, fsyncs the
-  directory and returns the token for ``Snapshot.data``;
-* ``abort``: idempotent; removes the spool, or the finalized file when the engine refused it,
-  and releases the protection.
+  announced, else appends the big-endian CRC footer, fsyncs, closes, renames to ``%016x.fsm``,
+  fsyncs the directory and returns the token for ``Snapshot.data``;
+* ``abort``: idempotent; closes the spool and removes it, or the finalized file when the engine
+  refused it, and releases the protection. It never raises for a file system problem (it runs
+  on error and cancellation paths): a failed removal is logged, and recovery deletes spools and
+  unreferenced ``.fsm`` files at the next open.
 
 Invariants:
 
 * Nothing half-written is ever visible under a ``.fsm`` name: the rename is the last step, after
-  the footer and the fsync.
+  the footer, the fsync and the close, and a rename whose directory fsync failed is undone.
+* A disk failure is final for its incoming snapshot: after a failed write, fsync or close every
+  later ``write`` and ``finalize`` raises that same error (a failed fsync is never retried,
+  docs/storage.md section 8.2); only ``abort`` is left, and it removes the spool.
 * A protected index is never a leak: protections at or below the applied index are dropped the
   next time anyone looks (:meth:`SnapshotExchange.protected_indexes`), so a message the engine
   accepted and then dropped pins its file only until the node applies past it.
@@ -45,11 +59,9 @@ The exchange and each incoming snapshot are safe to call from several worker thr
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Callable
 
@@ -61,10 +73,23 @@ from trio_raft.errors import (
     ReceivedFSMSnapshotStaleError,
     SnapshotPayloadCRCError,
     SnapshotPayloadTooLargeError,
+    StorageIOError,
     TransportError,
 )
 from trio_raft.storage import fsm_snapshot as fsm
-from trio_raft.storage.fileutil import fsync_dir, make_dirs, write_all
+from trio_raft.storage.fileio import OS_FILE_IO, FileIO
+from trio_raft.storage.fileutil import (
+    close_quietly,
+    create_temp_file,
+    discard_temp_file,
+    fsync_dir,
+    io_errors,
+    lexists,
+    make_dirs,
+    rename,
+    unlink_if_exists,
+    write_all,
+)
 from trio_raft.storage.recovery import SPOOL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -84,8 +109,9 @@ class OutgoingPayload:
     idempotent. Use it from one thread at a time.
     """
 
-    def __init__(self, path: str, index: int, token_crc: int) -> None:
-        reader, size, footer = fsm.open_fsm_snapshot_payload(path)
+    def __init__(self, path: str, index: int, token_crc: int, *,
+                 file_io: FileIO = OS_FILE_IO) -> None:
+        reader, size, footer = fsm.open_fsm_snapshot_payload(path, file_io=file_io)
         if footer != token_crc:
             reader.close()
             raise FSMSnapshotTokenCRCError(
@@ -106,7 +132,10 @@ class OutgoingPayload:
             raise TransportError(f"snapshot payload {self.path} is closed")
         if self._left == 0:
             return b""
-        data = self._reader.read(min(n, self._left))
+        try:
+            data = self._reader.read(min(n, self._left))
+        except EOFError:
+            data = b""
         if not data:
             raise FSMSnapshotFileCRCError(f"{self.path}: {self._left} bytes short")
         self._left -= len(data)
@@ -135,13 +164,17 @@ class IncomingSnapshot:
 
     def __init__(self, exchange: SnapshotExchange, index: int, max_bytes: int) -> None:
         self._exchange = exchange
+        self._io = exchange.file_io
         self.index = index
         self.max_bytes = max_bytes
+        #: Bytes written to the spool so far, and their CRC32C.
         self.size = 0
         self.crc = 0
+        #: The first disk failure; final (see the module docstring).
+        self.failure: StorageIOError | None = None
         self._lock = threading.Lock()
-        fd, path = tempfile.mkstemp(prefix=SPOOL_PREFIX, suffix=SPOOL_SUFFIX,
-                                    dir=exchange.fsm_dir)
+        fd, path = create_temp_file(exchange.fsm_dir, SPOOL_PREFIX, SPOOL_SUFFIX,
+                                    file_io=self._io)
         self._fd: int | None = fd
         self.spool_path: str | None = path
         self.final_path: str | None = None
@@ -152,74 +185,92 @@ class IncomingSnapshot:
         return self._state
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append payload bytes; :class:`SnapshotPayloadTooLargeError` past the cap."""
+        """Append payload bytes; :class:`SnapshotPayloadTooLargeError` past the cap, a
+        :class:`StorageIOError` when the disk refuses them."""
         with self._lock:
-            fd = self._open_fd()
-            if self.size + len(data) > self.max_bytes:
+            fd, spool = self._open_fd()
+            n = memoryview(data).nbytes
+            if self.size + n > self.max_bytes:
                 raise SnapshotPayloadTooLargeError(
-                    f"{self.size + len(data)} bytes > limit {self.max_bytes}")
-            write_all(fd, data)
+                    f"{self.size + n} bytes > limit {self.max_bytes}")
+            try:
+                with io_errors("write", spool):
+                    write_all(fd, data, file_io=self._io)
+            except StorageIOError as exc:
+                self.failure = exc
+                raise
             self.crc = crc32c.crc32c(data, self.crc)
-            self.size += len(data)
+            self.size += n
 
     def finalize(self, expected_crc: int | None = None) -> bytes:
-        """Footer, fsync, rename to ``%016x.fsm``, directory fsync; returns the token.
+        """Footer, fsync, close, rename to ``%016x.fsm``, directory fsync; returns the token.
 
         ``expected_crc`` is the CRC the sender announced (its token), when it did: a different
         CRC raises :class:`SnapshotPayloadCRCError`. A stale index raises
-        :class:`ReceivedFSMSnapshotStaleError`. On any error nothing is renamed; the spool stays
-        for :meth:`abort`.
+        :class:`ReceivedFSMSnapshotStaleError`; a disk failure a :class:`StorageIOError`. On
+        any error nothing is left under the ``.fsm`` name; the spool stays for :meth:`abort`.
         """
         with self._lock:
-            fd = self._open_fd()
+            fd, spool = self._open_fd()
             if expected_crc is not None and expected_crc != self.crc:
                 raise SnapshotPayloadCRCError(
                     f"index {self.index}: received {self.crc:#010x}, sender announced "
                     f"{expected_crc:#010x}")
             self._exchange._check_fresh(self.index)
             final = fsm.fsm_snapshot_path(self._exchange.fsm_dir, self.index)
-            write_all(fd, _FOOTER.pack(self.crc))
-            os.fsync(fd)
-            os.close(fd)
-            self._fd = None
-            assert self.spool_path is not None
-            self._exchange._land(self, final)
+            try:
+                with io_errors("write", spool):
+                    write_all(fd, _FOOTER.pack(self.crc), file_io=self._io)
+                with io_errors("fsync", spool):
+                    self._io.fsync(fd)
+                self._fd = None  # the seam releases the descriptor even when close fails
+                with io_errors("close", spool):
+                    self._io.close(fd)
+                self._exchange._land(self, final)
+            except StorageIOError as exc:
+                self.failure = exc
+                raise
             self.final_path = final
             self._state = "finalized"
             return fsm.encode_snapshot_token(self.index, self.crc)
 
     def abort(self) -> None:
-        """Remove the spool (or the finalized file: the engine refused it) and release the
-        protection. Idempotent; never raises for a file that is already gone."""
+        """Close and remove the spool (or remove the finalized file: the engine refused it) and
+        release the protection. Idempotent; never raises for the file system (a failure is
+        logged)."""
         with self._lock:
             if self._state == "aborted":
                 return
             was = self._state
             self._state = "aborted"
             if self._fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
+                close_quietly(self._fd, self.spool_path or "", file_io=self._io)
                 self._fd = None
             if self.spool_path is not None:
-                _unlink_logged(self.spool_path)
+                discard_temp_file(self.spool_path, file_io=self._io)
                 self.spool_path = None
             self._exchange._release(self, finalized=was == "finalized")
 
-    def _open_fd(self) -> int:
-        if self._state != "open" or self._fd is None:
+    def _open_fd(self) -> tuple[int, str]:
+        if self.failure is not None:
+            raise self.failure
+        if self._state != "open" or self._fd is None or self.spool_path is None:
             raise TransportError(f"incoming snapshot at index {self.index} is {self._state}")
-        return self._fd
+        return self._fd, self.spool_path
 
 
 class SnapshotExchange:
     """Snapshot payloads in and out of one ``fsm-snap`` directory (see the module docstring)."""
 
     def __init__(self, fsm_dir: str | os.PathLike[str], applied_index: Callable[[], int], *,
-                 max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> None:
+                 max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
+                 file_io: FileIO = OS_FILE_IO) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         self.fsm_dir = os.fspath(fsm_dir)
         self.max_bytes = max_bytes
+        #: The seam every file access of this exchange goes through.
+        self.file_io = file_io
         self._applied_index = applied_index
         self._lock = threading.Lock()
         #: index -> number of transfers holding it (in flight, or finalized and handed over).
@@ -231,20 +282,23 @@ class SnapshotExchange:
 
     def open_outgoing(self, data: bytes) -> OutgoingPayload | None:
         """A reader over the payload ``data`` names when it is a token; ``None`` when ``data`` is
-        an inline payload. Raises the ``FSMSnapshot*Error`` of a missing or damaged file."""
+        an inline payload. Raises the ``FSMSnapshot*Error`` of a missing or damaged file, or a
+        :class:`StorageIOError` when it cannot be read."""
         if not fsm.is_snapshot_token(data):
             return None
         index, crc = fsm.decode_snapshot_token(data)
-        return OutgoingPayload(fsm.fsm_snapshot_path(self.fsm_dir, index), index, crc)
+        return OutgoingPayload(fsm.fsm_snapshot_path(self.fsm_dir, index), index, crc,
+                               file_io=self.file_io)
 
     # -- receiving --------------------------------------------------------------------------------
 
     def begin_incoming(self, index: int) -> IncomingSnapshot:
         """Start receiving the payload of the snapshot at ``index`` (protects ``index`` until the
-        returned object is aborted or the node applies past it)."""
+        returned object is aborted or the node applies past it). A :class:`StorageIOError` when
+        the spool cannot be created (nothing is left protected then)."""
         if index <= 0:
             raise ValueError("a received snapshot has a positive index")
-        make_dirs(self.fsm_dir)
+        make_dirs(self.fsm_dir, file_io=self.file_io)
         with self._lock:
             self._check_fresh(index)
             self._holds[index] += 1
@@ -272,20 +326,29 @@ class SnapshotExchange:
             raise ReceivedFSMSnapshotStaleError(f"index={index} applied={applied}")
 
     def _land(self, incoming: IncomingSnapshot, final: str) -> None:
-        assert incoming.spool_path is not None
+        """Move the closed, fsynced spool to ``final`` (or drop it when the same payload is
+        already there, waiting) and fsync the directory."""
+        spool = incoming.spool_path
+        assert spool is not None
+        io = self.file_io
         with self._lock:
             crc, holders = self._landed.get(incoming.index, (incoming.crc, 0))
-            waiting = holders > 0 and os.path.exists(final)
+            waiting = holders > 0 and lexists(final, file_io=io)
             if waiting and crc != incoming.crc:
                 raise ReceivedFSMSnapshotStaleError(
                     f"index={incoming.index}: a different payload at this index is waiting to "
                     "be installed")
             if waiting:
-                os.unlink(incoming.spool_path)  # same content: keep the file already there
+                unlink_if_exists(spool, file_io=io)  # same content: keep the file already there
             else:
-                os.replace(incoming.spool_path, final)
+                rename(spool, final, file_io=io)
             incoming.spool_path = None
-            fsync_dir(self.fsm_dir)
+            try:
+                fsync_dir(self.fsm_dir, file_io=io)
+            except StorageIOError:
+                if not waiting:  # not durable: never hand it over
+                    discard_temp_file(final, file_io=io)
+                raise
             self._landed[incoming.index] = (incoming.crc, holders + 1 if waiting else 1)
 
     def _release(self, incoming: IncomingSnapshot, *, finalized: bool) -> None:
@@ -302,8 +365,7 @@ class SnapshotExchange:
             # At or below the applied index the file may be the installed snapshot's: retention
             # removes it once nothing refers to it.
             if holders == 1 and index > self._applied_index():
-                _unlink_logged(fsm.fsm_snapshot_path(self.fsm_dir, index))
-                fsync_dir(self.fsm_dir)
+                self._remove_logged(fsm.fsm_snapshot_path(self.fsm_dir, index))
 
     def _drop_hold(self, index: int) -> None:
         if self._holds[index] <= 1:
@@ -311,11 +373,10 @@ class SnapshotExchange:
         else:
             self._holds[index] -= 1
 
-
-def _unlink_logged(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        log.warning("removing received snapshot file %s failed", path, exc_info=True)
+    def _remove_logged(self, path: str) -> None:
+        """Remove a refused ``.fsm`` file, best effort (recovery removes what is left)."""
+        try:
+            if unlink_if_exists(path, file_io=self.file_io):
+                fsync_dir(self.fsm_dir, file_io=self.file_io)
+        except StorageIOError as exc:
+            log.warning("removing received snapshot file %s failed: %s", path, exc)

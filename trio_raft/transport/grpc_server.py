@@ -52,6 +52,7 @@ from trio_raft.errors import (
     SnapshotStreamShortError,
     SnapshotTransferCancelledError,
     StepQueueFullError,
+    StorageIOError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
@@ -85,6 +86,7 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], Status], ...] = (
     (EngineClosedError, Status.UNAVAILABLE),
     (TransportPeerUnknownError, Status.NOT_FOUND),
     (StepPeerNotFoundError, Status.NOT_FOUND),
+    (StorageIOError, Status.INTERNAL),
     (OSError, Status.INTERNAL),
 )
 

@@ -15,6 +15,7 @@ import trio
 import trio_raft
 from tests.engine.kv import KVSnapshot
 from tests.engine.test_single_node import cfg
+from trio_raft import errors
 from trio_raft.storage.fsm_snapshot import fsm_snapshot_path
 from trio_raft.testing.cluster import open_memory_cluster
 
@@ -52,6 +53,17 @@ class SlowRestoreKV:
             self.restoring_now = False
 
 
+async def write(c: Any, data: bytes, exclude: str | None = None) -> int:
+    """Propose ``data`` (an idempotent ``set``) through whoever leads, retrying while
+    leadership moves (the machine may be loaded); returns the commit index."""
+    while True:
+        leader = await c.wait_for_leader(exclude=exclude)
+        try:
+            return int((await leader.propose(data)).commit_index)
+        except (errors.NotAppliedError, errors.OutcomeUnknownError):
+            await trio.sleep(0.01)
+
+
 def consistent(view: dict[str, str]) -> bool:
     """All keys present, all written by the same round."""
     return len(view) >= KEYS and len({view[f"k{i}"] for i in range(KEYS)}) == 1
@@ -60,12 +72,12 @@ def consistent(view: dict[str, str]) -> bool:
 async def test_reads_never_see_a_half_restored_state_machine(tmp_path):
     async with open_memory_cluster(tmp_path, 3, SlowRestoreKV, blocking_io=False,
                                    snapshot_every=40, snapshot_catchup_entries=0) as c:
-        leader = await c.wait_for_leader()
+        await c.wait_for_leader()
         for i in range(KEYS):
-            await leader.propose(b"set k%d one" % i)
+            last = await write(c, b"set k%d one" % i)
         name = c.leader_name()
         follower = next(n for n in c.nodes if n != name)
-        await c.wait_applied(leader.applied_index(), [follower])
+        await c.wait_applied(last, [follower])
         fsm = c.nodes[follower].fsm
         engine = c.engine(follower)
         seen: list[str] = []
@@ -100,8 +112,7 @@ async def test_reads_never_see_a_half_restored_state_machine(tmp_path):
                     await trio.sleep(0.01)
                 c.isolate(follower)
                 for i in range(KEYS):  # compacted away: the follower must take a snapshot
-                    await leader.propose(b"set k%d two" % i)
-                target = leader.applied_index()
+                    target = await write(c, b"set k%d two" % i, exclude=follower)
                 c.heal()
                 n.start_soon(until_caught_up)
         assert fsm.restore_threads and "MainThread" not in fsm.restore_threads

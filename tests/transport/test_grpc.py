@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from trio_raft.errors import (
     DispatchError,
     StepQueueFullError,
     TransportAttachedError,
+    TransportBindError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
@@ -320,3 +322,23 @@ async def test_serve_with_extra_handlers_and_register() -> None:
     assert legacy.frames == []
     with pytest.raises(TypeError):
         t.register(object())
+
+
+async def test_serve_on_an_address_in_use_raises_a_typed_error_naming_it() -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        transport = GRPCTransport([TransportPeer(2, "n2", "127.0.0.1:1")],
+                                  local_address=f"127.0.0.1:{port}")
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(TransportBindError) as info:
+                await nursery.start(transport.serve)
+    err = info.value
+    assert err.address == f"127.0.0.1:{port}"
+    assert f"127.0.0.1:{port}" in str(err)
+    assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.EADDRINUSE
+    assert isinstance(err, OSError)  # callers that catch a failed bind as OSError still do
+    assert grpc_threads() == []  # everything serve started is stopped
+    with pytest.raises(TransportClosedError):
+        await transport.send(Message(MessageType.HEARTBEAT, to=2, from_=1))

@@ -39,13 +39,9 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
     SnapshotChunk,
 )
 from trio_raft.transport.base import split_address
+from trio_raft.transport.routes import SNAPSHOT_ROUTE, STREAM_ROUTE
 
 log = logging.getLogger(__name__)
-
-SERVICE = "/trio_raft.transport.v1.RaftTransport/"
-SEND_ROUTE = SERVICE + "Send"
-STREAM_ROUTE = SERVICE + "SendStream"
-SNAPSHOT_ROUTE = SERVICE + "SendSnapshot"
 
 
 class CappedCodec(ProtoCodec):

@@ -108,9 +108,10 @@ async def test_receiver_stops_during_a_large_incoming_snapshot(
 @pytest.mark.parametrize("how", ["cancel", "close"])
 async def test_sender_stops_during_a_large_outgoing_snapshot(
         tmp_path: Path, big_payload: bytes, how: str) -> None:
-    # The receiver is held after spooling 8 MiB; the sender has read 16 MiB by then.
-    received = Probe(8 << 20, hold=True)
-    read = Probe(16 << 20)
+    # The receiver is held after spooling 4 MiB; the sender has read 8 MiB by then (what is
+    # in between: the sender's queue and look-ahead, the HTTP/2 windows, the receiver's pipe).
+    received = Probe(4 << 20, hold=True)
+    read = Probe(8 << 20)
     src = ProbedExchange(tmp_path / "src", outgoing=read)
     dst = ProbedExchange(tmp_path / "dst", incoming=received)
     token = write_fsm(tmp_path / "src", INDEX, big_payload)

@@ -66,7 +66,8 @@ from trio_raft.transport.base import (
 from trio_raft.transport.bridge import AsyncioBridge, TrioPortal
 from trio_raft.transport.codec import MAX_FRAME_BYTES, encode_message, encode_snapshot_header
 from trio_raft.transport.grpc_client import CappedCodec, ClientConfig, ClientSide
-from trio_raft.transport.grpc_limits import LimitedServer, ServerLimits
+from trio_raft.transport.grpc_h2server import LimitedServer
+from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits
 from trio_raft.transport.grpc_server import RaftTransportService
 from trio_raft.transport.routes import RAFT_ROUTES
 from trio_raft.transport.snapshot_transfer import (
@@ -144,9 +145,10 @@ class GRPCTransport:
             raise ValueError("snapshot_chunk_bytes must be positive and leave 1 MiB of headroom "
                              "below max_message_bytes")
         limits = limits if limits is not None else ServerLimits()
-        if limits.receive_budget_bytes < max(max_message_bytes, limits.max_app_message_bytes):
+        if ReceiveBudget(limits.receive_budget_bytes).large_capacity < max(
+                max_message_bytes, limits.max_app_message_bytes):
             raise ValueError("limits.receive_budget_bytes must hold at least one message of "
-                             "the largest size allowed")
+                             "the largest size allowed in its large-message share (7/8)")
         self._limits = limits
         self._peers: dict[int, TransportPeer] = {}
         for peer in peers:

@@ -214,6 +214,9 @@ async def test_the_raft_service_still_works_through_the_limits() -> None:
             for i in range(20):
                 await a.send(Message(MessageType.APP, to=2, from_=1, term=1, index=i))
             await a.send(Message(MessageType.HEARTBEAT, to=2, from_=1, term=1))
+            with trio.fail_after(10):  # a send returns once written to its stream
+                while server.stats()["messages_received"] < 21:
+                    await trio.sleep(0.01)
         stats = server.stats()
         assert stats["messages_received"] == 21
         assert stats["receive_budget_used"] == 0

@@ -42,10 +42,12 @@ def _call_everything(pb2: ModuleType, pb2_grpc: ModuleType, port: int,
             stub.Send(pb2.RaftMessage(message=b"\x01junk"), timeout=5)
         except grpc.RpcError as exc:
             results.append(exc.code())
+        results.append(stub.PriorityStream(iter([pb2.RaftMessage(message=frames[0])]),
+                                           timeout=5))
     return results
 
 
-async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, ModuleType],
+async def test_grpcio_client_calls_every_rpc(stubs: tuple[ModuleType, ModuleType],
                                                   tmp_path: Path) -> None:
     pb2, pb2_grpc = stubs
     inbox = Inbox()
@@ -65,7 +67,9 @@ async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, Modul
         await server.aclose()
     assert [type(r).__name__ for r in results[:3]] == ["Ack", "Ack", "Ack"]
     assert results[3] == grpc.StatusCode.INVALID_ARGUMENT
+    assert type(results[4]).__name__ == "Ack"
     assert inbox.messages[:6] == msgs
+    assert inbox.messages[7] == msgs[0]  # by PriorityStream
     assert inbox.messages[6].snapshot is not None
     assert inbox.messages[6].snapshot.metadata.index == 40
     raw = (tmp_path / fsm_name(40)).read_bytes()

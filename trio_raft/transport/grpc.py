@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISPATCH_TIMEOUT = 5.0
 DEFAULT_SNAPSHOT_TIMEOUT = 30 * 60.0
-DEFAULT_SNAPSHOT_CHUNK_BYTES = 16 << 20
+DEFAULT_SNAPSHOT_CHUNK_BYTES = 1 << 20
 DEFAULT_REPROBE_AFTER = 30.0
 _STOP_BUDGET = 0.5
 
@@ -116,7 +116,10 @@ class _TrioCounters:
 class GRPCTransport:
     """The gRPC implementation of :class:`~trio_raft.transport.base.ServingTransport`.
 
-    ``send_stream=False`` sends everything with unary ``Send`` calls (no ``SendStream``).
+    ``send_stream=False`` sends replication messages with unary ``Send`` calls (no
+    ``SendStream``); ``priority_stream=False`` sends the priority types with unary ``Send``
+    calls on the peer's main connection, as before the priority lane existed (no
+    ``PriorityStream``, no second connection).
     ``max_snapshot_bytes`` caps a received payload (the attached exchange has its own cap too).
     ``max_message_bytes`` caps one gRPC message of the raft service, sent or received;
     ``limits`` are the server's other limits (connections, streams, windows, the receive
@@ -133,6 +136,7 @@ class GRPCTransport:
         client_ssl: ssl.SSLContext | None = None,
         tls_server_name: str | None = None,
         send_stream: bool = True,
+        priority_stream: bool = True,
         dispatch_timeout: float = DEFAULT_DISPATCH_TIMEOUT,
         snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
         snapshot_chunk_bytes: int = DEFAULT_SNAPSHOT_CHUNK_BYTES,
@@ -160,6 +164,7 @@ class GRPCTransport:
             max_message_bytes=max_message_bytes, reprobe_after=stream_reprobe_after,
             open_timeout=dispatch_timeout)
         self._send_stream = send_stream
+        self._priority_stream = priority_stream
         self._dispatch_timeout = dispatch_timeout
         self._snapshot_timeout = snapshot_timeout
         self._chunk_bytes = snapshot_chunk_bytes
@@ -275,6 +280,7 @@ class GRPCTransport:
                 self._bridge = bridge
                 self._client = ClientSide(self._client_config)
                 self._client.stream_enabled = self._send_stream
+                self._client.priority_enabled = self._priority_stream
                 self._portal = TrioPortal(nursery)
                 try:
                     bound = None
@@ -399,9 +405,9 @@ class GRPCTransport:
             self._count_error("ResourceExhausted", DispatchError())
             raise DispatchError(f"frame of {len(frame)} bytes exceeds "
                                 f"{self._max_message_bytes}", code="ResourceExhausted")
-        use_stream = self._send_stream and message.type not in PRIORITY_MESSAGE_TYPES
+        priority = message.type in PRIORITY_MESSAGE_TYPES
         try:
-            await bridge.run(client.deliver, peer.address, frame, use_stream,
+            await bridge.run(client.deliver, peer.address, frame, priority,
                              self._dispatch_timeout)
         except Exception as exc:
             raise self._failure(exc) from None

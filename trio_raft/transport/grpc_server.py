@@ -79,7 +79,12 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
 from trio_raft.transport.bridge import TrioPortal
 from trio_raft.transport.codec import decode_message
 from trio_raft.transport.grpc_limits import ServerLimits, discard_request
-from trio_raft.transport.routes import SEND_ROUTE, SNAPSHOT_ROUTE, STREAM_ROUTE
+from trio_raft.transport.routes import (
+    PRIORITY_ROUTE,
+    SEND_ROUTE,
+    SNAPSHOT_ROUTE,
+    STREAM_ROUTE,
+)
 from trio_raft.transport.snapshot_transfer import ChunkPipe
 
 log = logging.getLogger(__name__)
@@ -192,6 +197,8 @@ class RaftTransportService(RaftTransportBase):
                                   RaftMessage, Ack),
             SNAPSHOT_ROUTE: Handler(self._call(self.send_snapshot), Cardinality.STREAM_UNARY,
                                     SnapshotChunk, Ack),
+            PRIORITY_ROUTE: Handler(self._call(self.priority_stream),
+                                    Cardinality.STREAM_UNARY, RaftMessage, Ack),
         }
 
     def _call(self, body: _Call) -> Callable[[Any], Awaitable[None]]:
@@ -282,6 +289,11 @@ class RaftTransportService(RaftTransportBase):
                 consumer.cancel()
                 await asyncio.gather(consumer, return_exceptions=True)
         return Ack()
+
+    async def priority_stream(self, messages: AsyncIterator[RaftMessage]) -> Ack:
+        # The same service as SendStream: what differs is on the sender's side (its own
+        # stream and connection, so the small messages never wait behind large ones).
+        return await self.send_stream(messages)
 
     async def _consume(self, pipe: _Pipe) -> None:  # trio side
         deliver = self._host.deliver_inbound

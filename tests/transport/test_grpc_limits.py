@@ -159,29 +159,47 @@ async def test_connections_past_the_cap_get_goaway_and_are_closed() -> None:
             fresh.send(sid, struct.pack(">?I", False, len(body)) + body, end=True)
             state = await in_thread(fresh.wait_status, sid, 10.0)
             assert state.status == 0 and fresh.goaway is None  # type: ignore[attr-defined]
+            # Refused connections leave nothing behind (grpclib's server forgets their
+            # request handlers).
+            for _ in range(40):
+                extra = RawConnection(address)
+                conns.append(extra)
+                await in_thread(extra.pump, 0.05)
+                assert extra.goaway == ErrorCodes.ENHANCE_YOUR_CALM
+            assert server._server is not None
+            assert len(server._server._handlers) <= 3 + 10  # open ones + one gc interval
         finally:
             for c in conns:
                 c.close()
 
 
 @pytest.mark.parametrize("case", ["compressed", "bad-flag", "cut-short"])
-async def test_malformed_framing_gets_its_status(case: str) -> None:
-    async with served() as (_server, address):
+async def test_malformed_framing_gets_its_status_once_the_request_ended(case: str) -> None:
+    body = b"\xff" * 70_000  # more than one step of the drain; no framing inside
+    after = struct.pack(">?I", False, 3) + b"abc"  # a message after the refused one
+    async with served() as (server, address):
         conn = RawConnection(address)
         try:
-            sid = conn.open_call(SEND_ROUTE)
+            sid = conn.open_call(STREAM_ROUTE)
             if case == "compressed":
-                conn.send(sid, struct.pack(">?I", True, 3) + b"abc", end=True)
+                data = struct.pack(">?I", True, len(body)) + body + after
             elif case == "bad-flag":
-                conn.send(sid, b"\x07" + struct.pack(">I", 3) + b"abc", end=True)
+                data = b"\x07" + struct.pack(">I", len(body)) + body + after
             else:
-                conn.send(sid, struct.pack(">?I", False, 100) + b"abc", end=True)
+                data = struct.pack(">?I", False, len(body) + 100) + body
+            assert await in_thread(conn.send_all, sid, data)
+            conn.send(sid, b"", end=True)
             state = await in_thread(conn.wait_status, sid, 10.0)
+            await in_thread(conn.pump, 0.1)
         finally:
             conn.close()
+        stats = server.stats()
     expected = {"compressed": UNIMPLEMENTED, "bad-flag": INVALID_ARGUMENT,
                 "cut-short": INVALID_ARGUMENT}[case]
     assert state.status == expected  # type: ignore[attr-defined]
+    # The status came after the client's end of the request, on a stream closed both ways.
+    assert not state.reset  # type: ignore[attr-defined]
+    assert stats["refusals_after_request_end"] == 1 and stats["refusals_reset"] == 0
 
 
 async def test_a_refused_client_that_keeps_sending_is_reset_after_the_drain_bound() -> None:

@@ -106,6 +106,10 @@ class LimitedStream(H2Stream):
         self._body: int | None = None
         self._held = 0
         self._share = 0
+        #: The body of a message refused on its prefix, still to come (skipped by a drain).
+        self.unread_body = 0
+        #: The client ended its request inside a message: nothing more will come.
+        self.ended_inside_message = False
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -129,6 +133,8 @@ class LimitedStream(H2Stream):
         if not meta:
             return meta
         flag, length = meta[0], int.from_bytes(meta[1:], "big")
+        if flag or length > self.cap:
+            self.unread_body = length
         if flag == 1:
             raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
         if flag != 0:
@@ -146,6 +152,7 @@ class LimitedStream(H2Stream):
         try:
             return await super().recv_data(size)
         except AssertionError:  # grpclib: the stream ended inside a message
+            self.ended_inside_message = True
             raise GRPCError(Status.INVALID_ARGUMENT, "the request ended inside a message"
                             ) from None
 
@@ -265,6 +272,7 @@ class LimitedProtocol(H2Protocol):
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
+        self.handler.close()  # no request will reach it: grpclib's server may forget it
         self._server.refused_connections += 1
         log.warning("refused a gRPC connection from %s: %d connections are open (the limit)",
                     transport.get_extra_info("peername"), self._server.open_connections)

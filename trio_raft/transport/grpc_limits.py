@@ -132,9 +132,18 @@ async def discard_request(stream: Any, max_bytes: int) -> bool:
     inner = getattr(stream, "_stream", None)
     if inner is None:
         return False
+    if getattr(inner, "ended_inside_message", False):
+        return True
     read = getattr(inner, "recv_raw", inner.recv_data)
     seen = 0
     try:
+        left = getattr(inner, "unread_body", 0)  # of a message refused on its prefix
+        while left and seen <= max_bytes:
+            step = min(left, _DISCARD_STEP)
+            seen += step
+            if len(await read(step)) < step:
+                return True
+            left -= step
         while seen <= max_bytes:
             meta = await read(MESSAGE_PREFIX)
             if not meta:

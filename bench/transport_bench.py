@@ -2,8 +2,9 @@
 
 Cases: raft MsgApp messages carrying 1 or 64 entries of 100 bytes, sent
 
-* over GRPCTransport, unary ``Send`` (one call in flight, as a priority lane would) and over the
-  ``SendStream`` replication lane;
+* over GRPCTransport, unary ``Send`` (one call in flight, as priority messages went before
+  they had a lane of their own; ``bench/priority_lane_bench.py`` measures that lane) and over
+  the ``SendStream`` replication lane;
 * over raw trio TCP with 4-byte length prefixes (the same codec frames), request/response and
   streaming: the baseline measured in the same run.
 

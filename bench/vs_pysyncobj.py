@@ -1,6 +1,7 @@
 """Side by side: a 3-process kvnode cluster (fsync on) against a 3-process PySyncObj cluster.
 
     python bench/vs_pysyncobj.py [--duration 10] [--concurrency 1,64,1024] [--size 100]
+                                 [--client grpclib,grpcio] [--connections 16]
 
 Both clusters run on loopback, one OS process per node, and are driven by the same load
 generator (this process): ``c`` concurrent tasks send ``Put(key, 100-byte value)`` to the leader
@@ -19,15 +20,22 @@ connection send their writes over one ``PutStream`` call (answered in order); bo
   behind it. Its throughput is the ceiling this front end and this load generator impose on any
   system measured this way, on this machine.
 
-Prints a JSON line per system and setting (ops/s, p50/p99 latency in ms, and the CPU time each
-process spent per acknowledged op: leader, followers together, load generator), then a table.
-Figures, not assertions; loopback only. ``--systems`` picks a subset.
+Every setting runs twice, once per load generator client (``--client``): the project's client
+(``trio_raft_kv.client``, grpclib) and grpcio's asyncio client (the reference implementation
+most other languages' clients behave like), with the same tasks, requests and number of
+connections (``--connections``, default 16; one channel per connection, none shared).
+
+Prints a JSON line per system, client and setting (ops/s, p50/p99 latency in ms, and the CPU
+time each process spent per acknowledged op: leader, followers together, load generator), then
+two tables: kvnode against PySyncObj, and grpcio against the project's client. Figures, not
+assertions; loopback only. ``--systems`` picks a subset.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -236,14 +244,14 @@ async def find_leader(addrs: list[str], timeout: float = 60.0) -> str:
 
 
 async def load(addr: str, concurrency: int, duration: float, size: int,
-               rpc: str = "unary") -> dict[str, Any]:
+               rpc: str = "unary", connections: int = MAX_CHANNELS) -> dict[str, Any]:
     """``concurrency`` tasks putting back to back for ``duration`` seconds, over up to
     ``MAX_CHANNELS`` connections: one unary ``Put`` call per write, or (``rpc="stream"``) one
     long ``PutStream`` call per connection carrying the writes of the tasks that share it."""
     from trio_raft_kv._proto.trio_raft.kv import v1 as pb
     from trio_raft_kv.client import KVClient, KVError, PutPipeline
 
-    clients = [KVClient(addr, timeout=30.0) for _ in range(min(concurrency, MAX_CHANNELS))]
+    clients = [KVClient(addr, timeout=30.0) for _ in range(min(concurrency, connections))]
     value = os.urandom(size)
     latencies: list[float] = []
     errors = 0
@@ -284,6 +292,106 @@ async def load(addr: str, concurrency: int, duration: float, size: int,
         elapsed = time.monotonic() - t_start
     for c in clients:
         c.close()
+    return summarize(rpc, concurrency, latencies, errors, elapsed)
+
+
+async def load_grpcio(addr: str, concurrency: int, duration: float, size: int,
+                      rpc: str = "unary", connections: int = MAX_CHANNELS) -> dict[str, Any]:
+    """:func:`load` with grpcio's asyncio client instead of the project's (grpclib): the same
+    tasks and requests over the same number of connections (one channel each, none shared)."""
+    import grpc
+
+    from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+
+    n_channels = min(concurrency, connections)
+    channels = [grpc.aio.insecure_channel(addr, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(n_channels)]
+    value = os.urandom(size)
+    latencies: list[float] = []
+    errors = 0
+
+    def encode(request: pb.PutRequest) -> bytes:
+        return bytes(request)
+
+    puts = [ch.unary_unary("/trio_raft.kv.v1.KV/Put", request_serializer=encode,
+                           response_deserializer=pb.PutResponse.parse) for ch in channels]
+    for put in puts:  # warm-up: connections open before timing starts
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await put(pb.PutRequest(key="warmup", value=value), timeout=30)
+    pipes = ([GrpcioPipeline(ch, encode) for ch in channels] if rpc == "stream" else [])
+    end = time.monotonic() + duration
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        put = puts[i % n_channels]
+        pipe = pipes[i % n_channels] if pipes else None
+        n = 0
+        while time.monotonic() < end:
+            n += 1
+            t0 = time.perf_counter()
+            request = pb.PutRequest(key=f"k{i}-{n}", value=value)
+            try:
+                if pipe is not None:
+                    await pipe.put(request)
+                else:
+                    await put(request, timeout=30)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                if pipe is not None:
+                    return
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    t_start = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    elapsed = time.monotonic() - t_start
+    for pipe in pipes:
+        await pipe.aclose()
+    for ch in channels:
+        await ch.close()
+    return summarize(rpc, concurrency, latencies, errors, elapsed)
+
+
+class GrpcioPipeline:
+    """Puts over one grpcio ``PutStream`` call; answers come back in order."""
+
+    def __init__(self, channel: Any, encode: Callable[[Any], bytes]) -> None:
+        from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+
+        self._call = channel.stream_stream(
+            "/trio_raft.kv.v1.KV/PutStream", request_serializer=encode,
+            response_deserializer=pb.PutResponse.parse)()
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._lock = asyncio.Lock()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for reply in self._call:
+                self._waiting.popleft().set_result(reply)
+        except BaseException as exc:
+            while self._waiting:
+                fut = self._waiting.popleft()
+                if not fut.done():
+                    fut.set_exception(exc)
+            raise
+
+    async def put(self, request: Any) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        async with self._lock:
+            self._waiting.append(fut)
+            await self._call.write(request)
+        return await fut
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._call.done_writing()
+        with contextlib.suppress(BaseException):
+            await self._reader
+
+
+def summarize(rpc: str, concurrency: int, latencies: list[float], errors: int,
+              elapsed: float) -> dict[str, Any]:
     latencies.sort()
 
     def pct(q: float) -> float:
@@ -330,15 +438,17 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
         leader = await find_leader(list(api.values())[:len(procs.procs)])
         pids = [p.pid for p in procs.procs]
         leader_i = list(api.values()).index(leader)
-        settings = [(rpc, int(c)) for rpc in args.rpc.split(",")
-                    for c in args.concurrency.split(",")]
-        for rpc, c in settings:
+        settings = [(client, rpc, int(c)) for client in args.client.split(",")
+                    for rpc in args.rpc.split(",") for c in args.concurrency.split(",")]
+        for client, rpc, c in settings:
             before, gen_before = cpu_seconds(pids), time.process_time()
-            r = await load(leader, c, args.duration, args.size, rpc)
+            loader = load_grpcio if client == "grpcio" else load
+            r = await loader(leader, c, args.duration, args.size, rpc, args.connections)
             used = [b - a for a, b in zip(before, cpu_seconds(pids))]
             gen = time.process_time() - gen_before
             ops = max(r["ops"], 1)
-            row = {"bench": "vs_pysyncobj", "system": system,
+            row = {"bench": "vs_pysyncobj", "system": system, "client": client,
+                   "connections": min(c, args.connections),
                    "nodes": 1 if system == "null" else 3,
                    "fsync": system == "kvnode", "value_bytes": args.size, **r,
                    # CPU microseconds per acknowledged op: leader, followers (sum), generator
@@ -368,17 +478,20 @@ def cpu_seconds(pids: list[int]) -> list[float]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    by = {(r["system"], r["rpc"], r["concurrency"]): r for r in rows}
+    """kvnode against PySyncObj (the project's client); then, where both clients ran, grpcio's
+    client against the project's, per system."""
+    by = {(r["system"], r.get("client", "grpclib"), r["rpc"], r["concurrency"]): r
+          for r in rows}
     settings = sorted({(r["rpc"], r["concurrency"]) for r in rows},
                       key=lambda s: (s[0] != "unary", s[1]))
     out = ["| rpc | in flight | kvnode ops/s | kvnode p50 / p99 ms | PySyncObj ops/s "
            "| PySyncObj p50 / p99 ms | throughput ratio | p50 ratio | front end alone ops/s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for rpc, c in settings:
-        k, p = by.get(("kvnode", rpc, c)), by.get(("pysyncobj", rpc, c))
+        k, p = by.get(("kvnode", "grpclib", rpc, c)), by.get(("pysyncobj", "grpclib", rpc, c))
         if k is None or p is None:
             continue
-        n = by.get(("null", rpc, c))
+        n = by.get(("null", "grpclib", rpc, c))
         tr = k["ops_per_s"] / p["ops_per_s"] if p["ops_per_s"] else float("inf")
         lr = p["p50_ms"] / k["p50_ms"] if k["p50_ms"] else float("inf")
         ceiling = f"{n['ops_per_s']:.0f}" if n is not None else "-"
@@ -386,6 +499,22 @@ def table(rows: list[dict[str, Any]]) -> str:
                    f"{k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
                    f"{p['ops_per_s']:.0f} | {p['p50_ms']:.1f} / {p['p99_ms']:.1f} | "
                    f"{tr:.2f}x | {lr:.1f}x lower | {ceiling} |")
+    clients = ["| system | rpc | in flight | connections | project's client ops/s "
+               "| grpcio ops/s | grpcio / project's |", "|---|---|---:|---:|---:|---:|---:|"]
+    for system in ("kvnode", "pysyncobj", "null"):
+        for rpc, c in settings:
+            mine, theirs = (by.get((system, "grpclib", rpc, c)),
+                            by.get((system, "grpcio", rpc, c)))
+            if mine is None or theirs is None:
+                continue
+            ratio = theirs["ops_per_s"] / mine["ops_per_s"] if mine["ops_per_s"] else 0.0
+            clients.append(f"| {system} | {rpc} | {c} | {mine.get('connections', '-')} | "
+                           f"{mine['ops_per_s']:.0f} | {theirs['ops_per_s']:.0f} | "
+                           f"{ratio:.0%} |")
+    if len(out) == 2:
+        out = []
+    if len(clients) > 2:
+        out += ["", *clients]
     return "\n".join(out)
 
 
@@ -428,6 +557,13 @@ def main() -> None:
     ap.add_argument("--rpc", default="unary,stream",
                     help="comma-separated subset of unary (a Put call per write) and stream "
                          "(writes multiplexed over PutStream calls)")
+    ap.add_argument("--client", default="grpclib,grpcio",
+                    help="comma-separated subset of grpclib (the project's client, "
+                         "trio_raft_kv.client) and grpcio (grpcio's asyncio client): the load "
+                         "generator's gRPC client, over the same number of connections")
+    ap.add_argument("--connections", type=int, default=MAX_CHANNELS,
+                    help="HTTP/2 connections the load generator spreads its tasks over "
+                         "(at most the tasks in flight)")
     ap.add_argument("--systems", default="kvnode,pysyncobj,null",
                     help="comma-separated subset of kvnode,pysyncobj,null (null: the KV front end "
                          "alone, acknowledging without replication)")

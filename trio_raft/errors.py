@@ -418,6 +418,16 @@ class TransportClosedError(TransportError):
     default_message = "raft transport is closed"
 
 
+class TransportBindError(TransportError, OSError):
+    """``GRPCTransport.serve`` could not listen on its address (in use, not a local address, no
+    permission). ``address`` is the ``host:port`` it tried; the ``OSError`` is the cause."""
+    default_message = "raft transport cannot listen on its address"
+
+    def __init__(self, *args: object, address: str = "") -> None:
+        super().__init__(*args)
+        self.address = address
+
+
 class DispatchError(TransportError):
     """A message could not be delivered to a peer.
 

@@ -29,6 +29,7 @@ from trio_raft_kv.errors import (
     StartRefusedError,
     TLSFilesError,
 )
+from trio_raft_kv.limits import add_limit_flags
 from trio_raft_kv.validation import check_member_id, split_address
 
 log = logging.getLogger("kvnode")
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Tests only (tests/chaos): a file holding the seconds to wait before each WAL write,
     # re-read every time, so a test can make the disk slow and fast again at run time.
     s.add_argument("--test-fsync-delay-file", default=None, help=argparse.SUPPRESS)
+    add_limit_flags(s)
 
     p = _sub(sub, "put", "set KEY to VALUE")
     p.add_argument("key", help="the key (UTF-8)")

@@ -35,6 +35,7 @@ import trio_raft
 from trio_raft.transport.grpc import GRPCTransport
 from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
 from trio_raft_kv.errors import StartRefusedError, TLSFilesError
+from trio_raft_kv.limits import server_limits
 from trio_raft_kv.metrics import Metrics
 from trio_raft_kv.services import AdminService, KVService, ServiceContext
 from trio_raft_kv.statemachine import KVStateMachine, encode_member
@@ -220,7 +221,8 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
     transport = PinnedTransport(local_address=local_address,
                                 server_ssl=server_ssl(args.tls_dir),
                                 client_ssl=client_ssl(args.tls_dir),
-                                pinned={p.id: p.address for p in peers if p.id != args.id})
+                                pinned={p.id: p.address for p in peers if p.id != args.id},
+                                limits=server_limits(args))
     announcer = MembershipAnnouncer(ctx, transport)
     fsm.on_members_changed = announcer.members_changed
     handlers = [KVService(ctx), AdminService(ctx)]

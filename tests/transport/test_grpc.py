@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from trio_raft.errors import (
     DispatchError,
     StepQueueFullError,
     TransportAttachedError,
+    TransportBindError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
@@ -35,9 +37,9 @@ async def test_protocol_conformance() -> None:
 
 
 async def test_unary_and_stream_delivery_in_order() -> None:
-    async with grpc_pair() as (a, _b, inbox):
+    async with grpc_pair(priority_stream=False) as (a, _b, inbox):
         hb = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=7)
-        await a.send(hb)  # priority type: unary Send
+        await a.send(hb)  # priority type, without the priority lane: unary Send
         msgs = [app(i, n_entries=3) for i in range(50)]
         for m in msgs:
             await a.send(m)  # replication: the SendStream lane
@@ -48,6 +50,8 @@ async def test_unary_and_stream_delivery_in_order() -> None:
         assert stats["unary_messages"] == 1
         assert stats["stream_messages"] == 50
         assert stats["stream_opens"] == 1
+        assert stats["priority_opens"] == 0
+        assert stats["channels"] == 1  # no second connection without the priority lane
         assert a.dispatch_error_counts_by_code() == {}
 
 
@@ -62,7 +66,7 @@ async def test_send_stream_disabled_uses_unary() -> None:
 
 
 async def test_handler_errors_come_back_as_status_codes() -> None:
-    async with grpc_pair() as (a, b, inbox):
+    async with grpc_pair(priority_stream=False) as (a, b, inbox):
         inbox.fail_with = StepQueueFullError()
         with pytest.raises(DispatchError) as info:
             await a.send(Message(MessageType.VOTE, to=2, from_=1, term=4))
@@ -122,7 +126,7 @@ async def test_unknown_peer_and_unreachable_peer_are_counted() -> None:
 
 
 async def test_deadline_exceeded_is_counted() -> None:
-    async with grpc_pair(dispatch_timeout=0.2) as (a, _b, inbox):
+    async with grpc_pair(dispatch_timeout=0.2, priority_stream=False) as (a, _b, inbox):
         async def slow(_m: Message) -> None:
             await trio.sleep(10)
         inbox.hook = slow
@@ -193,7 +197,7 @@ async def test_stream_falls_back_to_unary_on_unimplemented_and_reprobes() -> Non
 
 
 async def test_cancelling_a_send_cancels_the_rpc() -> None:
-    async with grpc_pair() as (a, _b, inbox):
+    async with grpc_pair(priority_stream=False) as (a, _b, inbox):
         started = trio.Event()
         handler_cancelled = trio.Event()
 
@@ -320,3 +324,23 @@ async def test_serve_with_extra_handlers_and_register() -> None:
     assert legacy.frames == []
     with pytest.raises(TypeError):
         t.register(object())
+
+
+async def test_serve_on_an_address_in_use_raises_a_typed_error_naming_it() -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        transport = GRPCTransport([TransportPeer(2, "n2", "127.0.0.1:1")],
+                                  local_address=f"127.0.0.1:{port}")
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(TransportBindError) as info:
+                await nursery.start(transport.serve)
+    err = info.value
+    assert err.address == f"127.0.0.1:{port}"
+    assert f"127.0.0.1:{port}" in str(err)
+    assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.EADDRINUSE
+    assert isinstance(err, OSError)  # callers that catch a failed bind as OSError still do
+    assert grpc_threads() == []  # everything serve started is stopped
+    with pytest.raises(TransportClosedError):
+        await transport.send(Message(MessageType.HEARTBEAT, to=2, from_=1))

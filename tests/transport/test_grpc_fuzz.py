@@ -20,7 +20,7 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
     RaftTransportStub,
 )
 from trio_raft.transport.codec import encode_message
-from trio_raft.transport.grpc_client import SEND_ROUTE, STREAM_ROUTE
+from trio_raft.transport.routes import SEND_ROUTE, STREAM_ROUTE
 
 WIRE_FUZZ_INPUTS = 3000
 

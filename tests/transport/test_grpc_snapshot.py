@@ -22,7 +22,7 @@ from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.transport import GRPCTransport
 from trio_raft.transport._proto.trio_raft.transport.v1 import Ack, SnapshotChunk
 from trio_raft.transport.codec import decode_message, encode_snapshot_header
-from trio_raft.transport.grpc_client import SNAPSHOT_ROUTE
+from trio_raft.transport.routes import SNAPSHOT_ROUTE
 
 CHUNK = 1 << 20
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +11,7 @@ import crc32c
 import pytest
 import trio
 
+from tests.transport import grpcio_stubs
 from tests.transport.conftest import Inbox, app
 from tests.transport.snapshot_helpers import ProbedExchange, fsm_name
 from trio_raft.core.messages import ConfState, Message, MessageType, Snapshot, SnapshotMetadata
@@ -20,42 +19,11 @@ from trio_raft.transport import GRPCTransport
 from trio_raft.transport.codec import encode_message, encode_snapshot_header
 
 grpc = pytest.importorskip("grpc")
-protoc = pytest.importorskip("grpc_tools.protoc")
-
-PROTOS = Path(__file__).resolve().parents[2] / "protos"
 
 
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    out = tmp_path_factory.mktemp("grpcio_stubs")
-    include = Path(protoc.__file__).parent / "_proto"
-    rc = protoc.main([
-        "grpc_tools.protoc", f"-I{PROTOS}", f"-I{include}", f"--python_out={out}",
-        f"--grpc_python_out={out}", str(PROTOS / "transport.proto"),
-    ])
-    assert rc == 0
-    pb2 = _load(out / "transport_pb2.py", "transport_pb2")
-    # The generated service module imports its messages as the top-level ``transport_pb2``:
-    # that name resolves to the module just loaded while the service module executes, and is
-    # forgotten again afterwards (nothing is added to sys.path).
-    previous = sys.modules.get("transport_pb2")
-    sys.modules["transport_pb2"] = pb2
-    try:
-        pb2_grpc = _load(out / "transport_pb2_grpc.py", "transport_pb2_grpc")
-    finally:
-        if previous is None:
-            del sys.modules["transport_pb2"]
-        else:
-            sys.modules["transport_pb2"] = previous
-    return pb2, pb2_grpc
-
-
-def _load(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return grpcio_stubs.load(tmp_path_factory.mktemp("grpcio_stubs"), "transport")
 
 
 def _call_everything(pb2: ModuleType, pb2_grpc: ModuleType, port: int,
@@ -74,10 +42,12 @@ def _call_everything(pb2: ModuleType, pb2_grpc: ModuleType, port: int,
             stub.Send(pb2.RaftMessage(message=b"\x01junk"), timeout=5)
         except grpc.RpcError as exc:
             results.append(exc.code())
+        results.append(stub.PriorityStream(iter([pb2.RaftMessage(message=frames[0])]),
+                                           timeout=5))
     return results
 
 
-async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, ModuleType],
+async def test_grpcio_client_calls_every_rpc(stubs: tuple[ModuleType, ModuleType],
                                                   tmp_path: Path) -> None:
     pb2, pb2_grpc = stubs
     inbox = Inbox()
@@ -97,7 +67,9 @@ async def test_grpcio_client_calls_all_three_rpcs(stubs: tuple[ModuleType, Modul
         await server.aclose()
     assert [type(r).__name__ for r in results[:3]] == ["Ack", "Ack", "Ack"]
     assert results[3] == grpc.StatusCode.INVALID_ARGUMENT
+    assert type(results[4]).__name__ == "Ack"
     assert inbox.messages[:6] == msgs
+    assert inbox.messages[7] == msgs[0]  # by PriorityStream
     assert inbox.messages[6].snapshot is not None
     assert inbox.messages[6].snapshot.metadata.index == 40
     raw = (tmp_path / fsm_name(40)).read_bytes()

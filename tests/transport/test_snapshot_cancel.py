@@ -107,11 +107,12 @@ async def test_receiver_stops_during_a_large_incoming_snapshot(
 @pytest.mark.parametrize("how", ["cancel", "close"])
 async def test_sender_stops_during_a_large_outgoing_snapshot(
         tmp_path: Path, big_payload: bytes, how: str) -> None:
-    # The receiver is held after spooling 8 MiB; the sender has read 16 MiB by then.
+    # The receiver is held after spooling 4 MiB; the sender has read 8 MiB by then (what is
+    # in between: the sender's queue and look-ahead, the HTTP/2 windows, the receiver's pipe).
     src = ProbedExchange(tmp_path / "src")
     dst = ProbedExchange(tmp_path / "dst")
-    received = dst.io.add(Hold("write", path=SPOOL_WRITES, after=8))
-    read = _marker(src.io.add(Hold("readinto", path=FSM_FILES, after=16)))
+    received = dst.io.add(Hold("write", path=SPOOL_WRITES, after=4))
+    read = _marker(src.io.add(Hold("readinto", path=FSM_FILES, after=8)))
     token = write_fsm(tmp_path / "src", INDEX, big_payload)
     outcome: list[BaseException] = []
     async with grpc_pair(snapshot_chunk_bytes=CHUNK, a_snapshots=src, b_snapshots=dst) as (

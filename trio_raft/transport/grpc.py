@@ -36,7 +36,6 @@ from typing import Any
 import attrs
 import trio
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
-from grpclib.server import Server
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
 from trio_raft.errors import (
@@ -47,6 +46,7 @@ from trio_raft.errors import (
     SendStreamDisabledError,
     SnapshotTransferCancelledError,
     TransportAttachedError,
+    TransportBindError,
     TransportClosedError,
     TransportHandlerNilError,
     TransportPeerUnknownError,
@@ -66,7 +66,10 @@ from trio_raft.transport.base import (
 from trio_raft.transport.bridge import AsyncioBridge, TrioPortal
 from trio_raft.transport.codec import MAX_FRAME_BYTES, encode_message, encode_snapshot_header
 from trio_raft.transport.grpc_client import CappedCodec, ClientConfig, ClientSide
+from trio_raft.transport.grpc_h2server import LimitedServer
+from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits
 from trio_raft.transport.grpc_server import RaftTransportService
+from trio_raft.transport.routes import RAFT_ROUTES
 from trio_raft.transport.snapshot_transfer import (
     ChunkPipe,
     InlinePayload,
@@ -79,7 +82,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DISPATCH_TIMEOUT = 5.0
 DEFAULT_SNAPSHOT_TIMEOUT = 30 * 60.0
-DEFAULT_SNAPSHOT_CHUNK_BYTES = 16 << 20
+DEFAULT_SNAPSHOT_CHUNK_BYTES = 1 << 20
 DEFAULT_REPROBE_AFTER = 30.0
 _STOP_BUDGET = 0.5
 
@@ -113,8 +116,15 @@ class _TrioCounters:
 class GRPCTransport:
     """The gRPC implementation of :class:`~trio_raft.transport.base.ServingTransport`.
 
-    ``send_stream=False`` sends everything with unary ``Send`` calls (no ``SendStream``).
+    ``send_stream=False`` sends replication messages with unary ``Send`` calls (no
+    ``SendStream``); ``priority_stream=False`` sends the priority types with unary ``Send``
+    calls on the peer's main connection, as before the priority lane existed (no
+    ``PriorityStream``, no second connection).
     ``max_snapshot_bytes`` caps a received payload (the attached exchange has its own cap too).
+    ``max_message_bytes`` caps one gRPC message of the raft service, sent or received;
+    ``limits`` are the server's other limits (connections, streams, windows, the receive
+    budget, the cap of the messages of application services served next to it), see
+    :class:`~trio_raft.transport.grpc_limits.ServerLimits`.
     """
 
     def __init__(
@@ -126,16 +136,24 @@ class GRPCTransport:
         client_ssl: ssl.SSLContext | None = None,
         tls_server_name: str | None = None,
         send_stream: bool = True,
+        priority_stream: bool = True,
         dispatch_timeout: float = DEFAULT_DISPATCH_TIMEOUT,
         snapshot_timeout: float = DEFAULT_SNAPSHOT_TIMEOUT,
         snapshot_chunk_bytes: int = DEFAULT_SNAPSHOT_CHUNK_BYTES,
         max_snapshot_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
         max_message_bytes: int = MAX_FRAME_BYTES,
         stream_reprobe_after: float = DEFAULT_REPROBE_AFTER,
+        limits: ServerLimits | None = None,
     ) -> None:
         if not 0 < snapshot_chunk_bytes <= max_message_bytes - (1 << 20):
             raise ValueError("snapshot_chunk_bytes must be positive and leave 1 MiB of headroom "
                              "below max_message_bytes")
+        limits = limits if limits is not None else ServerLimits()
+        if ReceiveBudget(limits.receive_budget_bytes).large_capacity < max(
+                max_message_bytes, limits.max_app_message_bytes):
+            raise ValueError("limits.receive_budget_bytes must hold at least one message of "
+                             "the largest size allowed in its large-message share (7/8)")
+        self._limits = limits
         self._peers: dict[int, TransportPeer] = {}
         for peer in peers:
             self.upsert_peer(peer)
@@ -146,6 +164,7 @@ class GRPCTransport:
             max_message_bytes=max_message_bytes, reprobe_after=stream_reprobe_after,
             open_timeout=dispatch_timeout)
         self._send_stream = send_stream
+        self._priority_stream = priority_stream
         self._dispatch_timeout = dispatch_timeout
         self._snapshot_timeout = snapshot_timeout
         self._chunk_bytes = snapshot_chunk_bytes
@@ -160,7 +179,7 @@ class GRPCTransport:
         self._bridge: AsyncioBridge | None = None
         self._portal: TrioPortal | None = None
         self._client: ClientSide | None = None
-        self._server: Server | None = None
+        self._server: LimitedServer | None = None
         self._started = False
         self._closed = False
         self._close_requested = trio.Event()
@@ -242,7 +261,9 @@ class GRPCTransport:
                     task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the transport until :meth:`aclose` or cancellation. Listens on ``host:port``
         (default: ``local_address``; port 0 picks a free port; no address: client only), serving
-        this transport's service plus ``handlers``. ``task_status.started`` gets the bound port."""
+        this transport's service plus ``handlers``. ``task_status.started`` gets the bound port.
+        An address it cannot listen on raises :class:`~trio_raft.errors.TransportBindError`
+        (the ``OSError`` as its cause) once everything it started has stopped."""
         if self._closed:
             raise TransportClosedError()
         if self._started:
@@ -252,12 +273,14 @@ class GRPCTransport:
             host, port = split_address(self.local_address)
         listen = host is not None or port is not None
         bridge = AsyncioBridge(name="trio-raft-grpc")
+        bind_error: TransportBindError | None = None
         try:
             await bridge.start()
             async with trio.open_nursery() as nursery:
                 self._bridge = bridge
                 self._client = ClientSide(self._client_config)
                 self._client.stream_enabled = self._send_stream
+                self._client.priority_enabled = self._priority_stream
                 self._portal = TrioPortal(nursery)
                 try:
                     bound = None
@@ -265,6 +288,8 @@ class GRPCTransport:
                         bound = await bridge.run(self._start_server, host, port, list(handlers))
                     task_status.started(bound)
                     await self._close_requested.wait()
+                except TransportBindError as exc:
+                    bind_error = exc  # raised below, outside the nursery (not in a group)
                 finally:
                     with trio.CancelScope(shield=True) as cs:
                         cs.deadline = trio.current_time() + _STOP_BUDGET
@@ -279,12 +304,21 @@ class GRPCTransport:
             self._server = None
             self._closed = True
             self._stopped.set()
+        if bind_error is not None:
+            raise bind_error
 
     async def _start_server(self, host: str | None, port: int | None,
                             handlers: list[Any]) -> int | None:
-        server = Server([self.service, *handlers], codec=CappedCodec(self._max_message_bytes))
+        server = LimitedServer([self.service, *handlers],
+                               codec=CappedCodec(self._max_message_bytes), limits=self._limits,
+                               route_caps=dict.fromkeys(RAFT_ROUTES, self._max_message_bytes))
+        try:
+            await server.start(host, port, ssl=self._server_ssl)
+        except OSError as exc:
+            where = f"{host if host is not None else '*'}:{port if port is not None else 0}"
+            raise TransportBindError(f"{where}: {exc.strerror or exc}",
+                                     address=where) from exc
         self._server = server
-        await server.start(host, port, ssl=self._server_ssl)
         listener = getattr(server, "_server", None)  # grpclib keeps the asyncio server private
         sockets = listener.sockets if listener is not None else ()
         return int(sockets[0].getsockname()[1]) if sockets else port
@@ -371,9 +405,9 @@ class GRPCTransport:
             self._count_error("ResourceExhausted", DispatchError())
             raise DispatchError(f"frame of {len(frame)} bytes exceeds "
                                 f"{self._max_message_bytes}", code="ResourceExhausted")
-        use_stream = self._send_stream and message.type not in PRIORITY_MESSAGE_TYPES
+        priority = message.type in PRIORITY_MESSAGE_TYPES
         try:
-            await bridge.run(client.deliver, peer.address, frame, use_stream,
+            await bridge.run(client.deliver, peer.address, frame, priority,
                              self._dispatch_timeout)
         except Exception as exc:
             raise self._failure(exc) from None
@@ -447,6 +481,10 @@ class GRPCTransport:
     def max_message_bytes(self) -> int:
         return self._max_message_bytes
 
+    @property
+    def server_limits(self) -> ServerLimits:
+        return self._limits
+
     async def deliver_inbound(self, message: Message) -> None:
         handler = self._handler
         if handler is None:
@@ -493,6 +531,9 @@ class GRPCTransport:
             out.update(attrs.asdict(client.counters))
             out["open_streams"] = len(client.streams)
             out["channels"] = len(client.channels)
+        server = self._server
+        if server is not None:
+            out.update(server.stats())
         out["peers"] = len(self._peers)
         out["dispatch_errors"] = self._errors.total
         out["dispatch_errors_by_code"] = dict(self._errors.by_code)

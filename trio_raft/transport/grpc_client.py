@@ -1,20 +1,26 @@
 """The client half of the gRPC transport. Everything here runs on the bridge's asyncio loop.
 
-* One grpclib ``Channel`` per peer address, created on first use and cached.
-* Replication traffic goes over one long-lived ``SendStream`` call per address
-  (:class:`PeerStream`). Before the first stream to an address is opened it is probed (an empty
-  stream, closed at once): a peer that answers ``UNIMPLEMENTED`` is marked as not supporting
-  streams and is sent unary ``Send`` calls instead, until the mark expires (30 s) and the next
-  message probes again. Opening is single-flight per address.
+* Two connections (grpclib ``Channel``) per peer address, created on first use and cached: the
+  main one (replication, snapshots) and the priority one (:data:`PRIORITY`), so that neither
+  TCP nor HTTP/2 flow control of a large transfer on the first can delay a heartbeat or a vote
+  on the second.
+* Two lanes, each one long-lived client-streaming call per address (:class:`PeerStream`):
+  :data:`BULK` (``SendStream``, replication traffic, on the main connection) and
+  :data:`PRIORITY` (``PriorityStream``, the small priority messages, on the priority
+  connection). Before the first stream of a lane to an address is opened it is probed (an
+  empty stream, closed at once): a peer that answers ``UNIMPLEMENTED`` is marked as not
+  supporting that lane's stream and is sent unary ``Send`` calls instead (on the lane's
+  connection), until the mark expires (30 s) and the next message probes again. Opening is
+  single-flight per lane and address.
 * A watcher task per stream waits for the server to end the call. Whatever ends it (an error
   status from the peer's handler, a lost connection, a graceful close) makes the stream terminal:
-  it is evicted, the next send finds it terminal and raises that error, the one after that opens
-  a new stream. Any failure or cancellation in the middle of writing to a stream evicts it too,
+  it is evicted, the next send on that lane raises that error, the one after that opens a new
+  stream. Any failure or cancellation in the middle of writing to a stream evicts it too,
   since a half-written message leaves the stream unusable.
-* Snapshots are streamed with ``SendSnapshot``: the metadata frame first, payload chunks after,
-  ``final`` on the last chunk (one chunk with metadata and ``final`` for an empty payload). The
-  chunks come from a bounded queue that a trio task of the caller fills (the payload is read in
-  trio, never here); ``None`` ends the payload.
+* Snapshots are streamed with ``SendSnapshot`` on the main connection: the metadata frame
+  first, payload chunks after, ``final`` on the last chunk (one chunk with metadata and
+  ``final`` for an empty payload). The chunks come from a bounded queue that a trio task of the
+  caller fills (the payload is read in trio, never here); ``None`` ends the payload.
 """
 
 from __future__ import annotations
@@ -39,13 +45,9 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
     SnapshotChunk,
 )
 from trio_raft.transport.base import split_address
+from trio_raft.transport.routes import PRIORITY_ROUTE, SNAPSHOT_ROUTE, STREAM_ROUTE
 
 log = logging.getLogger(__name__)
-
-SERVICE = "/trio_raft.transport.v1.RaftTransport/"
-SEND_ROUTE = SERVICE + "Send"
-STREAM_ROUTE = SERVICE + "SendStream"
-SNAPSHOT_ROUTE = SERVICE + "SendSnapshot"
 
 
 class CappedCodec(ProtoCodec):
@@ -72,17 +74,62 @@ class CappedCodec(ProtoCodec):
             raise GRPCError(Status.INVALID_ARGUMENT, f"undecodable protobuf: {exc}") from None
 
 
+@attrs.frozen(slots=True)
+class Lane:
+    """A client-streaming lane: its name, its route, and whether it has its own connection."""
+
+    name: str
+    route: str
+    own_connection: bool
+
+
+#: Replication traffic: ``SendStream`` on the peer's main connection.
+BULK = Lane("bulk", STREAM_ROUTE, own_connection=False)
+#: The priority types: ``PriorityStream`` on a connection of their own.
+PRIORITY = Lane("priority", PRIORITY_ROUTE, own_connection=True)
+
+_Key = tuple[str, str]  # (lane name, address)
+
+
 @attrs.define(slots=True)
 class ClientCounters:
-    """Counters written on the loop thread only."""
+    """Counters written on the loop thread only. ``stream_*``: the bulk lane;
+    ``priority_*``: the priority lane; ``*_fallbacks``: the lane's stream found unusable (the
+    peer answered the probe UNIMPLEMENTED, or the lane was turned off meanwhile): from then on
+    the lane's messages go by unary ``Send`` (counted in ``unary_messages``) until the mark
+    expires."""
 
     stream_opens: int = 0
     stream_reconnects: int = 0
     stream_messages: int = 0
     stream_fallbacks: int = 0
+    priority_opens: int = 0
+    priority_reconnects: int = 0
+    priority_messages: int = 0
+    priority_fallbacks: int = 0
     unary_messages: int = 0
     snapshots_sent: int = 0
     snapshot_bytes_sent: int = 0
+
+    def lane_opened(self, lane: Lane, reconnect: bool) -> None:
+        if lane is PRIORITY:
+            self.priority_opens += 1
+            self.priority_reconnects += reconnect
+        else:
+            self.stream_opens += 1
+            self.stream_reconnects += reconnect
+
+    def lane_message(self, lane: Lane) -> None:
+        if lane is PRIORITY:
+            self.priority_messages += 1
+        else:
+            self.stream_messages += 1
+
+    def lane_fallback(self, lane: Lane) -> None:
+        if lane is PRIORITY:
+            self.priority_fallbacks += 1
+        else:
+            self.stream_fallbacks += 1
 
 
 @attrs.define(slots=True)
@@ -95,11 +142,13 @@ class ClientConfig:
 
 
 class PeerStream:
-    """One long-lived ``SendStream`` call to an address."""
+    """One long-lived call of a lane's streaming RPC to an address."""
 
-    def __init__(self, client: ClientSide, address: str, channel: Channel) -> None:
+    def __init__(self, client: ClientSide, lane: Lane, address: str, channel: Channel) -> None:
         self.client = client
+        self.lane = lane
         self.address = address
+        self.key: _Key = (lane.name, address)
         self.channel = channel
         self.lock = asyncio.Lock()
         self.stream: Any = None
@@ -112,7 +161,8 @@ class PeerStream:
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        self.task = loop.create_task(self._run(ready), name=f"raft-stream-{self.address}")
+        self.task = loop.create_task(self._run(ready),
+                                     name=f"raft-{self.lane.name}-{self.address}")
         try:
             await ready
         except BaseException:
@@ -122,7 +172,7 @@ class PeerStream:
     async def _run(self, ready: asyncio.Future[None]) -> None:
         try:
             async with self.channel.request(
-                STREAM_ROUTE, Cardinality.STREAM_UNARY, RaftMessage, Ack
+                self.lane.route, Cardinality.STREAM_UNARY, RaftMessage, Ack
             ) as stream:
                 await stream.send_request()
                 self.stream = stream
@@ -141,7 +191,7 @@ class PeerStream:
             if not ready.done():
                 ready.set_exception(exc)
             else:
-                log.debug("send stream to %s ended: %r", self.address, exc)
+                log.debug("%s stream to %s ended: %r", self.lane.name, self.address, exc)
         finally:
             self.closed = True
             self.client.forget_stream(self)
@@ -165,7 +215,7 @@ class PeerStream:
                     await asyncio.wait({self.task}, timeout=0.2)
                 self.close()
                 if self.remote_end and isinstance(self.error, GRPCError):
-                    self.client.stream_errors.pop(self.address, None)
+                    self.client.stream_errors.pop(self.key, None)
                     raise _fresh(self.error) from exc
                 raise
             if self.closed:
@@ -179,28 +229,34 @@ class PeerStream:
 
 
 class ClientSide:
-    """Channels, streams and snapshot sends (runs on the loop)."""
+    """Channels, lanes and snapshot sends (runs on the loop). ``stream_enabled``: the bulk
+    lane streams (else every replication message is a unary call on the main connection);
+    ``priority_enabled``: the priority lane streams on its own connection (else every priority
+    message is a unary call on the main connection, as before the lane existed)."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.counters = ClientCounters()
-        self.channels: dict[str, Channel] = {}
-        self.streams: dict[str, PeerStream] = {}
-        self.opening: dict[str, asyncio.Task[PeerStream]] = {}
-        self.unsupported: dict[str, float] = {}
-        self.had_stream: set[str] = set()
-        self.stream_errors: dict[str, BaseException] = {}
+        self.channels: dict[_Key, Channel] = {}
+        self.streams: dict[_Key, PeerStream] = {}
+        self.opening: dict[_Key, asyncio.Task[PeerStream]] = {}
+        self.unsupported: dict[_Key, float] = {}
+        self.had_stream: set[_Key] = set()
+        self.stream_errors: dict[_Key, BaseException] = {}
         self.stream_enabled = True
+        self.priority_enabled = True
         self.closed = False
         self._codec = CappedCodec(config.max_message_bytes)
         self._snapshot_tasks: set[asyncio.Task[Any]] = set()
 
     # -- channels ---------------------------------------------------------------------------------
 
-    def channel(self, address: str) -> Channel:
+    def channel(self, address: str, *, priority: bool = False) -> Channel:
+        """The main connection to ``address``, or (``priority``) the priority lane's."""
         if self.closed:
             raise TransportClosedError()
-        ch = self.channels.get(address)
+        key = ("priority" if priority else "main", address)
+        ch = self.channels.get(key)
         if ch is None:
             host, port = split_address(address)
             config = None
@@ -208,23 +264,29 @@ class ClientSide:
                 config = Configuration(ssl_target_name_override=self.config.server_name)
             ch = Channel(host, port, ssl=self.config.ssl_context, codec=self._codec,
                          config=config)
-            self.channels[address] = ch
+            self.channels[key] = ch
         return ch
 
+    def _lane_channel(self, lane: Lane, address: str) -> Channel:
+        return self.channel(address, priority=lane.own_connection)
+
     def close_address(self, address: str) -> None:
-        """Drop the channel, stream, probe state and marks of one address."""
-        ps = self.streams.pop(address, None)
-        if ps is not None:
-            ps.close()
-        opening = self.opening.pop(address, None)
-        if opening is not None:
-            opening.cancel()
-        self.unsupported.pop(address, None)
-        self.had_stream.discard(address)
-        self.stream_errors.pop(address, None)
-        ch = self.channels.pop(address, None)
-        if ch is not None:
-            ch.close()
+        """Drop the channels, streams, probe state and marks of one address."""
+        for lane in (BULK, PRIORITY):
+            key = (lane.name, address)
+            ps = self.streams.pop(key, None)
+            if ps is not None:
+                ps.close()
+            opening = self.opening.pop(key, None)
+            if opening is not None:
+                opening.cancel()
+            self.unsupported.pop(key, None)
+            self.had_stream.discard(key)
+            self.stream_errors.pop(key, None)
+        for which in ("main", "priority"):
+            ch = self.channels.pop((which, address), None)
+            if ch is not None:
+                ch.close()
 
     async def aclose(self) -> None:
         """Cancel streams and snapshot sends, close channels. Bounded by the caller."""
@@ -247,91 +309,110 @@ class ClientSide:
 
     # -- regular messages -------------------------------------------------------------------------
 
-    async def deliver(self, address: str, frame: bytes, use_stream: bool, timeout: float) -> None:
+    async def deliver(self, address: str, frame: bytes, priority: bool, timeout: float) -> None:
+        """Send one frame on its lane: the priority lane for a priority type, else the bulk
+        lane; by a unary call where the lane does not stream."""
         msg = RaftMessage(message=frame)
+        if priority:
+            lane, streaming = PRIORITY, self.priority_enabled
+        else:
+            lane, streaming = BULK, self.stream_enabled
         async with asyncio.timeout(timeout):
-            if use_stream and self.stream_enabled and not self._marked_unsupported(address):
+            if streaming and not self._marked_unsupported(lane, address):
                 try:
-                    await self._stream_send(address, msg)
+                    await self._stream_send(lane, address, msg)
                     return
                 except GRPCError as exc:
                     if exc.status is not Status.UNIMPLEMENTED:
                         raise
-                    self._mark_unsupported(address)
+                    self._mark_unsupported(lane, address)
                 except SendStreamDisabledError:
                     pass
-                self.counters.stream_fallbacks += 1
-            await RaftTransportStub(self.channel(address)).send(msg)
+                self.counters.lane_fallback(lane)
+            channel = self._lane_channel(lane, address) if streaming else self.channel(address)
+            await RaftTransportStub(channel).send(msg)
             self.counters.unary_messages += 1
 
-    def _marked_unsupported(self, address: str) -> bool:
-        marked = self.unsupported.get(address)
+    def _marked_unsupported(self, lane: Lane, address: str) -> bool:
+        key = (lane.name, address)
+        marked = self.unsupported.get(key)
         if marked is None:
             return False
         if asyncio.get_running_loop().time() - marked >= self.config.reprobe_after:
-            del self.unsupported[address]
+            del self.unsupported[key]
             return False
         return True
 
-    def _mark_unsupported(self, address: str) -> None:
-        log.info("peer %s does not implement SendStream; using unary Send", address)
-        self.unsupported[address] = asyncio.get_running_loop().time()
-        ps = self.streams.pop(address, None)
+    def _mark_unsupported(self, lane: Lane, address: str) -> None:
+        log.info("peer %s does not implement %s; using unary Send", address,
+                 lane.route.rsplit("/", 1)[1])
+        key = (lane.name, address)
+        self.unsupported[key] = asyncio.get_running_loop().time()
+        ps = self.streams.pop(key, None)
         if ps is not None:
             ps.close()
 
-    async def _stream_send(self, address: str, msg: RaftMessage) -> None:
-        ps = self.streams.get(address)
+    def _lane_enabled(self, lane: Lane) -> bool:
+        return self.priority_enabled if lane is PRIORITY else self.stream_enabled
+
+    async def _stream_send(self, lane: Lane, address: str, msg: RaftMessage) -> None:
+        key = (lane.name, address)
+        ps = self.streams.get(key)
         if ps is None or ps.closed:
-            err = self.stream_errors.pop(address, None)
+            err = self.stream_errors.pop(key, None)
             if err is not None:
                 raise _fresh(err)
-            task = self.opening.get(address)
+            task = self.opening.get(key)
             if task is None:
-                task = asyncio.get_running_loop().create_task(self._open_stream(address))
-                self.opening[address] = task
-                task.add_done_callback(lambda t: self._opened(address, t))
+                task = asyncio.get_running_loop().create_task(self._open_stream(lane, address))
+                self.opening[key] = task
+                task.add_done_callback(lambda t: self._opened(key, t))
             ps = await asyncio.shield(task)
         await ps.send(msg)
-        self.counters.stream_messages += 1
+        self.counters.lane_message(lane)
 
-    def _opened(self, address: str, task: asyncio.Task[PeerStream]) -> None:
-        if self.opening.get(address) is task:
-            del self.opening[address]
+    def _opened(self, key: _Key, task: asyncio.Task[PeerStream]) -> None:
+        if self.opening.get(key) is task:
+            del self.opening[key]
         if not task.cancelled():
             task.exception()  # mark retrieved: the waiters got it
 
-    async def _open_stream(self, address: str) -> PeerStream:
-        if not self.stream_enabled:
+    async def _open_stream(self, lane: Lane, address: str) -> PeerStream:
+        if not self._lane_enabled(lane):
             raise SendStreamDisabledError()
-        channel = self.channel(address)
+        channel = self._lane_channel(lane, address)
         async with asyncio.timeout(self.config.open_timeout):
-            # Probe: an empty stream tells whether the peer implements SendStream at all, before
-            # any message is committed to a stream that would be refused.
-            async with channel.request(STREAM_ROUTE, Cardinality.STREAM_UNARY, RaftMessage,
+            # Probe: an empty stream tells whether the peer implements the lane's RPC at all,
+            # before any message is committed to a stream that would be refused.
+            async with channel.request(lane.route, Cardinality.STREAM_UNARY, RaftMessage,
                                        Ack) as probe:
                 await probe.send_request(end=True)
-                await probe.recv_message()
-            ps = PeerStream(self, address, channel)
+                try:
+                    await probe.recv_message()
+                except GRPCError as exc:
+                    if _route_not_found(probe, exc):
+                        raise GRPCError(Status.UNIMPLEMENTED, "method not found") from None
+                    raise
+            ps = PeerStream(self, lane, address, channel)
             await ps.open()
-        if not self.stream_enabled or self.closed or self.channels.get(address) is not channel:
+        if (not self._lane_enabled(lane) or self.closed
+                or self.channels.get(("priority" if lane.own_connection else "main", address))
+                is not channel):
             ps.close()
             raise SendStreamDisabledError()
-        if address in self.had_stream:
-            self.counters.stream_reconnects += 1
-        self.had_stream.add(address)
-        self.counters.stream_opens += 1
-        self.streams[address] = ps
+        self.counters.lane_opened(lane, reconnect=ps.key in self.had_stream)
+        self.had_stream.add(ps.key)
+        self.streams[ps.key] = ps
         return ps
 
     def forget_stream(self, ps: PeerStream) -> None:
-        if self.streams.get(ps.address) is ps:
-            del self.streams[ps.address]
+        if self.streams.get(ps.key) is ps:
+            del self.streams[ps.key]
             if ps.remote_end and ps.error is not None and not self.closed:
                 # The peer ended the stream (e.g. its handler refused a message): the next send
-                # to this address reports that error once, so it is counted; the one after
-                # opens a new stream.
-                self.stream_errors[ps.address] = ps.error
+                # on this lane reports that error once, so it is counted; the one after opens a
+                # new stream.
+                self.stream_errors[ps.key] = ps.error
 
     # -- snapshots --------------------------------------------------------------------------------
 
@@ -374,6 +455,19 @@ class ClientSide:
         self.counters.snapshots_sent += 1
         self.counters.snapshot_bytes_sent += sent
         return sent
+
+
+def _route_not_found(call: Any, exc: GRPCError) -> bool:
+    """Whether ``exc`` is grpclib's client failing on a server's "method not found" answer.
+
+    A grpclib server answers a route it does not know with headers holding ``grpc-status``
+    UNIMPLEMENTED but no content-type, which grpclib's client reports as UNKNOWN ("Missing
+    content-type header"); the headers it received tell what the server meant. (Servers built
+    from an older protos/transport.proto answer PriorityStream like this.)"""
+    if exc.status is not Status.UNKNOWN:
+        return False
+    headers = getattr(getattr(call, "_stream", None), "headers", None) or ()
+    return dict(headers).get("grpc-status") == str(Status.UNIMPLEMENTED.value)
 
 
 def _fresh(err: BaseException) -> BaseException:

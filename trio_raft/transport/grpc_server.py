@@ -20,8 +20,22 @@ no handler, transport or engine closed, transfer
 cancelled by detach or close                            UNAVAILABLE
 unknown peer                                            NOT_FOUND
 disk errors while spooling                              INTERNAL
+compressed message (none is announced)                  UNIMPLEMENTED
 anything else                                           UNKNOWN
 =====================================================  =====================
+
+Refusals. A call refused because of what the client sent (a frame or protobuf that does not
+decode, a compressed message, snapshot chunks out of order: :func:`is_malformed`) is answered
+only after the client has ended its side of the request: the rest of the request is read and
+dropped (:func:`~trio_raft.transport.grpc_limits.discard_request`, at most
+``ServerLimits.refusal_drain_bytes`` within ``refusal_drain_seconds``), then the status is sent
+on a stream that is closed in both directions. A client that writes a request stream in
+separate operations (grpcio's asyncio API) otherwise sees a status that arrives while one of
+its writes is outstanding as a failed write, reported as INTERNAL instead of the status. Past
+the bounds, the status is sent and the stream reset (RST_STREAM NO_ERROR), as for every other
+refusal: one caused by this node's state (overload, no handler, closing) or by a message over
+its size cap (whose body is never read, see :mod:`.grpc_limits`) is answered at once, so a
+peer's replication stream fails fast.
 """
 
 from __future__ import annotations
@@ -30,12 +44,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 import attrs
 import trio
-from grpclib.const import Status
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 
 from trio_raft.core.errors import DecodeError, StepPeerNotFoundError
@@ -65,6 +79,13 @@ from trio_raft.transport._proto.trio_raft.transport.v1 import (
 )
 from trio_raft.transport.bridge import TrioPortal
 from trio_raft.transport.codec import decode_message
+from trio_raft.transport.grpc_limits import ServerLimits, discard_request
+from trio_raft.transport.routes import (
+    PRIORITY_ROUTE,
+    SEND_ROUTE,
+    SNAPSHOT_ROUTE,
+    STREAM_ROUTE,
+)
 from trio_raft.transport.snapshot_transfer import ChunkPipe
 
 log = logging.getLogger(__name__)
@@ -99,13 +120,33 @@ def status_for(exc: BaseException) -> Status:
     return Status.UNKNOWN
 
 
+#: Errors caused by what the client sent (not by this node's state): see "Refusals" above.
+_MALFORMED: tuple[type[BaseException], ...] = (
+    CodecError, DecodeError, SnapshotMetadataNilError, SnapshotMetadataDuplicateError)
+_MALFORMED_STATUSES = frozenset({Status.INVALID_ARGUMENT, Status.UNIMPLEMENTED})
+
+
+class RefusedCall(GRPCError):
+    """A call's refusal; ``malformed`` when the request itself was at fault."""
+
+    def __init__(self, status: Status, message: str, *, malformed: bool) -> None:
+        super().__init__(status, message)
+        self.malformed = malformed
+
+
 def to_grpc_error(exc: BaseException) -> GRPCError:
     if isinstance(exc, GRPCError):
         return exc
     status = status_for(exc)
     if status is Status.UNKNOWN:
         log.warning("raft transport handler failed: %r", exc)
-    return GRPCError(status, f"{type(exc).__name__}: {exc}")
+    return RefusedCall(status, f"{type(exc).__name__}: {exc}",
+                       malformed=isinstance(exc, _MALFORMED))
+
+
+def is_malformed(err: GRPCError) -> bool:
+    """Whether a refusal is about the request (see "Refusals" in the module docstring)."""
+    return bool(getattr(err, "malformed", False)) or err.status in _MALFORMED_STATUSES
 
 
 @attrs.define(slots=True)
@@ -117,6 +158,9 @@ class ServerCounters:
     snapshots_received: int = 0
     snapshots_rejected: int = 0
     snapshot_bytes_received: int = 0
+    #: Refused calls whose status waited for the end of the request / that were reset instead.
+    refusals_after_request_end: int = 0
+    refusals_reset: int = 0
 
 
 class ServerHost(Protocol):
@@ -128,9 +172,15 @@ class ServerHost(Protocol):
     @property
     def max_message_bytes(self) -> int: ...
 
+    @property
+    def server_limits(self) -> ServerLimits: ...
+
     async def deliver_inbound(self, message: Message) -> None: ...
 
     async def receive_snapshot(self, header: Message, pipe: ChunkPipe) -> None: ...
+
+
+_Call = Callable[[Any], Awaitable[Any]]
 
 
 class RaftTransportService(RaftTransportBase):
@@ -140,6 +190,46 @@ class RaftTransportService(RaftTransportBase):
     def __init__(self, host: ServerHost) -> None:
         self._host = host
         self.counters = ServerCounters()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            SEND_ROUTE: Handler(self._call(self._rpc_send), Cardinality.UNARY_UNARY,
+                                RaftMessage, Ack),
+            STREAM_ROUTE: Handler(self._call(self.send_stream), Cardinality.STREAM_UNARY,
+                                  RaftMessage, Ack),
+            SNAPSHOT_ROUTE: Handler(self._call(self.send_snapshot), Cardinality.STREAM_UNARY,
+                                    SnapshotChunk, Ack),
+            PRIORITY_ROUTE: Handler(self._call(self.priority_stream),
+                                    Cardinality.STREAM_UNARY, RaftMessage, Ack),
+        }
+
+    def _call(self, body: _Call) -> Callable[[Any], Awaitable[None]]:
+        """A grpclib handler around ``body(stream) -> Ack``: a refusal of a malformed request
+        is answered once the client has finished sending (bounded), any other at once."""
+
+        async def handle(stream: Any) -> None:
+            try:
+                reply = await body(stream)
+            except GRPCError as exc:
+                if not is_malformed(exc):
+                    raise
+                await self._refuse_after_request(stream, exc)
+                return
+            await stream.send_message(reply)
+
+        return handle
+
+    async def _refuse_after_request(self, stream: Any, err: GRPCError) -> None:
+        limits = self._host.server_limits
+        ended = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limits.refusal_drain_seconds):
+                ended = await discard_request(stream, limits.refusal_drain_bytes)
+        if ended:
+            self.counters.refusals_after_request_end += 1
+        else:
+            self.counters.refusals_reset += 1  # the status goes with a reset of the stream
+        await stream.send_trailing_metadata(status=err.status, status_message=err.message)
 
     def _portal(self) -> TrioPortal:
         portal = self._host.portal
@@ -158,6 +248,13 @@ class RaftTransportService(RaftTransportBase):
             self.counters.messages_rejected += 1
             raise to_grpc_error(exc) from None
         self.counters.messages_received += 1
+
+    async def _rpc_send(self, stream: Any) -> Ack:
+        message = await stream.recv_message()
+        if message is None:
+            raise RefusedCall(Status.INVALID_ARGUMENT, "the request carries no message",
+                              malformed=True)
+        return await self.send(message)
 
     async def send(self, message: RaftMessage) -> Ack:
         await self._handle_frame(self._portal(), message.message)
@@ -181,7 +278,7 @@ class RaftTransportService(RaftTransportBase):
                 except Exception as exc:
                     self.counters.messages_rejected += 1
                     raise to_grpc_error(exc) from None
-                await pipe.put(decoded)
+                await pipe.put(decoded, len(message.message))
             pipe.close()
             await consumer
         except GRPCError:
@@ -195,6 +292,11 @@ class RaftTransportService(RaftTransportBase):
                 await asyncio.gather(consumer, return_exceptions=True)
         return Ack()
 
+    async def priority_stream(self, messages: AsyncIterator[RaftMessage]) -> Ack:
+        # The same service as SendStream: what differs is on the sender's side (its own
+        # stream and connection, so the small messages never wait behind large ones).
+        return await self.send_stream(messages)
+
     async def _consume(self, pipe: _Pipe) -> None:  # trio side
         deliver = self._host.deliver_inbound
         while True:
@@ -205,10 +307,12 @@ class RaftTransportService(RaftTransportBase):
                 await pipe.wake.wait()
                 continue
             batch, pipe.items = pipe.items, collections.deque()
-            for message in batch:
+            size = 0
+            for message, n in batch:
                 await deliver(message)
+                size += n
                 self.counters.messages_received += 1
-            pipe.release_soon(len(batch))
+            pipe.release_soon(len(batch), size)
 
     async def send_snapshot(self, messages: AsyncIterator[SnapshotChunk]) -> Ack:
         portal = self._portal()
@@ -266,23 +370,27 @@ class RaftTransportService(RaftTransportBase):
 
 class _Pipe:
     """Bounded, ordered hand-off of decoded messages from one stream (asyncio) to its trio
-    consumer. ``items``, ``eof`` and ``wake`` are touched only in the trio thread; ``pending``
-    and ``space`` only on the loop."""
+    consumer: at most :data:`LIMIT` messages and :data:`LIMIT_BYTES` bytes of frames waiting
+    (one message is always let through, whatever its size). ``items``, ``eof`` and ``wake``
+    are touched only in the trio thread; ``pending``, ``pending_bytes`` and ``space`` only on
+    the loop."""
 
     LIMIT = 256
+    LIMIT_BYTES = 64 << 20
 
     def __init__(self, loop: asyncio.AbstractEventLoop, portal: TrioPortal) -> None:
         self.loop = loop
         self.portal = portal
-        self.items: collections.deque[Message] = collections.deque()
+        self.items: collections.deque[tuple[Message, int]] = collections.deque()
         self.eof = False
         self.wake: trio.Event | None = None
         self.pending = 0
+        self.pending_bytes = 0
         self.space = asyncio.Event()
         self.dead = False
 
-    def _push(self, message: Message) -> None:  # trio thread
-        self.items.append(message)
+    def _push(self, message: Message, size: int) -> None:  # trio thread
+        self.items.append((message, size))
         if self.wake is not None:
             self.wake.set()
 
@@ -297,22 +405,28 @@ class _Pipe:
         if not fut.cancelled():
             fut.exception()  # retrieved here; send_stream re-raises it when it is still reading
 
-    async def put(self, message: Message) -> None:  # loop
-        while self.pending >= self.LIMIT and not self.dead:
+    def _full(self, size: int) -> bool:
+        return self.pending > 0 and (self.pending >= self.LIMIT
+                                     or self.pending_bytes + size > self.LIMIT_BYTES)
+
+    async def put(self, message: Message, size: int) -> None:  # loop
+        while self._full(size) and not self.dead:
             self.space.clear()
             await self.space.wait()
         if self.dead:
             return
         self.pending += 1
-        self.portal.call_soon(self._push, message)
+        self.pending_bytes += size
+        self.portal.call_soon(self._push, message, size)
 
     def close(self) -> None:  # loop
         self.portal.call_soon(self._finish)
 
-    def _release(self, n: int) -> None:  # loop
+    def _release(self, n: int, size: int) -> None:  # loop
         self.pending -= n
+        self.pending_bytes -= size
         self.space.set()
 
-    def release_soon(self, n: int) -> None:  # trio thread
+    def release_soon(self, n: int, size: int) -> None:  # trio thread
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._release, n)
+            self.loop.call_soon_threadsafe(self._release, n, size)

@@ -62,8 +62,8 @@ class RaftTransportStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "Ack":
         """
-        One raft message; used for the priority lane (votes, heartbeats, read-index, timeout-now)
-        and as the fallback when the peer does not implement SendStream.
+        One raft message: the fallback of both lanes when the peer does not implement their
+        stream (older nodes).
         """
 
         return await self._unary_unary(
@@ -119,12 +119,36 @@ class RaftTransportStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def priority_stream(
+        self,
+        messages: "AsyncIterable[RaftMessage] | Iterable[RaftMessage]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "Ack":
+        """
+        A long-lived client stream of the small priority messages (votes, heartbeats, read-index,
+        timeout-now), on a connection of its own. Added after the others: a peer that answers
+        UNIMPLEMENTED gets those messages by Send.
+        """
+
+        return await self._stream_unary(
+            "/trio_raft.transport.v1.RaftTransport/PriorityStream",
+            messages,
+            RaftMessage,
+            Ack,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class RaftTransportBase(betterproto2_grpclib.ServiceBase):
     async def send(self, message: "RaftMessage") -> "Ack":
         """
-        One raft message; used for the priority lane (votes, heartbeats, read-index, timeout-now)
-        and as the fallback when the peer does not implement SendStream.
+        One raft message: the fallback of both lanes when the peer does not implement their
+        stream (older nodes).
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -139,6 +163,15 @@ class RaftTransportBase(betterproto2_grpclib.ServiceBase):
     async def send_snapshot(self, messages: "AsyncIterator[SnapshotChunk]") -> "Ack":
         """
         A snapshot: metadata in the first chunk, payload chunks, `final` set on the last chunk.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def priority_stream(self, messages: "AsyncIterator[RaftMessage]") -> "Ack":
+        """
+        A long-lived client stream of the small priority messages (votes, heartbeats, read-index,
+        timeout-now), on a connection of its own. Added after the others: a peer that answers
+        UNIMPLEMENTED gets those messages by Send.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -161,6 +194,13 @@ class RaftTransportBase(betterproto2_grpclib.ServiceBase):
         response = await self.send_snapshot(request)
         await stream.send_message(response)
 
+    async def __rpc_priority_stream(
+        self, stream: "grpclib.server.Stream[RaftMessage, Ack]"
+    ) -> None:
+        request = stream.__aiter__()
+        response = await self.priority_stream(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/trio_raft.transport.v1.RaftTransport/Send": grpclib.const.Handler(
@@ -179,6 +219,12 @@ class RaftTransportBase(betterproto2_grpclib.ServiceBase):
                 self.__rpc_send_snapshot,
                 grpclib.const.Cardinality.STREAM_UNARY,
                 SnapshotChunk,
+                Ack,
+            ),
+            "/trio_raft.transport.v1.RaftTransport/PriorityStream": grpclib.const.Handler(
+                self.__rpc_priority_stream,
+                grpclib.const.Cardinality.STREAM_UNARY,
+                RaftMessage,
                 Ack,
             ),
         }

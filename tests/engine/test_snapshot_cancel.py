@@ -1,7 +1,8 @@
 """Closing an engine while a large snapshot transfer is in flight (tens of MB, real gRPC on
 loopback, real files and fsync).
 
-A learner joins a three-voter cluster holding 40 MiB and is sent a snapshot in 16 MiB chunks.
+A learner joins a three-voter cluster holding 6 MiB and is sent a snapshot in chunks of the
+transport's default size (1 MiB).
 A :class:`~trio_raft.testing.faults.Hold` on one engine's file-I/O seam (``OpenConfig.file_io``)
 keeps the transfer in flight: the learner's spool write after the first chunk, or the leader's
 read of its ``.fsm`` file after the first chunk. Then that engine is closed (or fails): its exit
@@ -36,11 +37,13 @@ from tests.transport.snapshot_helpers import SPOOL_WRITES, fsm_name, open_files_
 from trio_raft import State
 from trio_raft.storage.recovery import SPOOL_PREFIX
 from trio_raft.testing.faults import Hold
+from trio_raft.transport.grpc import DEFAULT_SNAPSHOT_CHUNK_BYTES
 
 KINDS = ["owned", "app"]
-#: The state: this many keys of 1 MiB each, a payload of three 16 MiB chunks (the last one
-#: partly filled).
-KEYS = 40
+#: The state: this many keys of 1 MiB each, a payload of six chunks of the transport's default
+#: size (``CHUNK``), the last one partly filled.
+KEYS = 6
+CHUNK = DEFAULT_SNAPSHOT_CHUNK_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +106,14 @@ async def test_learner_stops_during_a_large_incoming_snapshot(
         await cluster.start(learner, bootstrap=False)
         with trio.fail_after(PATIENCE):
             await hold.wait_reached()
-        # Really in flight: 16 MiB spooled, the next chunk's write waits, nothing installed.
+        # Really in flight: one chunk spooled, the next chunk's write waits, nothing installed.
         transport = learner.transport
         assert transport.incoming_transfers() == 1
         [spool] = spools(learner.fsm_dir)
         spool_path = str(learner.fsm_dir / spool)
         assert hold.call is not None and hold.call.path == spool_path
         assert spool_path in open_files_under(learner.data_dir)
-        assert (learner.fsm_dir / spool).stat().st_size == 16 << 20
+        assert (learner.fsm_dir / spool).stat().st_size == CHUNK
         assert learner.running.applied_index() == 0
 
         await stop_while_held(learner, hold, how)

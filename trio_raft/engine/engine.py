@@ -10,15 +10,18 @@ commit. Open an engine with :func:`open_engine`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import outcome
 import trio
 
 from trio_raft._groups import caused_by, sole_failure
 from trio_raft.engine.admin import wait_for_transfer
+from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import OpenConfig, lease_duration, with_defaults
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.envelope_gate import EncryptionScanner
@@ -54,6 +57,7 @@ class Engine:
 
     def __init__(self, loop: RunLoop) -> None:
         self._loop = loop
+        self._report = OpenReport(kind="unknown")
 
     # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
@@ -158,6 +162,15 @@ class Engine:
 
     def status(self) -> Status:
         return self._loop.status
+
+    def open_report(self) -> OpenReport:
+        """What opening did with the state machine: restored from the snapshot or skipped (its
+        store held it), entries replayed, seconds (``docs/api.md``, the cold-start skip)."""
+        return self._report
+
+    def cluster_id(self) -> str | None:
+        """This node's cluster id (None until one is known, ``docs/storage.md``)."""
+        return self._loop.applier.identity.cluster_id
 
     def replication(self) -> dict[str, PeerProgress]:
         """The leader's view of every other member's log, keyed by server id.
@@ -328,6 +341,20 @@ class Engine:
             await self._loop.done.wait()
 
 
+def _reported(cfg: OpenConfig, report: OpenReport) -> OpenReport:
+    """Log what opening did (one line) and return ``report``."""
+    if report.kind == "restart":
+        what = ("skipped (the state machine's store holds index "
+                f"{report.store_index})" if report.skipped
+                else "restored" if report.restored else "none to restore")
+        logger.info("opened %s: snapshot at index %d %s; %d entries replayed, %d skipped; "
+                    "%.3f s", cfg.data_dir, report.snapshot_index, what,
+                    report.entries_replayed, report.entries_skipped, report.seconds)
+    else:
+        logger.info("opened %s (%s) in %.3f s", cfg.data_dir, report.kind, report.seconds)
+    return report
+
+
 def build_transport(cfg: OpenConfig,
                     num_peers: int) -> tuple[Transport | None, ServingTransport | None]:
     """The transport to use, and the same when the engine built it and must run it: the
@@ -354,6 +381,7 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
     """
     cfg = with_defaults(config)
     io = DiskRunner(cfg.blocking_io)
+    started = time.perf_counter()
     opened = await io.run(open_state, cfg)
     failure: BaseException | None = None
     yielded = False
@@ -362,9 +390,12 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
         transport, owned = build_transport(cfg, len(opened.peers))
         loop = RunLoop(cfg, opened, io, transport, owned=owned)
         engine = Engine(loop)
+        engine._report = opened.report
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(loop.run, nursery)
+                engine._report = _reported(
+                    cfg, attrs.evolve(opened.report, seconds=time.perf_counter() - started))
                 if not loop.closed:
                     yielded = True
                     try:

@@ -136,14 +136,17 @@ class RunLoop:
                                     test_delay=cfg.test_persist_delay)
         self.snapshots = Snapshots(
             fsm=fsm, disk=self.disk, storage=self.storage, io=io,
-            position=lambda: (self.applier.applied, self.membership.conf_state),
+            position=lambda: (self.applier.applied, self.membership.conf_state,
+                              self.membership.members()),
             every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
-            protected=self.exchange.protected_indexes)
+            protected=self.exchange.protected_indexes,
+            cluster_id=lambda: opened.identity.cluster_id)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,
             io=io, dispatcher=self.dispatcher, lease=self.lease,
-            proposals=self.pending.proposals, admin=self.pending.admin)
+            proposals=self.pending.proposals, admin=self.pending.admin,
+            identity=opened.identity, fsm_index=opened.fsm_index)
         self.admission = Admission(
             node=self.node, gate=self.gate, pending=self.pending,
             admin=AdminHandler(node=self.node, membership=self.membership,

@@ -9,7 +9,9 @@ commit. Open an engine with :func:`open_engine`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ from trio_raft.engine.config import OpenConfig, lease_duration, with_defaults
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
+from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.opening import open_state
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
@@ -43,10 +46,13 @@ from trio_raft.errors import (
     EngineClosedError,
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
+    NothingToExportError,
     NotLeaderError,
     PeerIDRequiredError,
     PromoteLearnerMinAppliedZeroError,
 )
+from trio_raft.storage.backup import BackupInfo, write_backup
+from trio_raft.storage.recovery import snapshot_members
 from trio_raft.transport.base import ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class Engine:
     def __init__(self, loop: RunLoop) -> None:
         self._loop = loop
         self._report = OpenReport(kind="unknown")
+        self._io = DiskRunner(loop.cfg.blocking_io)
 
     # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
@@ -303,6 +310,41 @@ class Engine:
 
     def encryption_scanner(self) -> EncryptionScanner:
         return EncryptionScanner(lambda: self._loop.storage)
+
+    # -- backups -------------------------------------------------------------------------------
+    async def export_snapshot(self, path: str | os.PathLike[str]) -> BackupInfo:
+        """Write a consistent point-in-time backup of the state machine to ``path``: its
+        payload at the applied index, with that index, its term, the members with their
+        addresses and the cluster id, in one checksummed file written atomically (layout in
+        ``docs/formats.md``). Returns what it wrote. Raises NothingToExportError before
+        anything was applied here; for a backup that holds every write acknowledged before
+        the call, call it on the leader after a :meth:`linearizable_read`.
+
+        Runs under the snapshot lock (no snapshot write or restore meanwhile); the state
+        machine's ``snapshot()`` is taken on the trio thread and written in a worker thread,
+        as for any snapshot."""
+        loop = self._loop
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop.check_open()
+        async with loop.snapshots.lock:
+            loop.check_open()
+            applier = loop.applier
+            index = applier.applied
+            if index == 0 or index < applier.fsm_index:
+                raise NothingToExportError(f"applied index {index}")
+            info = BackupInfo(index, loop.storage.term(index), applier.identity.cluster_id or "",
+                              snapshot_members(to_persisted(loop.membership.members())))
+            fsm = loop.cfg.state_machine
+            assert fsm is not None
+            handle = fsm.snapshot()  # no checkpoint since ``index`` was read
+            try:
+                written = await self._io.run(functools.partial(
+                    write_backup, path, info, handle, file_io=loop.disk.file_io))
+            finally:
+                handle.close()
+        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
+                    written.term, path, written.file_bytes)
+        return written
 
     # -- callbacks -----------------------------------------------------------------------------
     def register_leader_acquired_callback(

@@ -140,7 +140,8 @@ class RunLoop:
                               self.membership.members()),
             every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
             protected=self.exchange.protected_indexes,
-            cluster_id=lambda: opened.identity.cluster_id)
+            cluster_id=lambda: opened.identity.cluster_id,
+            floor=lambda: self.applier.fsm_index)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,

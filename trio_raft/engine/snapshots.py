@@ -15,6 +15,11 @@ Invariants:
 * The index a snapshot is labelled with and the state machine handle are taken with no
   checkpoint in between, so they describe the same state (``position()`` is read right before
   ``snapshot()``). A snapshot labelled below the state it holds would replay entries twice.
+* Never below the state machine's own store: right after a cold-start skip the state machine
+  holds entries up to ``floor()`` (the store's index) while the engine is still processing the
+  entries below it; a snapshot labelled there would hold more than its label says, so none is
+  taken until the applied index reached the floor (the membership a skipped
+  configuration-change snapshot would carry is in the peers file and the log meanwhile).
 * One snapshot write at a time (``_lock``): the periodic worker and configuration-change
   snapshots share the data dir's retention, which is not safe to run concurrently.
 * A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
@@ -49,7 +54,8 @@ class Snapshots:
                  io: DiskRunner, position: Callable[[], tuple[int, ConfState, Sequence[Peer]]],
                  every: int, catchup_entries: int,
                  protected: Callable[[], frozenset[int]] = frozenset,
-                 cluster_id: Callable[[], str | None] = lambda: None) -> None:
+                 cluster_id: Callable[[], str | None] = lambda: None,
+                 floor: Callable[[], int] = lambda: 0) -> None:
         self._fsm = fsm
         self._disk = disk
         self._storage = storage
@@ -58,6 +64,8 @@ class Snapshots:
         self._position = position
         #: The node's cluster id (recorded in every snapshot it writes).
         self._cluster_id = cluster_id
+        #: The state machine holds every entry up to here (cold-start skip): no snapshot below.
+        self._floor = floor
         #: Snapshots written by this engine (metrics).
         self.written = 0
         self._every = every
@@ -74,7 +82,7 @@ class Snapshots:
 
     def due(self, applied: int) -> bool:
         """Whether a periodic snapshot should start now."""
-        if self._in_flight or applied == 0:
+        if self._in_flight or applied == 0 or applied < self._floor():
             return False
         return applied - self._storage.snapshot().metadata.index >= self._every
 
@@ -104,6 +112,10 @@ class Snapshots:
         if index is None or cs is None:
             index, cs, members = self._position()
         if index <= self._storage.snapshot().metadata.index:
+            return
+        if index < self._floor():
+            logger.info("no snapshot at index %d: the state machine already holds entries up "
+                        "to %d", index, self._floor())
             return
         cluster_id = self._cluster_id() or ""
         handle = self._fsm.snapshot()

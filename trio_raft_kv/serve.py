@@ -240,7 +240,7 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
                 snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
                 tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
                 election_tick=args.election_tick,
-                persist_observer=metrics.observe_wal_sync,
+                observer=metrics.engine,
                 test_persist_delay=persist_delay_reader(
                     getattr(args, "test_fsync_delay_file", None)))
             try:

@@ -133,6 +133,9 @@ class KVStateMachine:
     def get(self, key: str) -> bytes | None:
         return self.data.get(key)
 
+    def key_count(self) -> int:
+        return len(self.data)
+
     def apply(self, data: bytes) -> Any:
         if not data:
             return None  # not one of ours (e.g. an empty entry): nothing to do

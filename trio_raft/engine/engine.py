@@ -29,6 +29,7 @@ from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
 from trio_raft.engine.membership import to_persisted
+from trio_raft.engine.observer import CounterValues
 from trio_raft.engine.opening import open_state
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
@@ -96,16 +97,26 @@ class Engine:
         loop = self._loop
         loop.check_open()
         payload = loop.gate.payload_for(bytes(data), False)
-        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(on_done)))
+        started = time.perf_counter()
+        observer = loop.observer
+
+        def done(result: outcome.Outcome[ProposalResult]) -> None:
+            if isinstance(result, outcome.Value):
+                observer.proposal(time.perf_counter() - started)
+            on_done(result)
+
+        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(done)))
 
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()
         loop = self._loop
         loop.check_open()
         payload = loop.gate.payload_for(data, admin)  # wrapped above the cutover
+        started = time.perf_counter()
         result = await loop.run_request(
             ProposeRequest(loop.new_request_id(), payload, Waiter(), admin))
         assert isinstance(result, ProposalResult)
+        loop.observer.proposal(time.perf_counter() - started)
         return result
 
     # -- reads ---------------------------------------------------------------------------------
@@ -367,6 +378,17 @@ class Engine:
 
     def step_queue_full_count(self) -> int:
         return self._loop.inbox.full_count
+
+    def counters(self) -> CounterValues:
+        """Counts since the engine opened: leader changes seen, snapshots written, installed
+        (from a leader), sent (to followers) and received (``observer.py``)."""
+        loop = self._loop
+        return CounterValues(
+            leader_changes=loop.status_view.leader_changes,
+            snapshots_written=loop.snapshots.written,
+            snapshots_installed=loop.applier.installed,
+            snapshots_sent=loop.counters.snapshots_sent,
+            snapshots_received=loop.counters.snapshots_received)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def err(self) -> BaseException | None:

@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dir, wait until a member adds this node with add-learner")
     s.add_argument("--snapshot-every", type=_positive_int, default=10_000,
                    help="take a state machine snapshot every N applied entries")
+    s.add_argument("--store", choices=["memory", "sqlite"], default="memory",
+                   help="where the KV data lives: memory (rebuilt from the newest snapshot "
+                        "at every start) or sqlite (DATA_DIR/kv-store/kv.sqlite; a restart "
+                        "skips the snapshot restore when the store holds it)")
     s.add_argument("--tls-dir", default=None, type=_tls_dir,
                    help="mutual TLS for raft and clients: DIR/ca.crt, DIR/node.crt, "
                         "DIR/node.key")

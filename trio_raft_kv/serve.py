@@ -37,7 +37,8 @@ from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
 from trio_raft_kv.errors import StartRefusedError, TLSFilesError
 from trio_raft_kv.metrics import Metrics
 from trio_raft_kv.services import AdminService, KVService, ServiceContext
-from trio_raft_kv.statemachine import KVStateMachine, encode_member
+from trio_raft_kv.sqlstore import open_kv_store, store_upkeep
+from trio_raft_kv.statemachine import encode_member
 from trio_raft_kv.validation import split_address
 
 log = logging.getLogger("kvnode")
@@ -214,7 +215,7 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
     local = next((p for p in peers if p.id == args.id), None)
     local_address = local.address if local is not None else args.listen
     host, port = split_address(args.listen, "--listen", any_port=True)
-    fsm = KVStateMachine()
+    fsm = open_kv_store(getattr(args, "store", "memory"), args.data_dir)
     metrics = Metrics(args.id)
     ctx = ServiceContext(args.id, fsm, metrics)
     transport = PinnedTransport(local_address=local_address,
@@ -255,11 +256,16 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
                                          stopped_by)
                         tasks.start_soon(metrics.refresh_forever, engine, fsm)
                         tasks.start_soon(announcer.run, engine)
+                        tasks.start_soon(store_upkeep, fsm)
                         await engine.wait_closed()
                         tasks.cancel_scope.cancel()
                     ctx.engine = None
             finally:
                 ctx.engine = None
+                try:
+                    fsm.close()  # after the engine: commits what was applied
+                except Exception:  # the store recovers at the next start (docs/api.md)
+                    log.exception("closing the kv store failed")
                 await transport.aclose()
                 metrics.stop_server()
     reason = stopped_by[0] if stopped_by else "removed from the cluster or engine closed"

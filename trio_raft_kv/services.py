@@ -56,7 +56,7 @@ class ServiceContext:
     """What the handlers share: the engine (set once open), the state machine, the metrics,
     and the transport's portal into the trio thread (set once the server runs)."""
 
-    def __init__(self, node_id: str, fsm: kvsm.KVStateMachine, metrics: Metrics) -> None:
+    def __init__(self, node_id: str, fsm: kvsm.KVStore, metrics: Metrics) -> None:
         self.node_id = node_id
         self.fsm = fsm
         self.metrics = metrics

@@ -36,7 +36,12 @@ from trio_raft.transport.grpc import GRPCTransport
 from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
 from trio_raft_kv.errors import StartRefusedError, TLSFilesError
 from trio_raft_kv.metrics import Metrics
-from trio_raft_kv.services import AdminService, KVService, ServiceContext
+from trio_raft_kv.services import (
+    AdminService,
+    KVService,
+    ServiceContext,
+    remove_stale_backups,
+)
 from trio_raft_kv.sqlstore import open_kv_store, store_upkeep
 from trio_raft_kv.statemachine import encode_member
 from trio_raft_kv.validation import split_address
@@ -218,6 +223,8 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
     fsm = open_kv_store(getattr(args, "store", "memory"), args.data_dir)
     metrics = Metrics(args.id)
     ctx = ServiceContext(args.id, fsm, metrics)
+    ctx.scratch_dir = args.data_dir
+    remove_stale_backups(args.data_dir)
     transport = PinnedTransport(local_address=local_address,
                                 server_ssl=server_ssl(args.tls_dir),
                                 client_ssl=client_ssl(args.tls_dir),

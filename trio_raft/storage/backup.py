@@ -61,6 +61,7 @@ from trio_raft.storage.fileutil import (
     write_all,
 )
 from trio_raft.storage.peers import load_persisted_peers
+from trio_raft.storage.recovery import FSM_DIR, SNAP_DIR, WAL_DIR
 from trio_raft.storage.snapshots import Snapshotter
 from trio_raft.storage.streams import FDReader, FDWriter
 from trio_raft.storage.wal import WAL
@@ -310,8 +311,6 @@ def export_data_dir(data_dir: str | os.PathLike[str], path: str | os.PathLike[st
     tail is repaired as the node's next start would) to find the snapshots it vouches for.
     Raises SnapshotFileError when there is none, the ``FSMSnapshot*Error`` of a damaged payload.
     """
-    from trio_raft.storage.recovery import FSM_DIR, SNAP_DIR, WAL_DIR
-
     data_dir = os.fspath(data_dir)
     with WAL.open(os.path.join(data_dir, WAL_DIR), file_io=file_io) as wal:
         valid = wal.valid_snapshot_entries()

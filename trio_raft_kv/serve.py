@@ -42,8 +42,8 @@ from trio_raft_kv.services import (
     ServiceContext,
     remove_stale_backups,
 )
-from trio_raft_kv.sqlstore import open_kv_store, store_upkeep
 from trio_raft_kv.statemachine import encode_member
+from trio_raft_kv.stores import open_kv_store, store_upkeep
 from trio_raft_kv.validation import split_address
 
 log = logging.getLogger("kvnode")

@@ -44,14 +44,10 @@ import uuid
 from collections.abc import Callable
 from typing import IO, Any
 
-import trio
-
 from trio_raft_kv.errors import CommandError
 from trio_raft_kv.statemachine import (
     SNAPSHOT_MAGIC_V1,
     CasResult,
-    KVStateMachine,
-    KVStore,
     _take,
     decode_snapshot,
 )
@@ -394,35 +390,3 @@ def _load_rows(reader: IO[bytes], conn: sqlite3.Connection) -> tuple[int, set[st
     if reader.read(1):
         raise CommandError("trailing bytes in snapshot")
     return count, members
-
-
-# -- kvnode's use of it ------------------------------------------------------------------------
-
-#: Seconds between two commits of what was applied (``store_upkeep``).
-FLUSH_INTERVAL = 0.005
-#: Seconds between two WAL checkpoints (``store_upkeep``, in a worker thread).
-CHECKPOINT_INTERVAL = 1.0
-STORES = ("memory", "sqlite")
-
-
-def open_kv_store(kind: str, data_dir: str) -> KVStore:
-    """The state machine of ``serve --store KIND``."""
-    if kind == "memory":
-        return KVStateMachine()
-    if kind == "sqlite":
-        return SqliteKVStateMachine(store_path(data_dir))
-    raise ValueError(f"unknown store {kind!r} (one of {', '.join(STORES)})")
-
-
-async def store_upkeep(fsm: KVStore) -> None:
-    """Commit what was applied every few milliseconds and checkpoint now and then (a task of
-    kvnode's nursery; nothing to do for the in-memory store)."""
-    if not isinstance(fsm, SqliteKVStateMachine):
-        return
-    next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL
-    while True:
-        await trio.sleep(FLUSH_INTERVAL)
-        fsm.flush()
-        if trio.current_time() >= next_checkpoint:
-            await trio.to_thread.run_sync(fsm.checkpoint)
-            next_checkpoint = trio.current_time() + CHECKPOINT_INTERVAL

@@ -10,11 +10,15 @@ from trio_raft._version import __version__ as __version__
 from trio_raft.engine import SUFFRAGE_LEARNER as SUFFRAGE_LEARNER
 from trio_raft.engine import SUFFRAGE_VOTER as SUFFRAGE_VOTER
 from trio_raft.engine import Configuration as Configuration
+from trio_raft.engine import CounterValues as CounterValues
 from trio_raft.engine import Engine as Engine
+from trio_raft.engine import EngineObserver as EngineObserver
 from trio_raft.engine import Factory as Factory
 from trio_raft.engine import FactoryConfig as FactoryConfig
 from trio_raft.engine import LeaderInfo as LeaderInfo
+from trio_raft.engine import NullObserver as NullObserver
 from trio_raft.engine import OpenConfig as OpenConfig
+from trio_raft.engine import OpenReport as OpenReport
 from trio_raft.engine import Peer as Peer
 from trio_raft.engine import PeerProgress as PeerProgress
 from trio_raft.engine import ProposalResult as ProposalResult

@@ -159,6 +159,11 @@ class PromoteLearnerNotCaughtUpError(FailedPreconditionError):
     default_message = "raft engine: promote target is not caught up"
 
 
+class NothingToExportError(FailedPreconditionError):
+    """``export_snapshot`` on a node that has applied nothing yet (a joining node)."""
+    default_message = "raft engine: nothing applied yet, no snapshot to export"
+
+
 class TooManyPendingConfigsError(NotAppliedError):
     default_message = "raft engine: too many pending configuration changes"
 
@@ -228,6 +233,19 @@ class JoinAsLearnerBootstrapError(ConfigError):
 
 class ClusterMismatchError(ConfigError):
     default_message = "raft persisted cluster does not match configured peers"
+
+
+class ClusterIdMismatchError(ClusterMismatchError):
+    """A snapshot, or the state machine's own store, belongs to another cluster than this
+    data dir (their cluster ids differ)."""
+    default_message = "raft cluster id mismatch"
+
+
+class StateMachineAheadError(ClusterMismatchError):
+    """The state machine's store reports an applied index this node's log does not reach:
+    it belongs to another history (for example a store kept while the data dir was replaced).
+    The engine refuses to start rather than skip or replay over it."""
+    default_message = "state machine store is ahead of the raft log"
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,6 +333,36 @@ class SnapshotRequiredError(StorageError):
 
 class MigrationDestinationExistsError(StorageError):
     default_message = "migration: destination already exists"
+
+
+class SnapshotDescriptorError(StorageError):
+    """A snapshot descriptor (the ``data`` of a raft snapshot: token, cluster id, members;
+    ``docs/storage.md`` section 4a) is damaged, of an unknown version, or holds a critical
+    record this version does not understand."""
+    default_message = "snapshot descriptor is invalid"
+
+
+class ClusterIdFileError(StorageError):
+    """The cluster id file of a data dir is damaged (bad magic, version, length or CRC)."""
+    default_message = "cluster id file is corrupt"
+
+
+class BackupFileError(StorageError):
+    """A backup file (``docs/formats.md``, backups) is damaged, truncated, of an unknown
+    version, or not a backup at all. Nothing was restored from it."""
+    default_message = "backup file is damaged"
+
+
+class DataDirNotEmptyError(StorageError):
+    """Restoring a backup needs an empty (or absent) data dir; this one holds files."""
+    default_message = "data dir is not empty"
+
+
+class RecoveryError(StorageError):
+    """``recover_cluster`` cannot rewrite this data dir as asked (the peers are not members,
+    this node is not among them, a joint configuration, nothing to recover). Nothing was
+    changed."""
+    default_message = "cluster recovery refused"
 
 
 class FSMSnapshotError(StorageError):
@@ -529,6 +577,13 @@ class FSMApplyHaltError(RaftError):
     """The state machine asked apply to halt: a response whose ``halt_apply()`` returned an
     error."""
     default_message = "FSM-requested apply halt"
+
+
+class MetricsUnavailableError(RaftError, ImportError):
+    """``trio_raft.metrics`` needs prometheus-client, which is not installed (install the
+    ``metrics`` extra: ``pip install 'trio-raft[metrics]'``)."""
+    default_message = ("trio_raft.metrics needs prometheus-client: "
+                       "pip install 'trio-raft[metrics]'")
 
 
 _CORE_ERRORS = (

@@ -104,7 +104,9 @@ def exit_code_for(exc: BaseException) -> ExitCode:
             return ExitCode.REFUSED
         return ExitCode.OUTCOME_UNKNOWN
     if isinstance(exc, StartRefusedError | TLSFilesError | InvalidFieldError
-                  | trio_raft.errors.ConfigError | ValueError) or _missing_kv_extra(exc):
+                  | trio_raft.errors.ConfigError | ValueError
+                  | trio_raft.errors.DataDirNotEmptyError | trio_raft.errors.WALLockedError
+                  | trio_raft.errors.RecoveryError) or _missing_kv_extra(exc):
         return ExitCode.USAGE
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
@@ -207,16 +209,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_client_opts(p: argparse.ArgumentParser) -> None:
+def _add_client_opts(p: argparse.ArgumentParser, *, timeout: float = 10.0) -> None:
     p.add_argument("--addr", default="127.0.0.1:7001", type=_host_port("--addr"),
                    help="HOST:PORT of any node (writes and admin calls follow the leader)")
     p.add_argument("--tls-dir", default=None, type=_tls_dir,
                    help="mutual TLS: DIR/ca.crt (trusted CA), DIR/node.crt and DIR/node.key "
                         "(this client's certificate)")
-    p.add_argument("--timeout", type=_positive_float, default=10.0,
+    p.add_argument("--timeout", type=_positive_float, default=timeout,
                    help="deadline of each call, seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--hex", action="store_true", help="values are given and printed as hex")
+
+
+def _add_offline_opts(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that work on a stopped node's data dir."""
+    p.add_argument("--data-dir", required=True, help="the node's data dir")
+    p.add_argument("--id", required=True, type=_member_id, help="this node's id, e.g. n1")
+    p.add_argument("--peers", required=True, type=_peers,
+                   help="ID=HOST:PORT,...: the members of the new cluster, this node included")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _sub(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -252,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "dir, wait until a member adds this node with add-learner")
     s.add_argument("--snapshot-every", type=_positive_int, default=10_000,
                    help="take a state machine snapshot every N applied entries")
+    s.add_argument("--store", choices=["memory", "sqlite"], default="memory",
+                   help="where the KV data lives: memory (rebuilt from the newest snapshot "
+                        "at every start) or sqlite (DATA_DIR/kv-store/kv.sqlite; a restart "
+                        "skips the snapshot restore when the store holds it)")
     s.add_argument("--tls-dir", default=None, type=_tls_dir,
                    help="mutual TLS for raft and clients: DIR/ca.crt, DIR/node.crt, "
                         "DIR/node.key")
@@ -310,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", default="", help="target id (none: the engine picks)")
     _add_client_opts(p)
 
+    sn = _sub(sub, "snapshot", "back the cluster's data up to a file, or restore a data dir "
+              "from one")
+    snsub = sn.add_subparsers(dest="action", required=True, metavar="ACTION",
+                              help="save or restore (ACTION --help for its options)")
+    p = _sub(snsub, "save", "write a consistent backup of the cluster's data (taken by the "
+             "leader) to FILE")
+    p.add_argument("file", help="the backup file to write (replaced atomically)")
+    _add_client_opts(p, timeout=300.0)
+    p = _sub(snsub, "restore", "prepare an empty data dir from a backup FILE: serve with the "
+             "same --id and --peers then starts a new cluster holding exactly that data")
+    p.add_argument("file", help="a backup written by snapshot save")
+    _add_offline_opts(p)
+    p = _sub(sub, "recover", "UNSAFE: rewrite a stopped survivor of a cluster that lost its "
+             "quorum for good as a new cluster of --peers (docs/operations.md)")
+    _add_offline_opts(p)
+
     d = _sub(sub, "demo", "run a local 3-node cluster through a failover")
     d.add_argument("--duration", type=_positive_float, default=20.0,
                    help="seconds of client load in total")
@@ -328,6 +359,10 @@ def _run(args: argparse.Namespace) -> int:
         from trio_raft_kv.demo import demo_main
 
         return demo_main(args)
+    if args.command == "recover" or (args.command == "snapshot" and args.action == "restore"):
+        from trio_raft_kv.commands import run_offline_command
+
+        return run_offline_command(args)
     from trio_raft_kv.commands import run_client_command
 
     return asyncio.run(run_client_command(args))

@@ -20,6 +20,7 @@ import contextlib
 import os
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
@@ -202,6 +203,54 @@ class KVClient:
                     and exc.leader_address != self.address):
                 return await self.call_at(exc.leader_address, path, request, reply_type)
             raise
+
+    async def backup(self, sink: Callable[[bytes], object]) -> pb.BackupChunk:
+        """A backup from the leader (one redirect followed): each chunk of the file goes to
+        ``sink`` in order; returns the first message (index, term, size). Fails with
+        :class:`KVError` (``sent`` False when nothing was asked)."""
+        try:
+            return await self._backup_at(self.address, sink)
+        except KVError as exc:
+            if (exc.status is Status.FAILED_PRECONDITION and exc.leader_address
+                    and exc.leader_address != self.address):
+                return await self._backup_at(exc.leader_address, sink)
+            raise
+
+    async def _backup_at(self, address: str, sink: Callable[[bytes], object]
+                         ) -> pb.BackupChunk:
+        ch = await self.connect(address)
+        stream_cm = ch.request(ADMIN + "Backup", Cardinality.UNARY_STREAM, pb.BackupRequest,
+                               pb.BackupChunk, timeout=self.timeout)
+        try:
+            async with stream_cm as stream:
+                await stream.send_message(pb.BackupRequest(), end=True)
+                try:
+                    head = await stream.recv_message()
+                    if head is None:
+                        raise KVError(Status.UNAVAILABLE, "the server sent no backup", "",
+                                      address)
+                    received = 0
+                    async for chunk in stream:
+                        sink(chunk.data)
+                        received += len(chunk.data)
+                except GRPCError as exc:
+                    tm: Any = stream.trailing_metadata or {}
+                    raise KVError(exc.status, exc.message or "",
+                                  str(tm.get(LEADER_ADDRESS_KEY, "")), address) from None
+                if received != head.size:
+                    raise KVError(Status.UNAVAILABLE, f"backup cut short: {received} of "
+                                  f"{head.size} bytes", "", address)
+                return head
+        except KVError:
+            raise
+        except GRPCError as exc:
+            raise KVError(exc.status, exc.message or "", "", address) from None
+        except (TimeoutError, OSError, StreamTerminatedError, ssl.SSLError,
+                AttributeError) as exc:
+            self._drop_channel(address, ch)
+            status = Status.DEADLINE_EXCEEDED if isinstance(exc, TimeoutError) else (
+                Status.UNAVAILABLE)
+            raise KVError(status, f"{type(exc).__name__}: {exc}", "", address) from None
 
     def put_pipeline(self, address: str | None = None) -> PutPipeline:
         """``async with c.put_pipeline() as p: await p.put(k, v)`` (from many tasks): puts over

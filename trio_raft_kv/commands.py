@@ -137,8 +137,36 @@ async def _transfer(args: argparse.Namespace, c: KVClient) -> int:
     return OK
 
 
+async def _snapshot(args: argparse.Namespace, c: KVClient) -> int:
+    from trio_raft_kv.backups import save
+
+    info, keys = await save(args, c)
+    _out(args, f"OK saved {args.file}: index={info.index} term={info.term} keys={keys} "
+               f"bytes={info.file_bytes}",
+         {"ok": True, "file": args.file, "index": info.index, "term": info.term,
+          "keys": keys, "bytes": info.file_bytes})
+    return OK
+
+
+def run_offline_command(args: argparse.Namespace) -> int:
+    """``snapshot restore`` and ``recover``: on a stopped node's files, no server."""
+    from trio_raft_kv import backups
+
+    if args.command == "recover":
+        obj = backups.recover(args)
+        human = (f"OK recovered {args.data_dir} as a new cluster {obj['cluster_id']}: "
+                 f"{obj['last_index']} entries kept (commit was {obj['previous_commit']}), "
+                 f"{obj['removed']} member(s) removed; start it with serve")
+    else:
+        obj = backups.restore(args)
+        human = (f"OK restored {args.file} into {args.data_dir}: index={obj['index']} "
+                 f"term={obj['term']} keys={obj['keys']} bytes={obj['bytes']}")
+    _out(args, human, obj)
+    return OK
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace, KVClient], Awaitable[int]]] = {
     "put": _put, "get": _get, "delete": _delete, "cas": _cas, "status": _status,
     "add-learner": _add_learner, "promote": _promote, "remove": _remove,
-    "transfer": _transfer,
+    "transfer": _transfer, "snapshot": _snapshot,
 }

@@ -37,8 +37,14 @@ from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
 from trio_raft_kv.errors import StartRefusedError, TLSFilesError
 from trio_raft_kv.limits import server_limits
 from trio_raft_kv.metrics import Metrics
-from trio_raft_kv.services import AdminService, KVService, ServiceContext
-from trio_raft_kv.statemachine import KVStateMachine, encode_member
+from trio_raft_kv.services import (
+    AdminService,
+    KVService,
+    ServiceContext,
+    remove_stale_backups,
+)
+from trio_raft_kv.statemachine import encode_member
+from trio_raft_kv.stores import open_kv_store, store_upkeep
 from trio_raft_kv.validation import split_address
 
 log = logging.getLogger("kvnode")
@@ -215,9 +221,11 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
     local = next((p for p in peers if p.id == args.id), None)
     local_address = local.address if local is not None else args.listen
     host, port = split_address(args.listen, "--listen", any_port=True)
-    fsm = KVStateMachine()
+    fsm = open_kv_store(getattr(args, "store", "memory"), args.data_dir)
     metrics = Metrics(args.id)
     ctx = ServiceContext(args.id, fsm, metrics)
+    ctx.scratch_dir = args.data_dir
+    remove_stale_backups(args.data_dir)
     transport = PinnedTransport(local_address=local_address,
                                 server_ssl=server_ssl(args.tls_dir),
                                 client_ssl=client_ssl(args.tls_dir),
@@ -242,7 +250,7 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
                 snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
                 tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
                 election_tick=args.election_tick,
-                persist_observer=metrics.observe_wal_sync,
+                observer=metrics.engine,
                 test_persist_delay=persist_delay_reader(
                     getattr(args, "test_fsync_delay_file", None)))
             try:
@@ -257,11 +265,16 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
                                          stopped_by)
                         tasks.start_soon(metrics.refresh_forever, engine, fsm)
                         tasks.start_soon(announcer.run, engine)
+                        tasks.start_soon(store_upkeep, fsm)
                         await engine.wait_closed()
                         tasks.cancel_scope.cancel()
                     ctx.engine = None
             finally:
                 ctx.engine = None
+                try:
+                    fsm.close()  # after the engine: commits what was applied
+                except Exception:  # the store recovers at the next start (docs/api.md)
+                    log.exception("closing the kv store failed")
                 await transport.aclose()
                 metrics.stop_server()
     reason = stopped_by[0] if stopped_by else "removed from the cluster or engine closed"

@@ -24,6 +24,9 @@ machine, the metrics and the transport's portal into trio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,12 +59,14 @@ class ServiceContext:
     """What the handlers share: the engine (set once open), the state machine, the metrics,
     and the transport's portal into the trio thread (set once the server runs)."""
 
-    def __init__(self, node_id: str, fsm: kvsm.KVStateMachine, metrics: Metrics) -> None:
+    def __init__(self, node_id: str, fsm: kvsm.KVStore, metrics: Metrics) -> None:
         self.node_id = node_id
         self.fsm = fsm
         self.metrics = metrics
         self.engine: trio_raft.Engine | None = None
         self.portal: Any = None
+        #: Where a backup is written before it is streamed (the data dir; None: system temp).
+        self.scratch_dir: str | None = None
 
     def require_engine(self) -> trio_raft.Engine:
         if self.engine is None:
@@ -95,6 +100,19 @@ class ServiceContext:
             self.require_engine().propose_nowait(data, done)
         except Exception as exc:
             done(outcome.Error(exc))
+
+
+def remove_stale_backups(data_dir: str) -> None:
+    """Delete temporary backup files a node that died while streaming one left behind."""
+    if os.path.isdir(data_dir):
+        for name in os.listdir(data_dir):
+            if name.startswith(BACKUP_PREFIX):
+                _unlink_quietly(os.path.join(data_dir, name))
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _settle(fut: asyncio.Future[Any], res: outcome.Outcome[Any]) -> None:  # asyncio thread
@@ -261,6 +279,12 @@ class KVService(_ServiceBase):
                                  applied_index=engine.applied_index())
 
 
+#: Bytes per BackupChunk message.
+BACKUP_CHUNK = 256 << 10
+#: Name prefix of the temporary backup files a node writes into its data dir.
+BACKUP_PREFIX = "kvnode-backup-"
+
+
 class AdminService(_ServiceBase):
     path = ADMIN_PATH
     methods = {
@@ -272,6 +296,50 @@ class AdminService(_ServiceBase):
         "Announce": ("announce", pb.AnnounceRequest, pb.AdminResponse),
         "WasMember": ("was_member", pb.WasMemberRequest, pb.WasMemberResponse),
     }
+
+    def __mapping__(self) -> dict[str, Handler]:
+        out = super().__mapping__()
+        out[self.path + "Backup"] = Handler(self.backup, Cardinality.UNARY_STREAM,
+                                            StrictRequest(pb.BackupRequest), pb.BackupChunk)
+        return out
+
+    async def backup(self, stream: Any) -> None:
+        """Export a backup on the leader (trio), then stream the file (this loop; reads in a
+        thread) and delete it."""
+        ctx = self.ctx
+        try:
+            request = await receive_request(stream)
+            portal = ctx.portal
+            if portal is None or request is None:
+                raise Reply(Status.UNAVAILABLE, "node is starting or stopping")
+            path, info = await portal.run(_guarded, ctx, self._export, request)
+        except Reply as r:
+            await send_reply(stream, r)
+            return
+        except Exception as exc:
+            await send_stopping(stream, exc)
+            return
+        try:
+            await stream.send_message(pb.BackupChunk(index=info.index, term=info.term,
+                                                     size=info.file_bytes))
+            with open(path, "rb") as f:  # each read runs in a thread
+                while chunk := await asyncio.to_thread(f.read, BACKUP_CHUNK):
+                    await stream.send_message(pb.BackupChunk(data=chunk))
+        finally:
+            await asyncio.to_thread(_unlink_quietly, path)
+
+    async def _export(self, req: pb.BackupRequest) -> tuple[str, Any]:
+        engine = self._leader_engine()
+        await engine.linearizable_read()  # every write acknowledged before this is applied
+        fd, path = tempfile.mkstemp(prefix=BACKUP_PREFIX, suffix=".tmp",
+                                    dir=self.ctx.scratch_dir or None)
+        os.close(fd)
+        try:
+            info = await engine.export_snapshot(path)
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+        return path, info
 
     def _leader_engine(self) -> trio_raft.Engine:
         engine = self.ctx.require_engine()

@@ -29,7 +29,7 @@ import itertools
 import struct
 import sys
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import attrs
 
@@ -110,6 +110,31 @@ class KVSnapshot:
         self._data = {}
 
 
+class KVStore(Protocol):
+    """What the KV service needs from a store: the in-memory :class:`KVStateMachine`
+    (``--store memory``) or ``trio_raft_kv.sqlstore.SqliteKVStateMachine``
+    (``--store sqlite``). Both are trio_raft state machines with the same commands, results
+    and snapshot payloads."""
+
+    members: set[str]
+    on_members_changed: Callable[[], None] | None
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def key_count(self) -> int: ...
+
+    def apply(self, data: bytes) -> Any: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, reader: IO[bytes]) -> None: ...
+
+    def flush(self) -> None:
+        """Make what was applied durable in the store, if it has one (trio thread)."""
+
+    def close(self) -> None: ...
+
+
 class KVStateMachine:
     """``apply`` returns: put -> None, delete -> bool (deleted), cas -> :class:`CasResult`.
 
@@ -132,6 +157,15 @@ class KVStateMachine:
 
     def get(self, key: str) -> bytes | None:
         return self.data.get(key)
+
+    def key_count(self) -> int:
+        return len(self.data)
+
+    def flush(self) -> None:
+        """Nothing to do: the store lives in memory."""
+
+    def close(self) -> None:
+        """Nothing to do: the store lives in memory."""
 
     def apply(self, data: bytes) -> Any:
         if not data:

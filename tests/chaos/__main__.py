@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=6)
     p.add_argument("--keys", type=int, default=5)
     p.add_argument("--keep-dir", default=None, help="keep data dirs and logs under this dir")
+    p.add_argument("--store", choices=("memory", "sqlite"), default="memory",
+                   help="the nodes' KV store (kvnode serve --store)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     per_run = args.minutes * 60 / args.seeds
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         nodes = (3 if i % 2 == 0 else 5) if args.alternate_nodes else args.nodes
         keep = f"{args.keep_dir}/seed-{seed}" if args.keep_dir else None
         cfg = RunConfig(seed=seed, nodes=nodes, duration=per_run, clients=args.clients,
-                        keys=args.keys, keep_dir=keep)
-        print(f"== seed {seed}: {nodes} nodes, {per_run:.0f}s of faults", flush=True)
+                        keys=args.keys, keep_dir=keep, store=args.store)
+        print(f"== seed {seed}: {nodes} nodes ({args.store} store), {per_run:.0f}s of faults",
+              flush=True)
         report = trio.run(run_chaos, cfg)
         print("SUMMARY " + json.dumps(report.summary()), flush=True)
         print("   schedule: " + "; ".join(report.schedule), flush=True)

@@ -58,6 +58,7 @@ class Node:
     proc: trio.Process | None = None
     paused: bool = False
     starts: int = 0
+    store: str = "memory"
 
     @property
     def address(self) -> str:
@@ -72,7 +73,8 @@ class Node:
                "--peers", self.peers, "--data-dir", self.data_dir,
                "--snapshot-every", str(snapshot_every), "--tick-interval", str(tick),
                "--heartbeat-tick", str(heartbeat), "--election-tick", str(election),
-               "--test-fsync-delay-file", self.delay_file, "--log-level", "warning"]
+               "--test-fsync-delay-file", self.delay_file, "--log-level", "warning",
+               "--store", self.store]
         cmd.append("--join-as-learner" if self.joined else "--bootstrap")
         return cmd
 
@@ -84,13 +86,14 @@ class ChaosError(AssertionError):
 class Cluster:
     def __init__(self, root: str, names: list[str], proxy: Proxy, bridge: AsyncioBridge, *,
                  tick: float = 0.01, heartbeat: int = 5, election: int = 50,
-                 snapshot_every: int = 300) -> None:
+                 snapshot_every: int = 300, store: str = "memory") -> None:
         self.root = root
         self.names = list(names)
         self.proxy = proxy
         self.bridge = bridge
         self.tick, self.heartbeat, self.election = tick, heartbeat, election
         self.snapshot_every = snapshot_every
+        self.store = store
         self.nodes: dict[str, Node] = {}
         self.address_owner: dict[str, str] = {}  # any address a node is known by -> its name
         self.client = KVClient("127.0.0.1:1", timeout=RPC_TIMEOUT)  # call_at only
@@ -101,7 +104,7 @@ class Cluster:
         for name in self.names:
             d = os.path.join(self.root, name)
             node = Node(name, free_port(), os.path.join(d, "data"), os.path.join(d, "node.log"),
-                        os.path.join(d, "fsync-delay"))
+                        os.path.join(d, "fsync-delay"), store=self.store)
             os.makedirs(d, exist_ok=True)
             self.set_disk_delay_file(node, 0.0)
             self.nodes[name] = node

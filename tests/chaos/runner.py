@@ -48,6 +48,7 @@ class RunConfig:
     kinds: tuple[str, ...] = KINDS
     snapshot_every: int = 300
     keep_dir: str | None = None
+    store: str = "memory"  # kvnode serve --store
 
 
 @attrs.define
@@ -92,7 +93,8 @@ async def run_chaos(cfg: RunConfig) -> Report:
     rng = random.Random(f"run-{cfg.seed}")
     history = History()
     async with AsyncioBridge(name="chaos-clients") as bridge, Proxy() as proxy:
-        cluster = Cluster(root, names, proxy, bridge, snapshot_every=cfg.snapshot_every)
+        cluster = Cluster(root, names, proxy, bridge, snapshot_every=cfg.snapshot_every,
+                          store=cfg.store)
         try:
             await cluster.setup()
             for n in names:

@@ -190,20 +190,23 @@ def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) 
     # (Engine gauges are refreshed every 0.5 s, so wait for them to catch up.)
     def caught_up() -> dict[str, float] | None:
         s = cluster.scrape(leader)
-        applied = s.get(f'kvnode_raft_applied_index{{node="{leader}"}}', 0)
+        applied = s.get(f'trio_raft_applied_index{{node="{leader}"}}', 0)
         return s if applied >= 450 else None
 
     m = poll(caught_up, 30, "the leader's metrics to show the writes")
     lbl = f'node="{leader}"'
-    assert m[f"kvnode_raft_is_leader{{{lbl}}}"] == 1
-    assert m[f"kvnode_raft_term{{{lbl}}}"] >= 1
-    assert m[f"kvnode_snapshots_taken_total{{{lbl}}}"] >= 1  # --snapshot-every 200
-    assert m[f"kvnode_raft_commit_index{{{lbl}}}"] >= m[f"kvnode_raft_applied_index{{{lbl}}}"]
+    assert m[f"trio_raft_is_leader{{{lbl}}}"] == 1
+    assert m[f"trio_raft_term{{{lbl}}}"] >= 1
+    # --snapshot-every 200
+    assert m[f'trio_raft_snapshots_total{{event="written",{lbl}}}'] >= 1
+    assert m[f"trio_raft_commit_index{{{lbl}}}"] >= m[f"trio_raft_applied_index{{{lbl}}}"]
     assert m[f'kvnode_proposals_total{{{lbl},outcome="ok"}}'] >= 450
-    assert m[f"kvnode_proposal_latency_seconds_count{{{lbl}}}"] >= 450
-    assert m[f"kvnode_wal_sync_seconds_count{{{lbl}}}"] >= 1
-    assert f"kvnode_raft_dispatch_drops_total{{{lbl}}}" in m
-    assert any(k.startswith("kvnode_raft_state{") for k in m)
+    assert m[f"trio_raft_proposal_seconds_count{{{lbl}}}"] >= 450
+    assert m[f"trio_raft_wal_sync_seconds_count{{{lbl}}}"] >= 1
+    assert f"trio_raft_dispatch_drops_total{{{lbl}}}" in m
+    assert m[f"kvnode_kv_keys{{{lbl}}}"] >= 200
+    assert any(k.startswith("trio_raft_peer_lag_entries{") for k in m)
+    assert any(k.startswith("trio_raft_state{") for k in m)
 
     # kill -9 the leader; a new one is elected; every acknowledged key is still there.
     cluster.procs[leader].send_signal(signal.SIGKILL)

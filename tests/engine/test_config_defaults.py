@@ -25,7 +25,7 @@ def test_documented_defaults():
     assert c.pre_vote and c.parallel_leader_write
     assert not c.bootstrap and not c.join_as_learner and not c.blocking_io
     assert c.transport is None and c.raft_cipher is None and c.raft_cutover_index is None
-    assert c.persist_observer is None and c.test_persist_delay is None and c.rng_seed is None
+    assert c.observer is None and c.test_persist_delay is None and c.rng_seed is None
     assert c.peers == () and c.local_id == "" and c.local_address == ""
     assert lease_duration(c) == pytest.approx(100 * 0.01 - 0.3)
 

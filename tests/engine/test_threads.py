@@ -10,12 +10,14 @@ import threading
 import time
 from typing import IO, Any
 
+import attrs
 import trio
 
 import trio_raft
 from tests.engine.kv import KVSnapshot
 from tests.engine.test_single_node import cfg
 from trio_raft import errors
+from trio_raft.storage.descriptor import decode_descriptor, encode_descriptor
 from trio_raft.storage.fsm_snapshot import fsm_snapshot_path
 from trio_raft.testing.cluster import open_memory_cluster
 
@@ -138,6 +140,10 @@ async def test_readers_released_before_a_restore_run_before_it_starts(tmp_path):
             await engine.propose(b"set k%d one" % i)
         loop = engine._loop
         shutil.copy(fsm_file, loop.disk.fsm_dir)  # the payload a leader would have sent
+        # ...by a leader of this node's cluster (two single-node bootstraps are two clusters)
+        desc = decode_descriptor(snap.data)
+        snap = attrs.evolve(snap, data=encode_descriptor(
+            attrs.evolve(desc, cluster_id=engine.cluster_id())))
         released = trio.Event()
         views: list[tuple[bool, dict[str, str]]] = []
 

@@ -83,6 +83,11 @@ def test_migrate_validation(tmp_path) -> None:
         mig.migrate_fsm_store(store, tmp_path / "d2", PEERS)
     with pytest.raises(StorageError, match="no state machine payload"):
         mig.migrate_fsm_store(str(tmp_path / "nowhere"), tmp_path / "d3", PEERS)
+    # an inline payload must not look like a snapshot descriptor
+    (tmp_path / "store" / mig.PAYLOAD_FILE_NAME).write_bytes(b"TRSD not a descriptor")
+    with pytest.raises(StorageError, match="descriptor magic"):
+        mig.migrate_fsm_store(store, tmp_path / "d4", PEERS)
+    assert not (tmp_path / "d4").exists() and not (tmp_path / "d4.migrating").exists()
 
 
 def test_migrate_removes_temp_dir_on_failure(tmp_path) -> None:

@@ -18,7 +18,9 @@ from trio_raft.errors import (
 )
 from trio_raft.storage import open_disk_state
 from trio_raft.storage import wal_records as rec
-from trio_raft.storage.fsm_snapshot import decode_snapshot_token, fsm_snapshot_path
+from trio_raft.storage.cluster_id import load_cluster_id
+from trio_raft.storage.descriptor import descriptor_of, payload_ref
+from trio_raft.storage.fsm_snapshot import fsm_snapshot_path
 from trio_raft.storage.peers import PersistedPeer, load_persisted_peers
 from trio_raft.storage.recovery import RecoveryKind
 from trio_raft.storage.snapshots import Snapshotter, snap_name
@@ -57,7 +59,7 @@ def test_fresh_single_peer_bootstraps(tmp_path) -> None:
     assert ds.hard_state == HardState(term=1, commit=1)
     meta = ds.snapshot.metadata
     assert (meta.index, meta.term, meta.conf_state) == (1, 1, ConfState([11]))
-    assert decode_snapshot_token(ds.snapshot.data)[0] == 1
+    assert payload_ref(ds.snapshot.data)[0] == 1
     assert os.path.exists(fsm_snapshot_path(d / "fsm-snap", 1))
     assert kv.handles[0].closed
     assert ds.applied_index == 1 and ds.entries == ()
@@ -66,7 +68,13 @@ def test_fresh_single_peer_bootstraps(tmp_path) -> None:
     peers = load_persisted_peers(d)
     assert peers is not None and peers.index == 1 and peers.seed_active
     assert ds.persisted_peers == peers
-    assert sorted(os.listdir(d)) == ["fsm-snap", "snap", "trio-raft-peers.bin", "wal"]
+    assert sorted(os.listdir(d)) == ["fsm-snap", "snap", "trio-raft-cluster-id.bin",
+                                     "trio-raft-peers.bin", "wal"]
+    # a single voter chooses the cluster id at bootstrap; the snapshot carries it and the
+    # member list
+    desc = descriptor_of(ds.snapshot.data)
+    assert desc is not None and desc.cluster_id == ds.cluster_id == load_cluster_id(d)
+    assert [(m.node_id, m.id, m.address) for m in desc.members] == [(11, "n1", "h:1")]
     ds.persistence.close()
 
 
@@ -168,7 +176,7 @@ def _bootstrapped_with_snapshot(tmp_path) -> tuple[str, int]:
     append_committed(ds, kv, 2, 20)
     snap = local_snapshot(ds, kv, 15)
     ds.persistence.close()
-    return fsm_snapshot_path(tmp_path / "fsm-snap", 15), decode_snapshot_token(snap.data)[1]
+    return fsm_snapshot_path(tmp_path / "fsm-snap", 15), payload_ref(snap.data)[1]
 
 
 def test_restart_missing_fsm_file(tmp_path) -> None:

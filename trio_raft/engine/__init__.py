@@ -1,9 +1,11 @@
 """The trio driver around the sans-IO core: open_engine, Engine and the public value types."""
 
+from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import OpenConfig, derive_node_id, parse_peers
 from trio_raft.engine.engine import Engine, open_engine
 from trio_raft.engine.factory import Factory, FactoryConfig
 from trio_raft.engine.membership import join_role_violation_count
+from trio_raft.engine.observer import CounterValues, EngineObserver, NullObserver
 from trio_raft.engine.types import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -24,11 +26,15 @@ __all__ = [
     "SUFFRAGE_LEARNER",
     "SUFFRAGE_VOTER",
     "Configuration",
+    "CounterValues",
     "Engine",
+    "EngineObserver",
     "Factory",
     "FactoryConfig",
     "LeaderInfo",
+    "NullObserver",
     "OpenConfig",
+    "OpenReport",
     "Peer",
     "PeerProgress",
     "ProposalResult",

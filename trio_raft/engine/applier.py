@@ -12,6 +12,15 @@ committed entries (``apply``) and any snapshot to install (``install_snapshot``)
   the new membership is persisted (the peers file, then a snapshot at the change's index so the
   newest snapshot always carries the newest membership), the transport and lanes follow it, and
   the admin caller gets the change's index (its new ``prev_index``).
+* Cluster records (``identity.py``): the first one sets the cluster id of a node that has none.
+  After applying, a leader that knows no cluster id proposes one.
+* The cold-start skip: entries at or below ``fsm_index`` (the index the state machine's own
+  durable store reported at open, ``coldstart.py``) are already in the state machine. They are
+  not given to ``apply`` again, but everything the engine itself does with them still happens:
+  configuration changes, envelope control records, cluster records.
+* Snapshots from the leader: the state machine is restored (``set_apply_index`` with the
+  snapshot's index first), and the members, with the addresses the snapshot's descriptor
+  carries, and the cluster id are adopted.
 
 Invariants: entries are applied in index order, each at most once (an entry at or below the
 applied index, replayed after a restart from a snapshot, is skipped); the applied index never
@@ -39,12 +48,14 @@ from trio_raft.engine.contexts import decode_proposal
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.dispatch import Dispatcher
 from trio_raft.engine.envelope_gate import EnvelopeGate
+from trio_raft.engine.identity import ClusterIdentity, decode_cluster_record, is_cluster_record
 from trio_raft.engine.lease import Lease
 from trio_raft.engine.membership import Change, Membership, peers_for_conf_state, to_persisted
 from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.types import ProposalResult, StateMachine
 from trio_raft.engine.waiters import WaiterTable
 from trio_raft.errors import FSMApplyHaltError, SnapshotRequiredError
+from trio_raft.storage.descriptor import descriptor_of
 from trio_raft.storage.recovery import DiskPersistence
 
 logger = logging.getLogger(__name__)
@@ -57,8 +68,16 @@ class Applier:
                  membership: Membership, gate: EnvelopeGate, snapshots: Snapshots,
                  disk: DiskPersistence, storage: MemoryStorage, io: DiskRunner,
                  dispatcher: Dispatcher, lease: Lease, proposals: WaiterTable,
-                 admin: WaiterTable) -> None:
+                 admin: WaiterTable, identity: ClusterIdentity | None = None,
+                 fsm_index: int = 0) -> None:
         self.applied = applied
+        #: Entries at or below this index are in the state machine's durable store already
+        #: (the cold-start skip); 0 when it reported nothing.
+        self.fsm_index = fsm_index
+        self.identity = identity if identity is not None else ClusterIdentity(
+            data_dir=disk.data_dir, file_io=disk.file_io, cluster_id=None, state_machine=fsm)
+        #: Snapshots from the leader installed by this engine (metrics).
+        self.installed = 0
         self._fsm = fsm
         self._node = node
         self._membership = membership
@@ -80,10 +99,24 @@ class Applier:
     # -- committed entries ---------------------------------------------------------------------
     async def apply(self, entries: Sequence[Entry]) -> None:
         for ent in entries:
-            if ent.type is EntryType.NORMAL:
-                self.apply_normal(ent)
-            else:
+            if ent.type is not EntryType.NORMAL:
                 await self._apply_conf_entry(ent)
+            elif is_cluster_record(ent.data):
+                await self._apply_cluster_record(ent)
+            else:
+                self.apply_normal(ent)
+        if entries:
+            self.identity.maybe_propose(self._node, entries[-1])
+
+    async def _apply_cluster_record(self, ent: Entry) -> None:
+        if ent.index <= self.applied:
+            return
+        cluster_id = decode_cluster_record(ent.data)
+        if cluster_id is None:
+            logger.warning("entry %d: unreadable cluster record ignored", ent.index)
+        else:
+            await self.identity.adopt(cluster_id, self._io, f"entry {ent.index}")
+        self.applied = ent.index
 
     def apply_normal(self, ent: Entry) -> None:
         if ent.index <= self.applied:
@@ -98,6 +131,9 @@ class Applier:
         if key_id is not None:
             self.applied = ent.index
             self._resolve(rid, ProposalResult(ent.index, key_id))
+            return
+        if ent.index <= self.fsm_index:
+            self.applied = ent.index  # the state machine's store holds it (cold-start skip)
             return
         payload = self._gate.unwrap(ent.index, payload)
         if self._set_apply_index is not None:
@@ -144,7 +180,8 @@ class Applier:
             meta.index == change.index and meta.conf_state.equivalent(change.conf_state)
         ):
             return
-        await self._snapshots.write(change.index, change.conf_state, compact=False)
+        await self._snapshots.write(change.index, change.conf_state, compact=False,
+                                    members=change.members)
 
     def _follow(self, change: Change) -> None:
         """Membership, transport, lanes and lease follow an applied change."""
@@ -179,20 +216,29 @@ class Applier:
             raise SnapshotRequiredError(f"snapshot at index {snap.metadata.index} has no data")
         m = self._membership
         cs = snap.metadata.conf_state
-        m.check_join_role(cs)
-        members = peers_for_conf_state(m.peers, cs)
-        m.require_addresses(members)
         idx = snap.metadata.index
+        m.check_join_role(cs)
+        desc = descriptor_of(snap.data)
+        if desc is not None:
+            self.identity.check_snapshot(desc.cluster_id, idx)
+        members = peers_for_conf_state(m.peers, cs, desc.members if desc is not None else ())
+        m.require_addresses(members)
+        if desc is not None and desc.cluster_id:
+            await self.identity.adopt(desc.cluster_id, self._io, f"the snapshot at index {idx}")
         async with self._snapshots.lock:
             self.restoring = True
             try:
                 await trio.lowlevel.checkpoint()
                 await trio.lowlevel.checkpoint()
+                if self._set_apply_index is not None:
+                    self._set_apply_index(idx)  # the restored state covers ``idx``
                 await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap)
                 self._storage.apply_snapshot(snap)
                 self.applied = max(self.applied, idx)
+                self.fsm_index = 0  # the store was replaced: nothing above ``idx`` is in it
             finally:
                 self.restoring = False
+        self.installed += 1
         m.note_applied(idx)
         m.commit(idx, cs, members)
         await self._io.run(self._disk.write_current_peers, idx, to_persisted(members))

@@ -9,6 +9,7 @@ from typing import Any
 
 import attrs
 
+from trio_raft.engine.observer import EngineObserver
 from trio_raft.engine.types import SUFFRAGE_VOTER, Peer, StateMachine
 from trio_raft.errors import (
     ConfigError,
@@ -110,8 +111,8 @@ class OpenConfig:
     #: an append to the same peer leaving first carries the commit instead and the held one is
     #: dropped. Followers learn of commits up to this much later; 0 sends at once.
     commit_broadcast_delay: float = 0.002
-    #: Called with the seconds each Ready's WAL write (and fsync) took; for metrics.
-    persist_observer: Callable[[float], None] | None = None
+    #: Told of WAL writes and proposals as they complete (``observer.py``; metrics use it).
+    observer: EngineObserver | None = None
     #: Tests only: seconds to wait before each WAL write, re-read every time (a slow disk).
     test_persist_delay: Callable[[], float] | None = None
     #: The seam every file operation of storage goes through (``docs/storage.md``); None: the

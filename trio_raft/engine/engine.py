@@ -9,20 +9,27 @@ commit. Open an engine with :func:`open_engine`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import outcome
 import trio
 
 from trio_raft._groups import caused_by, sole_failure
 from trio_raft.engine.admin import wait_for_transfer
+from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import OpenConfig, lease_duration, with_defaults
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
+from trio_raft.engine.membership import to_persisted
+from trio_raft.engine.observer import CounterValues
 from trio_raft.engine.opening import open_state
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
@@ -40,10 +47,13 @@ from trio_raft.errors import (
     EngineClosedError,
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
+    NothingToExportError,
     NotLeaderError,
     PeerIDRequiredError,
     PromoteLearnerMinAppliedZeroError,
 )
+from trio_raft.storage.backup import BackupInfo, write_backup
+from trio_raft.storage.recovery import snapshot_members
 from trio_raft.transport.base import ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
@@ -54,6 +64,8 @@ class Engine:
 
     def __init__(self, loop: RunLoop) -> None:
         self._loop = loop
+        self._report = OpenReport(kind="unknown")
+        self._io = DiskRunner(loop.cfg.blocking_io)
 
     # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
@@ -85,16 +97,26 @@ class Engine:
         loop = self._loop
         loop.check_open()
         payload = loop.gate.payload_for(bytes(data), False)
-        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(on_done)))
+        started = time.perf_counter()
+        observer = loop.observer
+
+        def done(result: outcome.Outcome[ProposalResult]) -> None:
+            if isinstance(result, outcome.Value):
+                observer.proposal(time.perf_counter() - started)
+            on_done(result)
+
+        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(done)))
 
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()
         loop = self._loop
         loop.check_open()
         payload = loop.gate.payload_for(data, admin)  # wrapped above the cutover
+        started = time.perf_counter()
         result = await loop.run_request(
             ProposeRequest(loop.new_request_id(), payload, Waiter(), admin))
         assert isinstance(result, ProposalResult)
+        loop.observer.proposal(time.perf_counter() - started)
         return result
 
     # -- reads ---------------------------------------------------------------------------------
@@ -158,6 +180,15 @@ class Engine:
 
     def status(self) -> Status:
         return self._loop.status
+
+    def open_report(self) -> OpenReport:
+        """What opening did with the state machine: restored from the snapshot or skipped (its
+        store held it), entries replayed, seconds (``docs/api.md``, the cold-start skip)."""
+        return self._report
+
+    def cluster_id(self) -> str | None:
+        """This node's cluster id (None until one is known, ``docs/storage.md``)."""
+        return self._loop.applier.identity.cluster_id
 
     def replication(self) -> dict[str, PeerProgress]:
         """The leader's view of every other member's log, keyed by server id.
@@ -291,6 +322,41 @@ class Engine:
     def encryption_scanner(self) -> EncryptionScanner:
         return EncryptionScanner(lambda: self._loop.storage)
 
+    # -- backups -------------------------------------------------------------------------------
+    async def export_snapshot(self, path: str | os.PathLike[str]) -> BackupInfo:
+        """Write a consistent point-in-time backup of the state machine to ``path``: its
+        payload at the applied index, with that index, its term, the members with their
+        addresses and the cluster id, in one checksummed file written atomically (layout in
+        ``docs/formats.md``). Returns what it wrote. Raises NothingToExportError before
+        anything was applied here; for a backup that holds every write acknowledged before
+        the call, call it on the leader after a :meth:`linearizable_read`.
+
+        Runs under the snapshot lock (no snapshot write or restore meanwhile); the state
+        machine's ``snapshot()`` is taken on the trio thread and written in a worker thread,
+        as for any snapshot."""
+        loop = self._loop
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop.check_open()
+        async with loop.snapshots.lock:
+            loop.check_open()
+            applier = loop.applier
+            index = applier.applied
+            if index == 0 or index < applier.fsm_index:
+                raise NothingToExportError(f"applied index {index}")
+            info = BackupInfo(index, loop.storage.term(index), applier.identity.cluster_id or "",
+                              snapshot_members(to_persisted(loop.membership.members())))
+            fsm = loop.cfg.state_machine
+            assert fsm is not None
+            handle = fsm.snapshot()  # no checkpoint since ``index`` was read
+            try:
+                written = await self._io.run(functools.partial(
+                    write_backup, path, info, handle, file_io=loop.disk.file_io))
+            finally:
+                handle.close()
+        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
+                    written.term, path, written.file_bytes)
+        return written
+
     # -- callbacks -----------------------------------------------------------------------------
     def register_leader_acquired_callback(
         self, fn: Callable[[], object] | None
@@ -313,6 +379,17 @@ class Engine:
     def step_queue_full_count(self) -> int:
         return self._loop.inbox.full_count
 
+    def counters(self) -> CounterValues:
+        """Counts since the engine opened: leader changes seen, snapshots written, installed
+        (from a leader), sent (to followers) and received (``observer.py``)."""
+        loop = self._loop
+        return CounterValues(
+            leader_changes=loop.status_view.leader_changes,
+            snapshots_written=loop.snapshots.written,
+            snapshots_installed=loop.applier.installed,
+            snapshots_sent=loop.counters.snapshots_sent,
+            snapshots_received=loop.counters.snapshots_received)
+
     # -- lifecycle -----------------------------------------------------------------------------
     def err(self) -> BaseException | None:
         """The fatal error that stopped the engine, if one did."""
@@ -326,6 +403,20 @@ class Engine:
         self._loop.request_close()
         with trio.CancelScope(shield=True):
             await self._loop.done.wait()
+
+
+def _reported(cfg: OpenConfig, report: OpenReport) -> OpenReport:
+    """Log what opening did (one line) and return ``report``."""
+    if report.kind == "restart":
+        what = ("skipped (the state machine's store holds index "
+                f"{report.store_index})" if report.skipped
+                else "restored" if report.restored else "none to restore")
+        logger.info("opened %s: snapshot at index %d %s; %d entries replayed, %d skipped; "
+                    "%.3f s", cfg.data_dir, report.snapshot_index, what,
+                    report.entries_replayed, report.entries_skipped, report.seconds)
+    else:
+        logger.info("opened %s (%s) in %.3f s", cfg.data_dir, report.kind, report.seconds)
+    return report
 
 
 def build_transport(cfg: OpenConfig,
@@ -354,6 +445,7 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
     """
     cfg = with_defaults(config)
     io = DiskRunner(cfg.blocking_io)
+    started = time.perf_counter()
     opened = await io.run(open_state, cfg)
     failure: BaseException | None = None
     yielded = False
@@ -362,9 +454,12 @@ async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
         transport, owned = build_transport(cfg, len(opened.peers))
         loop = RunLoop(cfg, opened, io, transport, owned=owned)
         engine = Engine(loop)
+        engine._report = opened.report
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(loop.run, nursery)
+                engine._report = _reported(
+                    cfg, attrs.evolve(opened.report, seconds=time.perf_counter() - started))
                 if not loop.closed:
                     yielded = True
                     try:

@@ -44,7 +44,7 @@ import trio
 
 from trio_raft.core.errors import RaftError as CoreRaftError
 from trio_raft.core.errors import StepPeerNotFoundError
-from trio_raft.core.messages import NONE, EntryType, Message, Ready, StateType
+from trio_raft.core.messages import NONE, EntryType, Message, MessageType, Ready, StateType
 from trio_raft.core.raft import Config as CoreConfig
 from trio_raft.core.rawnode import RawNode
 from trio_raft.engine.admin import AdminHandler
@@ -57,6 +57,7 @@ from trio_raft.engine.envelope_gate import EnvelopeGate
 from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
 from trio_raft.engine.lease import Lease
 from trio_raft.engine.membership import Membership
+from trio_raft.engine.observer import EngineCounters, safe_observer
 from trio_raft.engine.opening import OpenedState
 from trio_raft.engine.pending import Pending
 from trio_raft.engine.persist import LogWriter
@@ -132,19 +133,26 @@ class RunLoop:
             data_dir=self.disk.data_dir, file_io=self.disk.file_io, inbox=self.inbox,
             proposals=self.pending.proposals, applied=lambda: self.applier.applied,
             tick_interval=cfg.tick_interval)
+        #: Told of WAL writes and proposals (``observer.py``); counts kept here.
+        self.observer = safe_observer(cfg.observer)
+        self.counters = EngineCounters()
         self.log_writer = LogWriter(disk=self.disk, storage=self.storage, io=io,
-                                    observer=cfg.persist_observer,
+                                    observer=self.observer.wal_write,
                                     test_delay=cfg.test_persist_delay)
         self.snapshots = Snapshots(
             fsm=fsm, disk=self.disk, storage=self.storage, io=io,
-            position=lambda: (self.applier.applied, self.membership.conf_state),
+            position=lambda: (self.applier.applied, self.membership.conf_state,
+                              self.membership.members()),
             every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
-            protected=self.exchange.protected_indexes)
+            protected=self.exchange.protected_indexes,
+            cluster_id=lambda: opened.identity.cluster_id,
+            floor=lambda: self.applier.fsm_index)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,
             io=io, dispatcher=self.dispatcher, lease=self.lease,
-            proposals=self.pending.proposals, admin=self.pending.admin)
+            proposals=self.pending.proposals, admin=self.pending.admin,
+            identity=opened.identity, fsm_index=opened.fsm_index)
         self.admission = Admission(
             node=self.node, gate=self.gate, pending=self.pending,
             admin=AdminHandler(node=self.node, membership=self.membership,
@@ -206,6 +214,8 @@ class RunLoop:
         if self.closed or not self._started.is_set():
             raise EngineClosedError()
         self.inbox.put_message(m)
+        if m.type is MessageType.SNAP:
+            self.counters.snapshots_received += 1
 
     def request_close(self) -> None:
         self.inbox.request_close()
@@ -260,6 +270,8 @@ class RunLoop:
             self.inbox.put_tick()
 
     def _on_send_report(self, node_id: int, report: SendReport) -> None:
+        if report is SendReport.SNAPSHOT_SENT:
+            self.counters.snapshots_sent += 1
         if not self.closed:
             self.inbox.put_report(node_id, report)
 

@@ -50,6 +50,7 @@ from trio_raft.errors import (
     PeerIDRequiredError,
     TransportPeerUnknownError,
 )
+from trio_raft.storage.descriptor import SnapshotMember
 from trio_raft.storage.peers import PersistedPeer
 
 _join_role_violation_total = 0
@@ -67,15 +68,23 @@ def to_persisted(peers: Sequence[Peer]) -> list[PersistedPeer]:
     ]
 
 
-def peers_for_conf_state(peers: dict[int, Peer], cs: ConfState) -> list[Peer]:
-    """The members of ``cs``, voters then learners, with what ``peers`` knows of each."""
+def peers_for_conf_state(peers: dict[int, Peer], cs: ConfState,
+                         replicated: Sequence[SnapshotMember] = ()) -> list[Peer]:
+    """The members of ``cs``, voters then learners, with what ``peers`` knows of each.
+
+    ``replicated`` are the members a snapshot carries (its descriptor): their id and address
+    win over ``peers``, as a configuration change's context does (``plan_change``); ``peers``
+    fills in what the snapshot does not say. How this node reaches a member differently is the
+    transport's business (an application pins its own addresses there)."""
+    known = {m.node_id: m for m in replicated}
     out: list[Peer] = []
-    for nid in cs.voters:
-        p = peers.get(nid, Peer(str(nid), "", nid))
-        out.append(Peer(p.id, p.address, nid, SUFFRAGE_VOTER))
-    for nid in cs.learners:
-        p = peers.get(nid, Peer(str(nid), "", nid))
-        out.append(Peer(p.id, p.address, nid, SUFFRAGE_LEARNER))
+    for suffrage, ids in ((SUFFRAGE_VOTER, cs.voters), (SUFFRAGE_LEARNER, cs.learners)):
+        for nid in ids:
+            p = peers.get(nid, Peer(str(nid), "", nid))
+            r = known.get(nid)
+            ident = r.id if r is not None and r.id else p.id
+            address = r.address if r is not None and r.address else p.address
+            out.append(Peer(ident, address, nid, suffrage))
     return out
 
 
@@ -129,6 +138,10 @@ class Membership:
         if p is None:
             return LeaderInfo(str(lead), "")
         return LeaderInfo(p.id, p.address)
+
+    def members(self) -> tuple[Peer, ...]:
+        """The members of the current configuration, with their addresses."""
+        return tuple(peers_for_conf_state(self.peers, self.conf_state))
 
     def remote_peers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.node_id != self.node_id]

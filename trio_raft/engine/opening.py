@@ -9,7 +9,9 @@ configuration and storage error is raised by ``open_engine`` itself. In order:
 2. the configuration is validated (``config.validate``) and the peers normalised (ids derived,
    the local node merged in, conflicts refused, sorted by node id);
 3. the data dir is opened or initialised (``trio_raft.storage.recovery.open_disk_state``:
-   restart, bootstrap or join) and the state machine restored from the newest snapshot;
+   restart, bootstrap or join) and the state machine restored from the newest snapshot, unless
+   its own store holds it already (the cold-start skip, ``coldstart.py``: then the commit index
+   is raised to the store's index, which the log holds and which was committed);
 4. the snapshot's membership is checked against the peers (a data dir of another cluster is
    refused with ClusterMismatchError) and the peers' suffrage taken from it;
 5. the peers file is rewritten for the recovered index; the fence is raised over configuration
@@ -19,12 +21,15 @@ configuration and storage error is raised by ``open_engine`` itself. In order:
 from __future__ import annotations
 
 import logging
+import os
 
 import attrs
 
 from trio_raft.core.messages import ConfState, EntryType
 from trio_raft.core.storage import MemoryStorage
+from trio_raft.engine.coldstart import ColdStart, OpenReport
 from trio_raft.engine.config import OpenConfig, normalize_peers, validate
+from trio_raft.engine.identity import ClusterIdentity
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer
 from trio_raft.errors import ClusterMismatchError
@@ -47,6 +52,12 @@ class OpenedState:
     fence: int
     #: The envelope cutover recorded on this node (None: none recorded).
     cutover: int | None
+    #: The node's cluster id and the rules for acquiring one (``identity.py``).
+    identity: ClusterIdentity
+    #: Entries up to this index are in the state machine's store already (cold-start skip).
+    fsm_index: int
+    #: What opening did (``seconds`` is filled in by ``open_engine``).
+    report: OpenReport
 
 
 def _from_persisted(pp: PersistedPeer) -> Peer:
@@ -93,9 +104,14 @@ def open_state(cfg: OpenConfig) -> OpenedState:
     peers = normalize_peers(
         local, peers, allow_incomplete=persisted is not None, allow_self_bootstrap=cfg.bootstrap
     )
+    identity = ClusterIdentity(data_dir=os.fspath(cfg.data_dir), file_io=file_io,
+                               cluster_id=None, state_machine=cfg.state_machine)
+    cold = ColdStart(cfg.state_machine, identity)
     disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine,
-                           join=cfg.join_as_learner, file_io=file_io)
+                           join=cfg.join_as_learner, file_io=file_io, restore_policy=cold)
     try:
+        identity.cluster_id = disk.cluster_id
+        identity.tell_state_machine()
         snap = disk.snapshot
         cs = snap.metadata.conf_state
         snap_index = snap.metadata.index
@@ -123,6 +139,17 @@ def open_state(cfg: OpenConfig) -> OpenedState:
             if e.index > disk.applied_index and e.type is not EntryType.NORMAL:
                 fence = e.index
         cutover = load_cutover(disk.data_dir, file_io=file_io)
+        hs = disk.storage.initial_state()[0]
+        if cold.fsm_index > hs.commit:
+            # The store applied it, so it was committed; the log holds it (checked).
+            disk.storage.set_hard_state(attrs.evolve(hs, commit=cold.fsm_index))
+        commit = max(hs.commit, cold.fsm_index)
+        report = OpenReport(
+            kind=disk.kind.value, snapshot_index=snap_index, restored=disk.restored,
+            skipped=cold.skipped, store_index=cold.store_index,
+            entries_replayed=max(0, commit - max(snap_index, cold.fsm_index)),
+            entries_skipped=max(0, min(cold.fsm_index, commit) - snap_index),
+            cluster_id=identity.cluster_id or "")
         return OpenedState(
             disk=disk.persistence,
             storage=disk.storage,
@@ -132,6 +159,9 @@ def open_state(cfg: OpenConfig) -> OpenedState:
             applied=disk.applied_index,
             fence=fence,
             cutover=cutover,
+            identity=identity,
+            fsm_index=cold.fsm_index,
+            report=report,
         )
     except BaseException:
         disk.persistence.close()

@@ -5,13 +5,21 @@
 meanwhile) and the snapshot taken when a configuration change applies (``applier.py``), so the
 newest snapshot always carries the newest membership. The state machine's ``snapshot()`` is
 called on the trio thread and must be quick (it captures a handle); the handle's ``write_to``
-streams the state into ``fsm-snap/%016x.fsm`` in a worker thread.
+streams the state into ``fsm-snap/%016x.fsm`` in a worker thread. The raft snapshot's data is a
+descriptor (``trio_raft/storage/descriptor.py``): the ``.fsm`` token, the cluster id and every
+member of the snapshot's configuration with its address, so a node that installs it can reach
+every member.
 
 Invariants:
 
 * The index a snapshot is labelled with and the state machine handle are taken with no
   checkpoint in between, so they describe the same state (``position()`` is read right before
   ``snapshot()``). A snapshot labelled below the state it holds would replay entries twice.
+* Never below the state machine's own store: right after a cold-start skip the state machine
+  holds entries up to ``floor()`` (the store's index) while the engine is still processing the
+  entries below it; a snapshot labelled there would hold more than its label says, so none is
+  taken until the applied index reached the floor (the membership a skipped
+  configuration-change snapshot would carry is in the peers file and the log meanwhile).
 * One snapshot write at a time (``_lock``): the periodic worker and configuration-change
   snapshots share the data dir's retention, which is not safe to run concurrently.
 * A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -31,8 +39,10 @@ from trio_raft.core.errors import CompactedError, SnapOutOfDateError, Unavailabl
 from trio_raft.core.messages import ConfState
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.diskio import DiskRunner
-from trio_raft.engine.types import StateMachine
-from trio_raft.storage.recovery import DiskPersistence
+from trio_raft.engine.membership import to_persisted
+from trio_raft.engine.types import Peer, StateMachine
+from trio_raft.storage.descriptor import SnapshotDescriptor, encode_descriptor
+from trio_raft.storage.recovery import DiskPersistence, snapshot_members
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +51,23 @@ class Snapshots:
     """See the module docstring."""
 
     def __init__(self, *, fsm: StateMachine, disk: DiskPersistence, storage: MemoryStorage,
-                 io: DiskRunner, position: Callable[[], tuple[int, ConfState]],
+                 io: DiskRunner, position: Callable[[], tuple[int, ConfState, Sequence[Peer]]],
                  every: int, catchup_entries: int,
-                 protected: Callable[[], frozenset[int]] = frozenset) -> None:
+                 protected: Callable[[], frozenset[int]] = frozenset,
+                 cluster_id: Callable[[], str | None] = lambda: None,
+                 floor: Callable[[], int] = lambda: 0) -> None:
         self._fsm = fsm
         self._disk = disk
         self._storage = storage
         self._io = io
-        #: (applied index, conf state) of the state machine right now.
+        #: (applied index, conf state, its members) of the state machine right now.
         self._position = position
+        #: The node's cluster id (recorded in every snapshot it writes).
+        self._cluster_id = cluster_id
+        #: The state machine holds every entry up to here (cold-start skip): no snapshot below.
+        self._floor = floor
+        #: Snapshots written by this engine (metrics).
+        self.written = 0
         self._every = every
         self._catchup_entries = catchup_entries
         #: Received ``.fsm`` files not installed yet; retention keeps them.
@@ -64,7 +82,7 @@ class Snapshots:
 
     def due(self, applied: int) -> bool:
         """Whether a periodic snapshot should start now."""
-        if self._in_flight or applied == 0:
+        if self._in_flight or applied == 0 or applied < self._floor():
             return False
         return applied - self._storage.snapshot().metadata.index >= self._every
 
@@ -81,18 +99,25 @@ class Snapshots:
         finally:
             self._in_flight = False
 
-    async def write(self, index: int | None, cs: ConfState | None, *, compact: bool) -> None:
-        """Snapshot the state machine at ``index`` (which must be its applied index now; None:
-        the position as of when the write starts), persist it and optionally compact."""
+    async def write(self, index: int | None, cs: ConfState | None, *, compact: bool,
+                    members: Sequence[Peer] = ()) -> None:
+        """Snapshot the state machine at ``index`` (which must be its applied index now, with
+        configuration ``cs`` of ``members``; None: the position as of when the write starts),
+        persist it and optionally compact."""
         async with self._lock:
-            await self._write_locked(index, cs, compact=compact)
+            await self._write_locked(index, cs, members, compact=compact)
 
-    async def _write_locked(self, index: int | None, cs: ConfState | None, *,
-                            compact: bool) -> None:
+    async def _write_locked(self, index: int | None, cs: ConfState | None,
+                            members: Sequence[Peer], *, compact: bool) -> None:
         if index is None or cs is None:
-            index, cs = self._position()
+            index, cs, members = self._position()
         if index <= self._storage.snapshot().metadata.index:
             return
+        if index < self._floor():
+            logger.info("no snapshot at index %d: the state machine already holds entries up "
+                        "to %d", index, self._floor())
+            return
+        cluster_id = self._cluster_id() or ""
         handle = self._fsm.snapshot()
         try:
             token = await self._io.run(self._disk.write_fsm_snapshot, handle, index,
@@ -101,14 +126,14 @@ class Snapshots:
             handle.close()
         if index <= self._storage.snapshot().metadata.index:
             return
+        data = encode_descriptor(SnapshotDescriptor(
+            token, cluster_id, snapshot_members(to_persisted(members))))
         try:
-            snap = self._storage.create_snapshot(index, cs, token)
+            snap = self._storage.create_snapshot(index, cs, data)
         except (SnapOutOfDateError, CompactedError, UnavailableError):
             return
-        set_durable = getattr(self._fsm, "set_durable_applied_index", None)
-        if set_durable is not None:
-            set_durable(index)
         await self._io.run(self._disk.save_snapshot, snap)
+        self.written += 1
         if compact:
             target = index - self._catchup_entries
             if target > self._storage.first_index():

@@ -47,6 +47,9 @@ class StatusView:
         self.on_lost = CallbackRegistry("leader-loss")
         self._contact_at: float | None = None
         self._contact_from = NONE
+        #: Times a new leader (another node, or this one) became known here.
+        self.leader_changes = 0
+        self._lead = NONE
 
     def note_contact(self, m: Message) -> None:
         if m.type in _CONTACT_TYPES:
@@ -55,6 +58,10 @@ class StatusView:
     def refresh(self, applied: int) -> Edge | None:
         r = self._node.raft
         prev = self.current.state
+        if r.lead != self._lead:
+            self._lead = r.lead
+            if r.lead != NONE:
+                self.leader_changes += 1
         if r.state is StateType.LEADER:
             state = State.LEADER
         elif r.state is StateType.FOLLOWER:

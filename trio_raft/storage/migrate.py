@@ -31,6 +31,7 @@ import attrs
 
 from trio_raft.core.messages import ConfState, HardState, Snapshot, SnapshotMetadata
 from trio_raft.errors import MigrationDestinationExistsError, StorageError, StorageIOError
+from trio_raft.storage import descriptor
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.fileio import DIR_MODE, OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
@@ -196,6 +197,9 @@ def migrate_fsm_store(store_path: str | os.PathLike[str], dest_data_dir: str | o
         payload = _read_store_snapshot(store, spool_dir, file_io)
     finally:
         store.close()
+    if descriptor.is_descriptor(payload):
+        raise StorageError("migration: the payload starts with the snapshot descriptor magic "
+                           f"{descriptor.DESCRIPTOR_MAGIC!r} and cannot be stored inline")
     parent = os.path.dirname(dest)
     make_dirs(parent, file_io=file_io)
     try:

@@ -13,14 +13,18 @@ Recovery order (:func:`open_disk_state`):
    the data dir and ``fsm-snap/``, ``*.fsm.tmp`` files, ``.fsm`` files with no ``.snap`` at their
    index, and unfinished ``.snap``/WAL temp files.
 2. A WAL exists (**restart**): open it (repairing a torn tail), load the newest ``.snap`` that
-   matches a WAL-valid snapshot marker, replay the WAL after it, restore the state machine from
-   the ``.fsm`` file the token names (or from an inline payload), and rebuild the in-memory
-   :class:`MemoryStorage` (snapshot, hard state, entries).
+   matches a WAL-valid snapshot marker, replay the WAL after it, read the cluster id (the
+   cluster id file, else the snapshot descriptor's, which is then recorded), ask the
+   ``restore_policy`` whether the state machine's own store already holds the snapshot (the
+   cold-start skip: then the payload is not read at all), otherwise restore the state machine
+   from the ``.fsm`` file the descriptor or token names (or from an inline payload), and
+   rebuild the in-memory :class:`MemoryStorage` (snapshot, hard state, entries).
 3. Nothing on disk, and one peer or ``bootstrap`` (**bootstrap**): write the state machine's
    snapshot to ``fsm-snap/0000000000000001.fsm`` and a boot state: snapshot index 1 term 1 whose
-   conf state holds the peers (voters and learners, sorted by node id) and whose data is the
-   token, hard state term 1 commit 1. The WAL is built under ``wal.tmp`` and renamed into place,
-   so a crash leaves either nothing or a complete boot state.
+   conf state holds the peers (voters and learners, sorted by node id) and whose data is a
+   descriptor (token, members and, with a single voter, a new cluster id, also written to the
+   cluster id file), hard state term 1 commit 1. The WAL is built under ``wal.tmp`` and renamed
+   into place, so a crash leaves either nothing or a complete boot state.
 4. Nothing on disk, several peers and no ``bootstrap`` (**join**): an empty WAL, no snapshot and
    no conf state; the leader will send a snapshot.
 
@@ -53,8 +57,15 @@ from trio_raft.core.messages import (
 )
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.errors import NoPeersConfiguredError, SnapshotFileError, StorageError
+from trio_raft.storage import descriptor
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage import snapshots as snaps
+from trio_raft.storage.cluster_id import (
+    cluster_id_path,
+    load_cluster_id,
+    new_cluster_id,
+    save_cluster_id,
+)
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
     fsync_dir,
@@ -87,6 +98,18 @@ class StateMachine(Protocol):
     def snapshot(self) -> fsm.FSMSnapshot: ...
 
     def restore(self, reader: BinaryIO) -> Any: ...
+
+
+class RestorePolicy(Protocol):
+    """Decides, at a restart, whether the state machine needs the recovered snapshot."""
+
+    def skip_restore(self, snapshot: Snapshot, last_index: int, cluster_id: str | None
+                     ) -> bool:
+        """True when the state machine's own durable store already holds ``snapshot``'s state
+        (it is then not restored, and its payload not read). ``last_index`` is the last index
+        of the recovered log, ``cluster_id`` the data dir's. Called once, before any restore;
+        may raise to refuse the open."""
+        ...
 
 
 class RecoveryKind(enum.Enum):
@@ -266,6 +289,11 @@ class DiskState:
     #: The peers file as found at open (written for a bootstrap), or None.
     persisted_peers: PeersFile | None
     wal_metadata: bytes = b""
+    #: The data dir's cluster id (None: none chosen yet, or an older data dir).
+    cluster_id: str | None = None
+    #: Whether the state machine was restored from the snapshot at open (False: no snapshot,
+    #: a bootstrap, or the restore policy skipped it).
+    restored: bool = False
 
     @property
     def wal(self) -> WAL:
@@ -288,21 +316,42 @@ def _remove_spools(directory: str, file_io: FileIO) -> None:
 
 def restore_snapshot_state(state_machine: StateMachine | None, snapshot: Snapshot,
                            fsm_dir: str, *, file_io: FileIO = OS_FILE_IO) -> int:
-    """Restore ``state_machine`` from ``snapshot`` (token or inline payload); returns the
-    effective applied index (the snapshot index)."""
+    """Restore ``state_machine`` from ``snapshot`` (the ``.fsm`` file its descriptor or token
+    names, or its inline payload); returns the effective applied index (the snapshot index)."""
     meta = snapshot.metadata
     if snapshot.is_empty() or state_machine is None:
         return meta.index
     if not snapshot.data:
         log.warning("snapshot at index %d carries no state machine data", meta.index)
         return meta.index
-    if fsm.is_snapshot_token(snapshot.data):
-        index, crc = fsm.decode_snapshot_token(snapshot.data)
+    ref = descriptor.payload_ref(snapshot.data)
+    if ref is not None:
+        index, crc = ref
         fsm.open_and_restore_fsm_snapshot(state_machine, fsm.fsm_snapshot_path(fsm_dir, index),
                                           crc, file_io=file_io)
     else:
         state_machine.restore(io.BytesIO(snapshot.data))
     return meta.index
+
+
+def snapshot_members(peers: Sequence[PersistedPeer]) -> tuple[descriptor.SnapshotMember, ...]:
+    """The peers as a snapshot descriptor records them."""
+    return tuple(descriptor.SnapshotMember(p.node_id, p.id, p.address, p.suffrage)
+                 for p in peers)
+
+
+def _recovered_cluster_id(data_dir: str, snap: Snapshot, file_io: FileIO) -> str | None:
+    """The data dir's cluster id; when it has none, the snapshot's (recorded from now on)."""
+    cid = load_cluster_id(data_dir, file_io=file_io)
+    if cid is not None:
+        return cid
+    desc = descriptor.descriptor_of(snap.data) if not snap.is_empty() else None
+    if desc is not None and desc.cluster_id:
+        save_cluster_id(data_dir, desc.cluster_id, file_io=file_io)
+        log.info("%s: cluster id %s taken from the snapshot at index %d", data_dir,
+                 desc.cluster_id, snap.metadata.index)
+        return desc.cluster_id
+    return None
 
 
 def boot_conf_state(peers: Sequence[PersistedPeer]) -> ConfState:
@@ -334,13 +383,15 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
                     wal_metadata: bytes = b"", segment_size: int = SEGMENT_SIZE,
                     max_wal_files: int = MAX_WAL_FILES,
                     max_snap_files: int = snaps.MAX_SNAP_FILES,
-                    file_io: FileIO = OS_FILE_IO) -> DiskState:
+                    file_io: FileIO = OS_FILE_IO,
+                    restore_policy: RestorePolicy | None = None) -> DiskState:
     """Open (or initialise) ``data_dir`` following the recovery order of the module docstring.
 
     ``peers`` are the configured peers (used only for a fresh data dir; ``join`` forces the join
     layout even for a single peer); ``state_machine`` is
     restored from the recovered snapshot (restart) or snapshotted into the boot state
-    (bootstrap). Raises the storage errors of the layers below (WALCorruptError,
+    (bootstrap) unless ``restore_policy`` says its store holds the snapshot already. Raises the
+    storage errors of the layers below (WALCorruptError,
     WALUnrepairableError, WALSnapshotNotFoundError, FSMSnapshot*Error, SnapshotFileError
     (also when no .snap file matches any WAL-valid snapshot marker), PeersFileError),
     StorageIOError / WALIOError for a disk failure (nothing half-made is accepted by the next
@@ -374,7 +425,16 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
                     f"no usable .snap file in {snap_dir} for the WAL's snapshots ({wanted})")
             snap = loaded or EMPTY_SNAPSHOT
             contents = wal.read_all(snap.metadata.index, snap.metadata.term)
-            applied = restore_snapshot_state(state_machine, snap, fsm_dir, file_io=file_io)
+            cluster_id = _recovered_cluster_id(data_dir, snap, file_io)
+            last_index = (contents.entries[-1].index if contents.entries
+                          else snap.metadata.index)
+            skip = restore_policy is not None and restore_policy.skip_restore(
+                snap, last_index, cluster_id)
+            applied = snap.metadata.index
+            restored = False
+            if not skip:
+                applied = restore_snapshot_state(state_machine, snap, fsm_dir, file_io=file_io)
+                restored = state_machine is not None and not snap.is_empty()
         except BaseException:
             wal.close()
             raise
@@ -383,15 +443,17 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             storage.apply_snapshot(snap)
         storage.set_hard_state(contents.hard_state)
         storage.append(list(contents.entries))
-        log.info("recovered %s: snapshot index %d term %d, %d entries after it, %s",
-                 data_dir, snap.metadata.index, snap.metadata.term, len(contents.entries),
+        log.info("recovered %s: snapshot index %d term %d (%s), %d entries after it, %s",
+                 data_dir, snap.metadata.index, snap.metadata.term,
+                 "restored" if restored else "not restored", len(contents.entries),
                  contents.hard_state)
         return DiskState(RecoveryKind.RESTART, data_dir, persistence(wal, list(valid)), storage,
                          contents.hard_state, snap, contents.entries, applied, persisted,
-                         contents.metadata)
+                         contents.metadata, cluster_id, restored)
 
     if not peers:
         raise NoPeersConfiguredError()
+    remove_tree(cluster_id_path(data_dir), file_io=file_io)  # left by a failed bootstrap
     storage = MemoryStorage()
     if (len(peers) == 1 or bootstrap) and not join:
         if state_machine is None:
@@ -401,10 +463,15 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             crc = fsm.write_fsm_snapshot_file(handle, fsm_dir, 1, file_io=file_io)
         finally:
             handle.close()
-        snap = Snapshot(SnapshotMetadata(boot_conf_state(peers), 1, 1),
-                        fsm.encode_snapshot_token(1, crc))
+        voters = [p for p in peers if p.suffrage != LEARNER]
+        cluster_id = new_cluster_id() if len(voters) == 1 else None
+        data = descriptor.encode_descriptor(descriptor.SnapshotDescriptor(
+            fsm.encode_snapshot_token(1, crc), cluster_id or "", snapshot_members(peers)))
+        snap = Snapshot(SnapshotMetadata(boot_conf_state(peers), 1, 1), data)
         hs = HardState(term=1, commit=1)
         snapshotter.save(snap)
+        if cluster_id is not None:
+            save_cluster_id(data_dir, cluster_id, file_io=file_io)
         wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, snap, hs, file_io)
         try:
             save_persisted_peers(data_dir, 1, peers, seed=peers, file_io=file_io)
@@ -414,10 +481,11 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             raise
         storage.apply_snapshot(snap)
         storage.set_hard_state(hs)
-        log.info("bootstrapped %s with %d peer(s)", data_dir, len(peers))
+        log.info("bootstrapped %s with %d peer(s)%s", data_dir, len(peers),
+                 f", cluster id {cluster_id}" if cluster_id else "")
         return DiskState(RecoveryKind.BOOTSTRAP, data_dir,
                          persistence(wal, [snap.metadata]), storage, hs, snap, (), 1,
-                         written, wal_metadata)
+                         written, wal_metadata, cluster_id)
 
     wal = _create_wal_atomically(data_dir, wal_metadata, segment_size, None, None, file_io)
     log.info("initialised %s to join an existing cluster", data_dir)

@@ -15,8 +15,9 @@ way of the helpers of :mod:`trio_raft.storage.fileutil` and the ``.fsm`` reader 
 :class:`OSError`.
 
 Sending: :meth:`SnapshotExchange.open_outgoing` turns ``Snapshot.data`` into an
-:class:`OutgoingPayload` when it is a token (the payload of ``fsm-snap/%016x.fsm``, footer
-excluded, size known) or ``None`` when the data is an inline payload. The reader computes the
+:class:`OutgoingPayload` when it names a ``.fsm`` file (a snapshot descriptor or a bare token,
+:mod:`trio_raft.storage.descriptor`: the payload of ``fsm-snap/%016x.fsm``, footer excluded,
+size known) or ``None`` when the data is an inline payload. The reader computes the
 CRC32C of what it hands out and, before handing out the last bytes, compares it with the file's
 footer and the token: a damaged (or shrunken) file raises
 :class:`~trio_raft.errors.FSMSnapshotFileCRCError` before the receiver could see a complete
@@ -32,7 +33,9 @@ the index from snapshot retention. The :class:`IncomingSnapshot` then
   (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`);
 * ``finalize``: refuses a stale index or a payload whose CRC differs from the one the sender
   announced, else appends the big-endian CRC footer, fsyncs, closes, renames to ``%016x.fsm``,
-  fsyncs the directory and returns the token for ``Snapshot.data``;
+  fsyncs the directory and returns the new ``Snapshot.data``: the data the sender announced
+  with its token replaced by the local one (a descriptor keeps its cluster id, members and every
+  other record), or the local token when the sender announced no descriptor;
 * ``abort``: idempotent; closes the spool and removes it, or the finalized file when the engine
   refused it, and releases the protection. It never raises for a file system problem (it runs
   on error and cancellation paths): a failed removal is logged, and recovery deletes spools and
@@ -76,6 +79,7 @@ from trio_raft.errors import (
     StorageIOError,
     TransportError,
 )
+from trio_raft.storage import descriptor
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
@@ -202,13 +206,17 @@ class IncomingSnapshot:
             self.crc = crc32c.crc32c(data, self.crc)
             self.size += n
 
-    def finalize(self, expected_crc: int | None = None) -> bytes:
-        """Footer, fsync, close, rename to ``%016x.fsm``, directory fsync; returns the token.
+    def finalize(self, expected_crc: int | None = None, announced: bytes = b"") -> bytes:
+        """Footer, fsync, close, rename to ``%016x.fsm``, directory fsync; returns the snapshot
+        data for the handler: ``announced`` (the sender's ``Snapshot.data``) naming the local
+        file (:func:`~trio_raft.storage.descriptor.with_token`), or the local token.
 
         ``expected_crc`` is the CRC the sender announced (its token), when it did: a different
         CRC raises :class:`SnapshotPayloadCRCError`. A stale index raises
-        :class:`ReceivedFSMSnapshotStaleError`; a disk failure a :class:`StorageIOError`. On
-        any error nothing is left under the ``.fsm`` name; the spool stays for :meth:`abort`.
+        :class:`ReceivedFSMSnapshotStaleError`; a damaged descriptor in ``announced``
+        :class:`~trio_raft.errors.SnapshotDescriptorError`; a disk failure a
+        :class:`StorageIOError`. On any error nothing is left under the ``.fsm`` name; the spool
+        stays for :meth:`abort`.
         """
         with self._lock:
             fd, spool = self._open_fd()
@@ -217,6 +225,8 @@ class IncomingSnapshot:
                     f"index {self.index}: received {self.crc:#010x}, sender announced "
                     f"{expected_crc:#010x}")
             self._exchange._check_fresh(self.index)
+            token = fsm.encode_snapshot_token(self.index, self.crc)
+            data = descriptor.with_token(announced, token) if announced else token
             final = fsm.fsm_snapshot_path(self._exchange.fsm_dir, self.index)
             try:
                 with io_errors("write", spool):
@@ -232,7 +242,7 @@ class IncomingSnapshot:
                 raise
             self.final_path = final
             self._state = "finalized"
-            return fsm.encode_snapshot_token(self.index, self.crc)
+            return data
 
     def abort(self) -> None:
         """Close and remove the spool (or remove the finalized file: the engine refused it) and
@@ -281,12 +291,14 @@ class SnapshotExchange:
     # -- sending ----------------------------------------------------------------------------------
 
     def open_outgoing(self, data: bytes) -> OutgoingPayload | None:
-        """A reader over the payload ``data`` names when it is a token; ``None`` when ``data`` is
-        an inline payload. Raises the ``FSMSnapshot*Error`` of a missing or damaged file, or a
-        :class:`StorageIOError` when it cannot be read."""
-        if not fsm.is_snapshot_token(data):
+        """A reader over the payload ``data`` names when it is a descriptor or a token; ``None``
+        when ``data`` is an inline payload. Raises the ``FSMSnapshot*Error`` of a missing or
+        damaged file, :class:`~trio_raft.errors.SnapshotDescriptorError` for a damaged
+        descriptor, or a :class:`StorageIOError` when it cannot be read."""
+        ref = descriptor.payload_ref(data)
+        if ref is None:
             return None
-        index, crc = fsm.decode_snapshot_token(data)
+        index, crc = ref
         return OutgoingPayload(fsm.fsm_snapshot_path(self.fsm_dir, index), index, crc,
                                file_io=self.file_io)
 

@@ -1,10 +1,16 @@
 """Raft snapshot metadata files (``snap/%016x-%016x.snap``, term-index) and their retention.
 
 A ``.snap`` file holds one :class:`~trio_raft.core.messages.Snapshot` (index, term, conf state
-and ``data``: the 17-byte ``.fsm`` token or an inline payload)::
+and ``data``)::
 
-    b"TRSN" | version u8 = 1 | body length u32 BE | CRC32C(body) u32 BE | body
+    b"TRSN" | version u8 | body length u32 BE | CRC32C(body) u32 BE | body
     body := core.encoding snapshot encoding (metadata, u32 data length, data)
+
+Version 2 (written whenever ``data`` is a snapshot descriptor: token, cluster id, members;
+:mod:`trio_raft.storage.descriptor`) requires ``data`` to decode as a descriptor. Version 1
+(still read; written only for the bare token or inline payload of older data) holds the 17-byte
+``.fsm`` token or an inline payload. A version-1 reader refuses a version-2 file instead of
+taking its descriptor for an inline payload.
 
 Files are written to a temporary name, fsynced, renamed and the directory fsynced
 (:func:`~trio_raft.storage.fileutil.replace_file`: a failed write leaves the previous file as
@@ -33,7 +39,13 @@ import crc32c as _crc32c
 from trio_raft.core.encoding import snapshot_from_bytes, snapshot_to_bytes
 from trio_raft.core.errors import DecodeError
 from trio_raft.core.messages import Snapshot, SnapshotMetadata
-from trio_raft.errors import FSMSnapshotError, SnapshotFileError, StorageIOError
+from trio_raft.errors import (
+    FSMSnapshotError,
+    SnapshotDescriptorError,
+    SnapshotFileError,
+    StorageIOError,
+)
+from trio_raft.storage import descriptor
 from trio_raft.storage import fsm_snapshot as fsm
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
@@ -49,7 +61,10 @@ from trio_raft.storage.fileutil import (
 log = logging.getLogger(__name__)
 
 SNAP_MAGIC = b"TRSN"
-SNAP_VERSION = 1
+#: The version written for a snapshot whose data is a descriptor.
+SNAP_VERSION = 2
+#: The version written (and read) for a bare token or an inline payload.
+SNAP_VERSION_LEGACY = 1
 #: Default number of ``.snap`` files kept by :func:`purge_old_snapshot_files`.
 MAX_SNAP_FILES = 3
 _HEADER = struct.Struct(">4sBII")
@@ -69,7 +84,8 @@ def parse_snap_name(name: str) -> tuple[int, int] | None:
 
 def encode_snap_file(snap: Snapshot) -> bytes:
     body = snapshot_to_bytes(snap)
-    return _HEADER.pack(SNAP_MAGIC, SNAP_VERSION, len(body), _crc32c.crc32c(body)) + body
+    version = SNAP_VERSION if descriptor.is_descriptor(snap.data) else SNAP_VERSION_LEGACY
+    return _HEADER.pack(SNAP_MAGIC, version, len(body), _crc32c.crc32c(body)) + body
 
 
 def decode_snap_file(data: bytes, path: str = "<snap>") -> Snapshot:
@@ -78,7 +94,7 @@ def decode_snap_file(data: bytes, path: str = "<snap>") -> Snapshot:
     magic, version, n, crc = _HEADER.unpack_from(data)
     if magic != SNAP_MAGIC:
         raise SnapshotFileError(f"snap file {path}: bad magic {magic!r}")
-    if version != SNAP_VERSION:
+    if version not in (SNAP_VERSION_LEGACY, SNAP_VERSION):
         raise SnapshotFileError(f"snap file {path}: unsupported version {version}")
     if n > _MAX_BODY or len(data) != _HEADER.size + n:
         raise SnapshotFileError(
@@ -87,9 +103,15 @@ def decode_snap_file(data: bytes, path: str = "<snap>") -> Snapshot:
     if _crc32c.crc32c(body) != crc:
         raise SnapshotFileError(f"snap file {path}: CRC32C mismatch (file corrupt)")
     try:
-        return snapshot_from_bytes(body)
+        snap = snapshot_from_bytes(body)
     except DecodeError as exc:
         raise SnapshotFileError(f"snap file {path}: {exc}") from None
+    if version == SNAP_VERSION:
+        try:
+            descriptor.decode_descriptor(snap.data)
+        except SnapshotDescriptorError as exc:
+            raise SnapshotFileError(f"snap file {path}: {exc}") from None
+    return snap
 
 
 @attrs.frozen(slots=True)
@@ -233,12 +255,14 @@ class _Candidate:
 def _restorable(snapshotter: Snapshotter, sf: SnapFile, fsm_dir: str) -> bool:
     try:
         snap = snapshotter.load(sf.path)
-        index, crc = fsm.decode_snapshot_token(snap.data)
-        if index != sf.index:
+        ref = descriptor.payload_ref(snap.data)
+        if ref is None or ref[0] != sf.index:
             return False
+        index, crc = ref
         fsm.verify_fsm_snapshot_file(fsm.fsm_snapshot_path(fsm_dir, index), crc,
                                      check_token=True, file_io=snapshotter.file_io)
-    except (SnapshotFileError, FSMSnapshotError, StorageIOError, EOFError) as exc:
+    except (SnapshotFileError, SnapshotDescriptorError, FSMSnapshotError, StorageIOError,
+            EOFError) as exc:
         log.info("snapshot %s is not restorable: %s", sf.path, exc)
         return False
     return True

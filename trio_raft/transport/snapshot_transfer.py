@@ -6,12 +6,13 @@ and trio (:class:`ChunkPipe`).
 Receiving (:func:`land_snapshot`, always in a trio task that the transport owns): with a
 :class:`~trio_raft.storage.snapshot_exchange.SnapshotExchange` and a snapshot index above 0, the
 payload chunks are written to an :class:`~trio_raft.storage.snapshot_exchange.IncomingSnapshot`
-in worker threads, finalized as the ``.fsm`` file, and the handler gets the message with the
-token in ``Snapshot.data``. Without an exchange the payload is collected in memory (at most
-:data:`MAX_INLINE_SNAPSHOT_BYTES`) and handed over inline. Whatever ends the task early (an
-error, the handler refusing, cancellation) aborts the incoming snapshot, shielded, before the
-exception leaves: the spool or the finalized file is removed, nothing is left open, and nothing
-half-written was handed to the handler.
+in worker threads, finalized as the ``.fsm`` file, and the handler gets the message whose
+``Snapshot.data`` names that file (the sender's descriptor with the local token in it,
+:mod:`trio_raft.storage.descriptor`). Without an exchange the payload is collected in
+memory (at most :data:`MAX_INLINE_SNAPSHOT_BYTES`) and handed over inline. Whatever ends the
+task early (an error, the handler refusing, cancellation) aborts the incoming snapshot,
+shielded, before the exception leaves: the spool or the finalized file is removed, nothing is
+left open, and nothing half-written was handed to the handler.
 
 Sending (:func:`pump_payload`, in a trio task of the caller): reads the payload in chunks (file
 reads in worker threads) and puts them, then ``None``, into a bounded queue that the transport's
@@ -35,13 +36,12 @@ import trio
 
 from trio_raft.core.messages import Message
 from trio_raft.errors import (
-    FSMSnapshotTokenInvalidError,
     SnapshotMetadataNilError,
     SnapshotPayloadCRCError,
     SnapshotPayloadTooLargeError,
     TransportClosedError,
 )
-from trio_raft.storage import fsm_snapshot as fsm
+from trio_raft.storage import descriptor
 from trio_raft.storage.snapshot_exchange import OutgoingPayload, SnapshotExchange
 from trio_raft.transport.base import Handler
 from trio_raft.transport.bridge import TrioPortal
@@ -55,16 +55,10 @@ ChunkSource = Callable[[], Awaitable[bytes | None]]
 
 
 def announced_crc(header: Message) -> int | None:
-    """The CRC32C a sender announced in the metadata frame (its token for the same index), or
-    ``None`` (an older sender, or an inline payload)."""
+    """The CRC32C a sender announced in the metadata frame (the token of its descriptor, or its
+    bare token, for the same index), or ``None`` (an older sender, or an inline payload)."""
     snap = header.snapshot
-    if snap is None or not fsm.is_snapshot_token(snap.data):
-        return None
-    try:
-        index, crc = fsm.decode_snapshot_token(snap.data)
-    except FSMSnapshotTokenInvalidError:
-        return None
-    return crc if index == snap.metadata.index else None
+    return None if snap is None else descriptor.announced_crc(snap.data, snap.metadata.index)
 
 
 async def land_snapshot(header: Message, next_chunk: ChunkSource, handler: Handler,
@@ -99,9 +93,9 @@ async def land_snapshot(header: Message, next_chunk: ChunkSource, handler: Handl
                 raise SnapshotPayloadTooLargeError(
                     f"{incoming.size + len(chunk)} bytes > limit {max_bytes}")
             await trio.to_thread.run_sync(incoming.write, chunk)
-        token = await trio.to_thread.run_sync(incoming.finalize, expected)
+        data = await trio.to_thread.run_sync(incoming.finalize, expected, snap.data)
         log.info("snapshot at index %d landed: %d bytes", index, incoming.size)
-        await handler(attrs.evolve(header, snapshot=attrs.evolve(snap, data=token)))
+        await handler(attrs.evolve(header, snapshot=attrs.evolve(snap, data=data)))
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(incoming.abort)

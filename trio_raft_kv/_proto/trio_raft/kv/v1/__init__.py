@@ -9,6 +9,8 @@ __all__ = (
     "AdminResponse",
     "AdminStub",
     "AnnounceRequest",
+    "BackupChunk",
+    "BackupRequest",
     "CasRequest",
     "CasResponse",
     "DeleteRequest",
@@ -99,6 +101,34 @@ class AnnounceRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_raft.kv.v1", "AnnounceRequest", AnnounceRequest)
+
+
+@dataclass(eq=False, repr=False)
+class BackupChunk(betterproto2.Message):
+    index: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    First message only: the index and term of the snapshot, and the file's size in bytes.
+    """
+
+    term: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    size: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+
+    data: "bytes" = betterproto2.field(4, betterproto2.TYPE_BYTES)
+    """
+    Every later message: the next bytes of the backup file.
+    """
+
+
+default_message_pool.register_message("trio_raft.kv.v1", "BackupChunk", BackupChunk)
+
+
+@dataclass(eq=False, repr=False)
+class BackupRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("trio_raft.kv.v1", "BackupRequest", BackupRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -455,6 +485,35 @@ class AdminStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def backup(
+        self,
+        message: "BackupRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[BackupChunk]":
+        """
+        A consistent backup of the cluster's data, from the leader (a follower answers
+        FAILED_PRECONDITION with `leader-address`): the leader confirms its leadership (a
+        linearizable read, so every write acknowledged before the call is in it), then exports a
+        snapshot at its applied index. The first message describes the backup (`data` empty), the
+        following ones carry the backup file's bytes in order (layout: docs/formats.md, backups).
+        """
+
+        if message is None:
+            message = BackupRequest()
+
+        async for response in self._unary_stream(
+            "/trio_raft.kv.v1.Admin/Backup",
+            message,
+            BackupChunk,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 class KvStub(betterproto2_grpclib.ServiceStub):
     async def put(
@@ -621,6 +680,18 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
+    async def backup(self, message: "BackupRequest") -> "AsyncIterator[BackupChunk]":
+        """
+        A consistent backup of the cluster's data, from the leader (a follower answers
+        FAILED_PRECONDITION with `leader-address`): the leader confirms its leadership (a
+        linearizable read, so every write acknowledged before the call is in it), then exports a
+        snapshot at its applied index. The first message describes the backup (`data` empty), the
+        following ones carry the backup file's bytes in order (layout: docs/formats.md, backups).
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield BackupChunk()
+
     async def __rpc_add_learner(
         self, stream: "grpclib.server.Stream[AddLearnerRequest, AdminResponse]"
     ) -> None:
@@ -677,6 +748,17 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
         response = await self.was_member(request)
         await stream.send_message(response)
 
+    async def __rpc_backup(
+        self, stream: "grpclib.server.Stream[BackupRequest, BackupChunk]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await self._call_rpc_handler_server_stream(
+            self.backup,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/trio_raft.kv.v1.Admin/AddLearner": grpclib.const.Handler(
@@ -720,6 +802,12 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 WasMemberRequest,
                 WasMemberResponse,
+            ),
+            "/trio_raft.kv.v1.Admin/Backup": grpclib.const.Handler(
+                self.__rpc_backup,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                BackupRequest,
+                BackupChunk,
             ),
         }
 

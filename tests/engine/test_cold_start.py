@@ -170,13 +170,20 @@ async def test_membership_changes_below_the_store_index_still_apply(tmp_path, cl
         last = await fill(leader, 5, start=10)
         await wait_replicated(leader, victim, last)
         await c.wait_applied(last, [victim])
-        assert c.engine(victim).status().last_snapshot_index == change  # written at the change
+        # the change asks for a snapshot carrying it, written in the background
+        victim_engine = c.engine(victim)
+        with trio.fail_after(10):
+            while victim_engine.status().last_snapshot_index < change:
+                await trio.sleep(0.01)
+        written = victim_engine.status().last_snapshot_index
         await c.stop(victim)
         # As if the node had crashed before that snapshot was written: it starts from the
         # bootstrap snapshot, with the change among the entries its store already holds.
         data = tmp_path / victim
-        for p in [*data.glob(f"snap/*-{change:016x}.snap"),
-                  *data.glob(f"fsm-snap/{change:016x}.fsm")]:
+        doomed = [*data.glob(f"snap/*-{written:016x}.snap"),
+                  *data.glob(f"fsm-snap/{written:016x}.fsm")]
+        assert len(doomed) == 2
+        for p in doomed:
             p.unlink()
         store_index = DurableKV(stores[victim]).index
         assert store_index == last > change

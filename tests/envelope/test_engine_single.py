@@ -12,7 +12,7 @@ import trio_raft
 from tests.engine.test_single_node import cfg
 from tests.envelope.helpers import RecordingKV, TolerantKV, open_cipher, wal_bytes
 from trio_raft import State, errors
-from trio_raft.engine import engine as engine_mod
+from trio_raft.engine import lifecycle as engine_mod
 from trio_raft.engine.contexts import decode_proposal
 from trio_raft.engine.envelope_gate import EncryptionScanner
 from trio_raft.envelope import Cipher, EncryptionScanError, ReservedPrefixError, parse

@@ -9,8 +9,9 @@ committed entries (``apply``) and any snapshot to install (``install_snapshot``)
   cutover) and given to ``StateMachine.apply``; the proposer waiting on that request id gets the
   result. Leader no-ops and foreign data only move the applied index.
 * Configuration changes: raft applies them to its tracker; above the known configuration index
-  the new membership is persisted (the peers file, then a snapshot at the change's index so the
-  newest snapshot always carries the newest membership), the transport and lanes follow it, and
+  the new membership is persisted (the peers file; and a snapshot at or above the change's
+  index is asked for, written in the background, ``snapshots.py``), the transport and lanes
+  follow it, and
   the admin caller gets the change's index (its new ``prev_index``).
 * Cluster records (``identity.py``): the first one sets the cluster id of a node that has none.
   After applying, a leader that knows no cluster id proposes one.
@@ -171,8 +172,8 @@ class Applier:
         m.note_applied(self.applied)
 
     async def _persist_membership(self, change: Change) -> None:
-        """The peers file, then a state machine snapshot at the change's index (unless the
-        newest snapshot already carries this configuration)."""
+        """The peers file, then ask for a snapshot carrying this configuration (unless the
+        newest snapshot already does); the loop starts it in the background."""
         await self._io.run(self._disk.write_current_peers, change.index,
                            to_persisted(change.members))
         meta = self._storage.snapshot().metadata
@@ -180,8 +181,7 @@ class Applier:
             meta.index == change.index and meta.conf_state.equivalent(change.conf_state)
         ):
             return
-        await self._snapshots.write(change.index, change.conf_state, compact=False,
-                                    members=change.members)
+        self._snapshots.want(change.index)
 
     def _follow(self, change: Change) -> None:
         """Membership, transport, lanes and lease follow an applied change."""

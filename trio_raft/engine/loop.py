@@ -354,7 +354,7 @@ class RunLoop:
 
     def _maybe_snapshot(self) -> None:
         if self._nursery is not None and self.snapshots.due(self.applier.applied):
-            self.snapshots.start_periodic(self._nursery, self.fail)
+            self.snapshots.start(self._nursery, self.fail)
 
     def _refresh_status(self) -> None:
         if self.closed:

@@ -1,9 +1,10 @@
 """Local snapshots of the state machine: when to take one, writing it, compacting behind it.
 
 ``Snapshots`` owns the engine's snapshot *writing*: the periodic snapshot (every
-``snapshot_every`` applied entries, in a task of the engine's nursery so applying goes on
-meanwhile) and the snapshot taken when a configuration change applies (``applier.py``), so the
-newest snapshot always carries the newest membership. The state machine's ``snapshot()`` is
+``snapshot_every`` applied entries) and the one a configuration change asks for (``want``,
+from ``applier.py``), so the newest snapshot soon carries the newest membership. Both are
+written by a background task of the engine's nursery (``start``), so applying, ticking and
+heartbeats go on while a large state is written. The state machine's ``snapshot()`` is
 called on the trio thread and must be quick (it captures a handle); the handle's ``write_to``
 streams the state into ``fsm-snap/%016x.fsm`` in a worker thread. The raft snapshot's data is a
 descriptor (``trio_raft/storage/descriptor.py``): the ``.fsm`` token, the cluster id and every
@@ -20,6 +21,10 @@ Invariants:
   entries below it; a snapshot labelled there would hold more than its label says, so none is
   taken until the applied index reached the floor (the membership a skipped
   configuration-change snapshot would carry is in the peers file and the log meanwhile).
+* A configuration change at index ``i`` is followed by a snapshot at ``i`` or above: ``want``
+  records ``i``, and a snapshot is due until the newest one reaches it (the one written may be
+  above ``i``: it is labelled with the position when it starts). Until then the change is in
+  the peers file and the log, which is all a restart needs.
 * One snapshot write at a time (``_lock``): the periodic worker and configuration-change
   snapshots share the data dir's retention, which is not safe to run concurrently.
 * A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
@@ -74,26 +79,42 @@ class Snapshots:
         self._protected = protected
         self._lock = trio.Lock()
         self._in_flight = False
+        #: A snapshot at or above this index was asked for (configuration changes).
+        self._wanted = 0
 
     @property
     def lock(self) -> trio.Lock:
         """Held while a snapshot is written; the applier holds it while it restores one."""
         return self._lock
 
+    def want(self, index: int) -> None:
+        """Ask for a snapshot at ``index`` or above, written in the background (``due``)."""
+        self._wanted = max(self._wanted, index)
+
     def due(self, applied: int) -> bool:
-        """Whether a periodic snapshot should start now."""
+        """Whether a background snapshot should start now."""
         if self._in_flight or applied == 0 or applied < self._floor():
             return False
-        return applied - self._storage.snapshot().metadata.index >= self._every
+        newest = self._storage.snapshot().metadata.index
+        return applied - newest >= self._every or newest < self._wanted <= applied
 
-    def start_periodic(self, nursery: trio.Nursery,
-                       on_error: Callable[[BaseException], None]) -> None:
+    def start(self, nursery: trio.Nursery, on_error: Callable[[BaseException], None]) -> None:
+        """Write a snapshot of the current position in a task of ``nursery`` (when ``due``);
+        it compacts the log only when the periodic threshold was reached."""
+        newest = self._storage.snapshot().metadata.index
+        compact = self._position()[0] - newest >= self._every
         self._in_flight = True
-        nursery.start_soon(self._periodic, on_error)
+        nursery.start_soon(self._background, on_error, compact)
 
-    async def _periodic(self, on_error: Callable[[BaseException], None]) -> None:
+    async def _background(self, on_error: Callable[[BaseException], None],
+                          compact: bool) -> None:
         try:
-            await self.write(None, None, compact=True)
+            await self.write(None, None, compact=compact)
+            applied = self._position()[0]
+            if self._storage.snapshot().metadata.index < self._wanted <= applied and (
+                    applied >= self._floor()):
+                # a change applied while this one was written: its snapshot, now
+                await self.write(None, None, compact=False)
         except Exception as exc:
             on_error(exc)
         finally:

@@ -278,13 +278,18 @@ class RunLoop:
     # -- one turn -----------------------------------------------------------------------------
     def _take_inbox(self) -> None:
         node, inbox = self.node, self.inbox
-        ticks, inbox.ticks = inbox.ticks, 0
-        for _ in range(min(ticks, 2 * self.cfg.election_tick)):
-            node.tick()
+        # Messages before ticks, and fewer ticks than an election timeout per turn: after a
+        # stall (a busy process, a slow fsync) the answers that queued up meanwhile count
+        # before the clock does, so a leader does not step down (check quorum) nor a follower
+        # campaign over a pause of its own. Ticks left out are dropped, as a Go ticker drops
+        # them; the lease does not count ticks (lease.py), so this only delays timeouts.
         while inbox.priority:
             self._step(inbox.priority.popleft())
         while inbox.bulk:
             self._step(inbox.bulk.popleft())
+        ticks, inbox.ticks = inbox.ticks, 0
+        for _ in range(min(ticks, max(1, self.cfg.election_tick - 1))):
+            node.tick()
         while inbox.reports:
             node_id, report = inbox.reports.popleft()
             if report is SendReport.UNREACHABLE:

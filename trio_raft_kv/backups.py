@@ -28,7 +28,6 @@ import uuid
 from typing import Any
 
 import trio_raft
-from trio_raft.engine.envelope_gate import adopt_envelope
 from trio_raft.engine.membership import to_persisted
 from trio_raft.envelope import Cipher
 from trio_raft.errors import BackupFileError, KEKError
@@ -116,7 +115,11 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
         if cipher is None:
             raise KEKError(f"{args.file} is a sealed backup: give --key-dir and --kek-file "
                            "(or --kek-env) to restore it")
-        adopt_envelope(cipher, header.envelope, where=args.file, activate=True)
+        ring = header.envelope.key_ring
+        for key_id, sealed in ring.keys if ring is not None else ():
+            cipher.install_sealed(key_id, sealed, activate=False)  # KEKError: a wrong KEK
+        if ring is not None and ring.active and not cipher.active_key_id:
+            cipher.install_sealed(ring.active, dict(ring.keys)[ring.active], activate=True)
     info = restore_backup(args.file, args.data_dir, peers, cipher=cipher)
     return {"ok": True, "index": info.index, "term": info.term,
             "keys": backup_keys(args.file, cipher), "bytes": info.file_bytes,

@@ -26,6 +26,7 @@ from trio_raft_kv.errors import (
     NOT_APPLIED_STATUSES,
     InvalidFieldError,
     KVError,
+    SealedStoreError,
     StartRefusedError,
     TLSFilesError,
 )
@@ -107,7 +108,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
                   | trio_raft.errors.ConfigError | ValueError
                   | trio_raft.errors.DataDirNotEmptyError | trio_raft.errors.WALLockedError
                   | trio_raft.errors.RecoveryError | trio_raft.errors.KeyStoreError
-                  ) or _missing_kv_extra(exc):
+                  | SealedStoreError) or _missing_kv_extra(exc):
         return ExitCode.USAGE
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED

@@ -64,6 +64,7 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
     root = str(tmp_path / "cluster")
     os.makedirs(root)
     kek = write_kek(str(tmp_path / "cluster.kek"), os.urandom(32))
+    wrong = write_kek(str(tmp_path / "wrong.kek"), os.urandom(32))
     key_dir = {n: str(tmp_path / "keys" / n) for n in N3}
 
     def keys(n: str) -> tuple[str, ...]:
@@ -129,6 +130,10 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
                  "--peers", procs.peers(["n1"]))
         r = kvnode("snapshot", "restore", backup, *spare)
         assert r.returncode == 2 and "sealed backup" in r.stderr, r.stderr
+        r = kvnode("snapshot", "restore", backup, *spare, "--key-dir",
+                   str(tmp_path / "keys-wrong"), "--kek-file", wrong)
+        assert r.returncode == 2 and "KEKError" in r.stderr, r.stderr
+        assert not os.path.exists(tmp_path / "restored")
         restored = kvnode_json("snapshot", "restore", backup, *spare,
                                "--key-dir", str(tmp_path / "keys-restored"), "--kek-file", kek)
         assert restored["sealed"] and restored["keys"] >= len(written)
@@ -142,7 +147,6 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
         assert files_with(key_dir[n], MARK) == []
 
     # A wrong KEK, or a KEK file others can read: refused at start, nothing served.
-    wrong = write_kek(str(tmp_path / "wrong.kek"), os.urandom(32))
     base = ("serve", "--id", "n1", "--listen", procs.addrs["n1"], "--peers", procs.peers(N3),
             "--data-dir", procs.data_dir("n1"), "--store", store, "--key-dir", key_dir["n1"])
     r = kvnode(*base, "--kek-file", wrong)

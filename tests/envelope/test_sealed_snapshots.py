@@ -216,3 +216,34 @@ async def test_follower_without_a_cipher_stops_on_a_sealed_snapshot(tmp_path, cl
         assert isinstance(err, errors.RaftUnwrapFailedError), err
         assert "no raft cipher is wired" in str(err)
         assert "SECRET" not in repr(fsm_before.fsm.data)
+
+
+async def test_metrics_count_wraps_unwraps_and_sealed_payloads(tmp_path, kek):
+    from prometheus_client import CollectorRegistry
+
+    from tests.engine.test_metrics import samples, value
+    from trio_raft.metrics import RaftMetrics
+
+    registry = CollectorRegistry()
+    node = RaftMetrics(registry).engine("n1")
+    cipher = open_cipher(tmp_path, "n1", kek)
+    async with trio_raft.open_engine(cfg(tmp_path, RecordingKV(), raft_cipher=cipher,
+                                         observer=node)) as engine:
+        node.attach(engine)
+        got = samples(registry)
+        assert value(got, "trio_raft_envelope_on", node="n1") == 0
+        cutover = await engine.enable_raft_envelope(cipher)
+        for i in range(3):
+            await engine.propose(b"set k%d SECRET" % i)
+        await engine.compact_now()
+        node.refresh()
+        got = samples(registry)
+        assert value(got, "trio_raft_envelope_on", node="n1") == 1
+        assert value(got, "trio_raft_envelope_active_key_id", node="n1") == 1
+        assert value(got, "trio_raft_envelope_cutover_index", node="n1") == cutover
+        ops = {(op, res): value(got, "trio_raft_envelope_operations_total", node="n1", op=op,
+                                result=res)
+               for op, res in (("wrap", "ok"), ("unwrap", "ok"), ("payload_seal", "ok"),
+                               ("unwrap", "failed"))}
+        assert ops[("wrap", "ok")] >= 3 and ops[("unwrap", "ok")] >= 3
+        assert ops[("payload_seal", "ok")] >= 1 and ops[("unwrap", "failed")] == 0

@@ -94,9 +94,10 @@ def restore_backup(backup_path: str | os.PathLike[str], data_dir: str | os.PathL
 
     A sealed backup needs ``cipher`` (opened with the cluster's KEK, holding the key the
     payload is sealed under: the caller installs the backup's key ring first, e.g. with
-    ``trio_raft.engine.envelope_gate.adopt_envelope``): every chunk is verified before anything is written, the
-    payload is kept sealed in ``fsm-snap/``, and the snapshot descriptor carries the key
-    ring, the cutover and the sealed key id, so the restored node has every key it needs."""
+    ``trio_raft.engine.envelope_gate.adopt_envelope``): every chunk is verified before
+    anything is written, the payload is kept sealed in ``fsm-snap/``, and the snapshot
+    descriptor carries the key ring, the cutover and the sealed key id, so the restored node
+    has every key it needs."""
     backup_path, dest = os.fspath(backup_path), os.path.abspath(os.fspath(data_dir))
     if not peers or not any(p.suffrage != LEARNER for p in peers):
         raise ValueError("restore: at least one voter is required")

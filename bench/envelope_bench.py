@@ -16,7 +16,10 @@ Two parts, figures only (nothing is asserted):
 2. Snapshot write and restore of a ``--state-mb`` MB state, in this process, through the same
    storage functions the engine uses (``write_fsm_snapshot_file`` with fsync, then
    ``open_and_restore_fsm_snapshot`` with the CRC checks), unsealed and sealed; the median of
-   ``--runs`` runs each, and the sealed/unsealed ratio.
+   ``--runs`` runs each, and the sealed/unsealed ratio. Two state machines: ``bytes`` (1 MiB
+   writes of incompressible bytes, a restore that only reads them: the cost of sealing alone)
+   and ``kv`` (kvnode's in-memory store, 1 KiB values: what a restore that builds a state
+   costs).
 """
 
 from __future__ import annotations
@@ -153,6 +156,28 @@ class _State:
         pass
 
 
+class _KVState:
+    """kvnode's in-memory KV store with ``mb`` MB of 1 KiB values."""
+
+    def __init__(self, mb: int) -> None:
+        from trio_raft_kv.statemachine import KVStateMachine
+
+        self.fsm = KVStateMachine()
+        value = os.urandom(1024)
+        for i in range(mb * 1024):
+            self.fsm.data[f"key-{i:08d}"] = value[i % 64:] + value[:i % 64]
+
+    def write_to(self, w: IO[bytes]) -> int:
+        handle = self.fsm.snapshot()
+        try:
+            return int(handle.write_to(w))
+        finally:
+            handle.close()
+
+    def close(self) -> None:
+        pass
+
+
 class _Sink:
     """Restores by reading everything (1 MiB reads), counting the bytes."""
 
@@ -166,7 +191,6 @@ class _Sink:
 
 def snapshot_part(args: argparse.Namespace) -> None:
     from trio_raft.envelope import KEK, Cipher
-    from trio_raft.storage import fsm_snapshot as fsm
 
     base = tempfile.mkdtemp(prefix="envelope-bench-")
     try:
@@ -174,38 +198,51 @@ def snapshot_part(args: argparse.Namespace) -> None:
         assert cipher.keystore is not None
         cipher.keystore.install(1, os.urandom(32))
         block = os.urandom(1 << 20)
-        times: dict[str, dict[str, list[float]]] = {}
-        for run in range(args.runs):
-            for mode in ("unsealed", "sealed"):
-                directory = os.path.join(base, f"{mode}-{run}")
-                index, term = 100 + run, 3
-                seal = (cipher, term) if mode == "sealed" else None
-                t0 = time.perf_counter()
-                crc = fsm.write_fsm_snapshot_file(_State(block, args.state_mb), directory,
-                                                  index, seal=seal)
-                t1 = time.perf_counter()
-                sink = _Sink()
-                fsm.open_and_restore_fsm_snapshot(
-                    sink, fsm.fsm_snapshot_path(directory, index), crc,
-                    sealed=(cipher, index, term) if mode == "sealed" else None)
-                t2 = time.perf_counter()
-                assert sink.bytes == args.state_mb << 20
-                rec = times.setdefault(mode, {"write": [], "restore": []})
-                rec["write"].append(t1 - t0)
-                rec["restore"].append(t2 - t1)
-                shutil.rmtree(directory)
-        med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in times.items()}
-        for mode, d in med.items():
-            print(json.dumps({"bench": "snapshot_io", "mode": mode, "state_mb": args.state_mb,
-                              "runs": args.runs, "write_s": round(d["write"], 3),
-                              "restore_s": round(d["restore"], 3)}), flush=True)
-        print(json.dumps({
-            "bench": "snapshot_io_ratio", "state_mb": args.state_mb,
-            "write_ratio": round(med["sealed"]["write"] / med["unsealed"]["write"], 2),
-            "restore_ratio": round(med["sealed"]["restore"] / med["unsealed"]["restore"], 2)}),
-            flush=True)
+        for state in ("bytes", "kv"):
+            _snapshot_runs(args, base, cipher, state, block)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _snapshot_runs(args: argparse.Namespace, base: str, cipher: Any, state: str,
+                   block: bytes) -> None:
+    from trio_raft.storage import fsm_snapshot as fsm
+    from trio_raft_kv.statemachine import KVStateMachine
+
+    source: Any = _State(block, args.state_mb) if state == "bytes" else _KVState(args.state_mb)
+    times: dict[str, dict[str, list[float]]] = {}
+    for run in range(args.runs):
+        for mode in ("unsealed", "sealed"):
+            directory = os.path.join(base, f"{mode}-{run}")
+            index, term = 100 + run, 3
+            seal = (cipher, term) if mode == "sealed" else None
+            t0 = time.perf_counter()
+            crc = fsm.write_fsm_snapshot_file(source, directory, index, seal=seal)
+            t1 = time.perf_counter()
+            sink: Any = _Sink() if state == "bytes" else KVStateMachine()
+            fsm.open_and_restore_fsm_snapshot(
+                sink, fsm.fsm_snapshot_path(directory, index), crc,
+                sealed=(cipher, index, term) if mode == "sealed" else None)
+            t2 = time.perf_counter()
+            if state == "bytes":
+                assert sink.bytes == args.state_mb << 20
+            else:
+                assert len(sink.data) == args.state_mb * 1024
+            rec = times.setdefault(mode, {"write": [], "restore": []})
+            rec["write"].append(t1 - t0)
+            rec["restore"].append(t2 - t1)
+            shutil.rmtree(directory)
+    med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in times.items()}
+    for mode, d in med.items():
+        print(json.dumps({"bench": "snapshot_io", "state": state, "mode": mode,
+                          "state_mb": args.state_mb, "runs": args.runs,
+                          "write_s": round(d["write"], 3),
+                          "restore_s": round(d["restore"], 3)}), flush=True)
+    print(json.dumps({
+        "bench": "snapshot_io_ratio", "state": state, "state_mb": args.state_mb,
+        "write_ratio": round(med["sealed"]["write"] / med["unsealed"]["write"], 2),
+        "restore_ratio": round(med["sealed"]["restore"] / med["unsealed"]["restore"], 2)}),
+        flush=True)
 
 
 def main() -> None:

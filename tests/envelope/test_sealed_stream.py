@@ -52,6 +52,29 @@ def test_round_trip_at_chunk_edges(size):
         assert plain not in sealed
 
 
+@pytest.mark.parametrize("pieces", [1, 5, 16, 17, 32, 48])
+@pytest.mark.parametrize("size", [0, 16, 32, 33, 64, 100])
+def test_any_write_pattern_round_trips(size, pieces):
+    # Chunk-sized pieces of immutable bytes are held back by reference, the others copied.
+    plain = os.urandom(size)
+    sealed = seal(plain, pieces=pieces)
+    assert len(sealed) == stream.sealed_size(size, 16)
+    assert unseal(sealed) == plain
+
+
+def test_a_mutable_buffer_reused_after_write_is_sealed_as_it_was():
+    out = io.BytesIO()
+    w = stream.SealingWriter(out, dek=DEK, key_id=3, nonce=NONCE, index=10, term=2,
+                             chunk_size=16)
+    buf = bytearray(b"a" * 16)
+    w.write(buf)
+    buf[:] = b"b" * 16
+    w.write(buf)
+    w.write(b"")
+    w.finish()
+    assert unseal(out.getvalue()) == b"a" * 16 + b"b" * 16
+
+
 def test_same_plaintext_never_seals_the_same_way():
     plain = b"a" * 40
     assert seal(plain)[stream.HEADER_SIZE:] != seal(plain)[stream.HEADER_SIZE:]

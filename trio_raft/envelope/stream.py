@@ -120,6 +120,9 @@ class SealingWriter:
         self._out = out
         self._chunk = chunk_size
         self._buf = bytearray()
+        #: A full chunk of an immutable ``bytes`` the caller wrote, not sealed yet (it is the
+        #: last one unless more follows); ``_buf`` is empty while one is held.
+        self._held: memoryview | None = None
         self._next = 0
         #: Plaintext bytes accepted so far.
         self.count = 0
@@ -144,16 +147,33 @@ class SealingWriter:
             raise ValueError("write to a finished sealed payload")
         view = memoryview(data).cast("B")
         n = len(view)
+        if not n:
+            return 0
         self.count += n
-        self._buf += view
         chunk = self._chunk
-        if len(self._buf) > chunk:
-            # Seal every full chunk that is certainly not the last one.
-            full = (len(self._buf) - 1) // chunk
-            buf = self._buf
-            for k in range(full):
-                self._seal(memoryview(buf)[k * chunk:(k + 1) * chunk], last=False)
-            del self._buf[:full * chunk]
+        if self._held is not None:  # more follows: the chunk held back is not the last
+            self._seal(self._held, last=False)
+            self._held = None
+        pos = 0
+        if self._buf:
+            room = chunk - len(self._buf)
+            if n <= room:  # still fits (a full buffer may be the last chunk: kept)
+                self._buf += view
+                return n
+            self._buf += view[:room]
+            pos = room
+            self._seal(memoryview(self._buf), last=False)  # full, and more follows
+            self._buf = bytearray()
+        # Seal every full chunk that is certainly not the last one straight from ``data``
+        # (no copy), and keep the rest (1 to ``chunk`` bytes) for later.
+        while n - pos > chunk:
+            self._seal(view[pos:pos + chunk], last=False)
+            pos += chunk
+        rest = view[pos:]
+        if len(rest) == chunk and isinstance(view.obj, bytes):
+            self._held = rest  # immutable: held back by reference, not copied
+        else:
+            self._buf += rest
         return n
 
     def writelines(self, lines: Any) -> None:
@@ -167,7 +187,11 @@ class SealingWriter:
         """Seal the last chunk. Idempotent."""
         if self.finished:
             return
-        self._seal(memoryview(self._buf), last=True)
+        if self._held is not None:
+            self._seal(self._held, last=True)
+            self._held = None
+        else:
+            self._seal(memoryview(self._buf), last=True)
         self._buf = bytearray()
         self.finished = True
 
@@ -183,7 +207,7 @@ class SealingWriter:
     def _seal(self, plain: memoryview, *, last: bool) -> None:
         i = self._next
         aad = self.header + _CHUNK_AAD.pack(i, 1 if last else 0)
-        self._out.write(self._aead.encrypt(_nonce(i), bytes(plain), aad))
+        self._out.write(self._aead.encrypt(_nonce(i), plain, aad))
         self._next = i + 1
 
 
@@ -241,7 +265,12 @@ class OpeningReader(io.RawIOBase):
         self._last_len = rest if rest else chunk + TAG_SIZE
         self._chunk_len = chunk + TAG_SIZE
         self._next = 0
-        self._plain = b""
+        # One chunk's sealed bytes and its plaintext, reused chunk after chunk (allocated to
+        # the size the payload needs, never more than one chunk each).
+        first = self._last_len if self._chunks == 1 else self._chunk_len
+        self._sealed_buf = bytearray(first)
+        self._plain_buf = bytearray(max(first - TAG_SIZE, 0))
+        self._plain: memoryview = memoryview(b"")
         self._pos = 0
 
     def readable(self) -> bool:
@@ -254,7 +283,7 @@ class OpeningReader(io.RawIOBase):
                 return 0
             self._open_next()
         n = min(len(view), len(self._plain) - self._pos)
-        view[:n] = self._plain[self._pos:self._pos + n]
+        view[:n] = memoryview(self._plain)[self._pos:self._pos + n]
         self._pos += n
         return n
 
@@ -262,15 +291,19 @@ class OpeningReader(io.RawIOBase):
         """Verify every chunk left (discarding its plaintext)."""
         while self._next < self._chunks:
             self._open_next()
-        self._plain, self._pos = b"", 0
+        self._plain, self._pos = memoryview(b""), 0
 
     def _open_next(self) -> None:
         i = self._next
         last = i == self._chunks - 1
-        sealed = self._read_exact(self._last_len if last else self._chunk_len)
+        n = self._last_len if last else self._chunk_len
+        self._plain = memoryview(b"")  # release the buffers' views before reusing them
+        sealed = memoryview(self._sealed_buf)[:n]
+        self._read_into(sealed)
+        plain = memoryview(self._plain_buf)[:n - TAG_SIZE]
         aad = self.header + _CHUNK_AAD.pack(i, 1 if last else 0)
         try:
-            plain = self._aead.decrypt(_nonce(i), sealed, aad)
+            self._aead.decrypt_into(_nonce(i), sealed, aad, plain)
         except InvalidTag:
             if self._on_failure is not None:
                 self._on_failure()
@@ -279,6 +312,23 @@ class OpeningReader(io.RawIOBase):
                 "reordered, truncated, or sealed under other key material)") from None
         self._plain, self._pos = plain, 0
         self._next = i + 1
+
+    def _read_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the raw reader (``readinto`` when it has one)."""
+        readinto = getattr(self._raw, "readinto", None)
+        if readinto is None:
+            view[:] = self._read_exact(len(view))
+            return
+        got = 0
+        while got < len(view):
+            try:
+                n = readinto(view[got:])
+            except EOFError:
+                n = 0
+            if not n:
+                raise SealedSnapshotIntegrityError(f"{self.where}: sealed payload ends "
+                                                   f"{len(view) - got} bytes early")
+            got += n
 
     def _read_exact(self, n: int) -> bytes:
         parts: list[bytes] = []

@@ -461,7 +461,7 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
             row = {"bench": "vs_pysyncobj", "system": system, "client": client,
                    "connections": min(c, args.connections),
                    "nodes": 1 if system == "null" else 3,
-                   "fsync": system == "kvnode", "value_bytes": args.size, **r,
+                   "fsync": system.startswith("kvnode"), "value_bytes": args.size, **r,
                    # CPU microseconds per acknowledged op: leader, followers (sum), generator
                    "cpu_us_per_op": {
                        "leader": round(used[leader_i] / ops * 1e6),

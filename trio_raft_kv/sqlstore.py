@@ -76,12 +76,13 @@ def store_path(data_dir: str) -> str:
     return os.path.join(data_dir, STORE_DIR, STORE_FILE)
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, *, secure_delete: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a worker thread
-    conn.execute("PRAGMA secure_delete=ON")  # freed cells are zeroed (sealedvalues.py)
+    if secure_delete:  # with encryption: freed cells are zeroed (sealedvalues.py)
+        conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -173,7 +174,7 @@ class SqliteKVStateMachine:
 
     # -- opening and the durable state -----------------------------------------------------
     def _open(self) -> sqlite3.Connection:
-        conn = _connect(self.path)
+        conn = _connect(self.path, secure_delete=self._sealer is not None)
         for stmt in _SCHEMA:
             conn.execute(stmt)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())

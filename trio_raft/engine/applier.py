@@ -19,9 +19,11 @@ committed entries (``apply``) and any snapshot to install (``install_snapshot``)
   durable store reported at open, ``coldstart.py``) are already in the state machine. They are
   not given to ``apply`` again, but everything the engine itself does with them still happens:
   configuration changes, envelope control records, cluster records.
-* Snapshots from the leader: the state machine is restored (``set_apply_index`` with the
-  snapshot's index first), and the members, with the addresses the snapshot's descriptor
-  carries, and the cluster id are adopted.
+* Snapshots from the leader: the envelope's keys and cutover the descriptor carries are taken
+  first (``EnvelopeGate.adopt_snapshot``: a cleartext payload above this node's cutover is
+  refused), then the state machine is restored (``set_apply_index`` with the snapshot's index
+  first; a sealed payload is opened with the node's cipher), and the members, with the
+  addresses the snapshot's descriptor carries, and the cluster id are adopted.
 
 Invariants: entries are applied in index order, each at most once (an entry at or below the
 applied index, replayed after a restart from a snapshot, is skipped); the applied index never
@@ -56,7 +58,7 @@ from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.types import ProposalResult, StateMachine
 from trio_raft.engine.waiters import WaiterTable
 from trio_raft.errors import FSMApplyHaltError, SnapshotRequiredError
-from trio_raft.storage.descriptor import descriptor_of
+from trio_raft.storage.descriptor import NO_ENVELOPE, descriptor_of
 from trio_raft.storage.recovery import DiskPersistence
 
 logger = logging.getLogger(__name__)
@@ -221,6 +223,7 @@ class Applier:
         desc = descriptor_of(snap.data)
         if desc is not None:
             self.identity.check_snapshot(desc.cluster_id, idx)
+        self._gate.adopt_snapshot(desc.envelope if desc is not None else NO_ENVELOPE, idx)
         members = peers_for_conf_state(m.peers, cs, desc.members if desc is not None else ())
         m.require_addresses(members)
         if desc is not None and desc.cluster_id:
@@ -232,7 +235,8 @@ class Applier:
                 await trio.lowlevel.checkpoint()
                 if self._set_apply_index is not None:
                     self._set_apply_index(idx)  # the restored state covers ``idx``
-                await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap)
+                await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap,
+                                   self._gate.cipher)
                 self._storage.apply_snapshot(snap)
                 self.applied = max(self.applied, idx)
                 self.fsm_index = 0  # the store was replaced: nothing above ``idx`` is in it

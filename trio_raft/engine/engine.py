@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 import outcome
 import trio
 
@@ -23,7 +24,7 @@ from trio_raft.engine.admin import wait_for_transfer
 from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import lease_duration
 from trio_raft.engine.diskio import DiskRunner
-from trio_raft.engine.envelope_gate import EncryptionScanner
+from trio_raft.engine.envelope_gate import EncryptionScanner, EnvelopeStatus
 from trio_raft.engine.loop import RunLoop
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.observer import CounterValues
@@ -38,7 +39,7 @@ from trio_raft.engine.types import (
     TransferTarget,
 )
 from trio_raft.engine.waiters import CallbackWaiter, Waiter
-from trio_raft.envelope.cipher import Cipher
+from trio_raft.envelope.cipher import Cipher, CipherCounts
 from trio_raft.errors import (
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
@@ -313,6 +314,29 @@ class Engine:
     def raft_cipher(self) -> Cipher | None:
         return self._loop.gate.cipher
 
+    def envelope_status(self) -> EnvelopeStatus:
+        """Whether the envelope is on here, the active key id, the cutover index, and what the
+        cipher counted (``docs/envelope.md``)."""
+        gate = self._loop.gate
+        cipher = gate.cipher
+        cutover = gate.cutover_index()
+        active = 0
+        if cipher is not None and cipher.keystore is not None:
+            active = cipher.active_key_id
+        return EnvelopeStatus(on=cutover is not None, active_key_id=active,
+                              cutover_index=cutover,
+                              counts=cipher.counters() if cipher is not None else CipherCounts())
+
+    async def compact_now(self) -> int:
+        """Take a snapshot at the applied index and make it where this node's data dir begins:
+        no entry at or below it stays in the log or the WAL, no older snapshot file stays.
+        Returns the snapshot's index. After the envelope cutover this removes every cleartext
+        entry and payload written before it (the snapshot is sealed). Local to this node."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
+        loop.check_open()
+        return await loop.snapshots.compact_now()
+
     def encryption_scanner(self) -> EncryptionScanner:
         return EncryptionScanner(lambda: self._loop.storage)
 
@@ -327,7 +351,8 @@ class Engine:
 
         Runs under the snapshot lock (no snapshot write or restore meanwhile); the state
         machine's ``snapshot()`` is taken on the trio thread and written in a worker thread,
-        as for any snapshot."""
+        as for any snapshot. With the envelope on, the payload is sealed and the file carries
+        the KEK-sealed keys and the cutover (a sealed backup: restoring it needs the KEK)."""
         loop = self._loop
         await trio.lowlevel.checkpoint_if_cancelled()
         loop.check_open()
@@ -339,12 +364,14 @@ class Engine:
                 raise NothingToExportError(f"applied index {index}")
             info = BackupInfo(index, loop.storage.term(index), applier.identity.cluster_id or "",
                               snapshot_members(to_persisted(loop.membership.members())))
+            cipher, envelope = loop.gate.snapshot_envelope()
+            info = attrs.evolve(info, envelope=envelope)
             fsm = loop.cfg.state_machine
             assert fsm is not None
             handle = fsm.snapshot()  # no checkpoint since ``index`` was read
             try:
                 written = await self._io.run(functools.partial(
-                    write_backup, path, info, handle, file_io=loop.disk.file_io))
+                    write_backup, path, info, handle, file_io=loop.disk.file_io, seal=cipher))
             finally:
                 handle.close()
         logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,

@@ -96,7 +96,8 @@ class RunLoop:
         self._io = io
         #: How snapshot payloads leave and arrive (given to the transport once).
         self.exchange = SnapshotExchange(self.disk.fsm_dir, lambda: self.applier.applied,
-                                         file_io=self.disk.file_io)
+                                         file_io=self.disk.file_io,
+                                         sealed_required=lambda i: self.gate.sealed_required(i))
         self.node = RawNode(
             CoreConfig(
                 id=cfg.node_id,
@@ -146,7 +147,8 @@ class RunLoop:
             every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
             protected=self.exchange.protected_indexes,
             cluster_id=lambda: opened.identity.cluster_id,
-            floor=lambda: self.applier.fsm_index)
+            floor=lambda: self.applier.fsm_index,
+            envelope=self.gate.snapshot_envelope)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,

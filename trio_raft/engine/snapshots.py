@@ -30,6 +30,13 @@ Invariants:
 * A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
 * The log is compacted only behind a snapshot that is durable (``.fsm`` and ``.snap`` fsynced,
   marker in the WAL), keeping ``snapshot_catchup_entries`` entries for slow followers.
+* With the envelope on (``envelope_gate.py``), the payload is sealed under the active key for
+  the snapshot's index and term, and the descriptor carries the key ring and the cutover; the
+  envelope state is read together with the position, so the snapshot's label, content and
+  regime agree.
+* ``compact_now`` (``Engine.compact_now``) writes a snapshot at the applied index and makes it
+  where the data dir begins: the in-memory log and the WAL keep nothing at or below it, and
+  older snapshot files are deleted (after the cutover: no cleartext entry or payload left).
 """
 
 from __future__ import annotations
@@ -46,8 +53,14 @@ from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import Peer, StateMachine
-from trio_raft.storage.descriptor import SnapshotDescriptor, encode_descriptor
+from trio_raft.storage.descriptor import (
+    NO_ENVELOPE,
+    EnvelopeState,
+    SnapshotDescriptor,
+    encode_descriptor,
+)
 from trio_raft.storage.recovery import DiskPersistence, snapshot_members
+from trio_raft.storage.sealing import PayloadCipher
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +73,12 @@ class Snapshots:
                  every: int, catchup_entries: int,
                  protected: Callable[[], frozenset[int]] = frozenset,
                  cluster_id: Callable[[], str | None] = lambda: None,
-                 floor: Callable[[], int] = lambda: 0) -> None:
+                 floor: Callable[[], int] = lambda: 0,
+                 envelope: Callable[[], tuple[PayloadCipher | None, EnvelopeState]] = (
+                     lambda: (None, NO_ENVELOPE))) -> None:
         self._fsm = fsm
+        #: (cipher to seal with, envelope records) for a snapshot written now.
+        self._envelope = envelope
         self._disk = disk
         self._storage = storage
         self._io = io
@@ -139,16 +156,19 @@ class Snapshots:
                         "to %d", index, self._floor())
             return
         cluster_id = self._cluster_id() or ""
-        handle = self._fsm.snapshot()
+        term = self._storage.term(index)
+        cipher, envelope = self._envelope()
+        handle = self._fsm.snapshot()  # no checkpoint since the position was read
         try:
             token = await self._io.run(self._disk.write_fsm_snapshot, handle, index,
-                                       self._protected())
+                                       self._protected(),
+                                       None if cipher is None else (cipher, term))
         finally:
             handle.close()
         if index <= self._storage.snapshot().metadata.index:
             return
         data = encode_descriptor(SnapshotDescriptor(
-            token, cluster_id, snapshot_members(to_persisted(members))))
+            token, cluster_id, snapshot_members(to_persisted(members)), envelope=envelope))
         try:
             snap = self._storage.create_snapshot(index, cs, data)
         except (SnapOutOfDateError, CompactedError, UnavailableError):
@@ -162,3 +182,19 @@ class Snapshots:
                     self._storage.compact(target)
         await self._io.run(self._disk.purge)
         logger.info("snapshot written at index %d", index)
+
+    async def compact_now(self) -> int:
+        """Snapshot at the applied index (unless the newest snapshot is there already), then
+        drop everything at or below it: the in-memory log, the WAL segments (the WAL restarts
+        after the snapshot) and older snapshot files. Returns the snapshot's index."""
+        async with self._lock:
+            await self._write_locked(None, None, (), compact=False)
+            snap = self._storage.snapshot()
+            index = snap.metadata.index
+            if index > self._storage.first_index() - 1:
+                with contextlib.suppress(CompactedError, UnavailableError):
+                    self._storage.compact(index)
+            removed = await self._io.run(self._disk.compact_to_snapshot, snap)
+        logger.info("compacted to the snapshot at index %d (%d file(s) removed)", index,
+                    len(removed))
+        return index

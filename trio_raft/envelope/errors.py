@@ -8,6 +8,7 @@ from __future__ import annotations
 from trio_raft.errors import (
     EncryptionScanError,
     KEKError,
+    KEKPermissionError,
     KeyConflictError,
     KeyStoreCorruptError,
     KeyStoreError,
@@ -18,6 +19,7 @@ from trio_raft.errors import (
 __all__ = [
     "EncryptionScanError",
     "KEKError",
+    "KEKPermissionError",
     "KeyConflictError",
     "KeyStoreCorruptError",
     "KeyStoreError",

@@ -9,24 +9,20 @@ commit. Open an engine with :func:`trio_raft.engine.lifecycle.open_engine`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 import outcome
 import trio
 
 from trio_raft.engine.admin import wait_for_transfer
 from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import lease_duration
-from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.envelope_gate import EncryptionScanner, EnvelopeStatus
 from trio_raft.engine.loop import RunLoop
-from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.observer import CounterValues
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
@@ -43,13 +39,11 @@ from trio_raft.envelope.cipher import Cipher, CipherCounts
 from trio_raft.errors import (
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
-    NothingToExportError,
     NotLeaderError,
     PeerIDRequiredError,
     PromoteLearnerMinAppliedZeroError,
 )
-from trio_raft.storage.backup import BackupInfo, write_backup
-from trio_raft.storage.recovery import snapshot_members
+from trio_raft.storage.backup import BackupInfo
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +54,6 @@ class Engine:
     def __init__(self, loop: RunLoop) -> None:
         self._loop = loop
         self._report = OpenReport(kind="unknown")
-        self._io = DiskRunner(loop.cfg.blocking_io)
 
     # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
@@ -353,30 +346,10 @@ class Engine:
         machine's ``snapshot()`` is taken on the trio thread and written in a worker thread,
         as for any snapshot. With the envelope on, the payload is sealed and the file carries
         the KEK-sealed keys and the cutover (a sealed backup: restoring it needs the KEK)."""
-        loop = self._loop
         await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
         loop.check_open()
-        async with loop.snapshots.lock:
-            loop.check_open()
-            applier = loop.applier
-            index = applier.applied
-            if index == 0 or index < applier.fsm_index:
-                raise NothingToExportError(f"applied index {index}")
-            info = BackupInfo(index, loop.storage.term(index), applier.identity.cluster_id or "",
-                              snapshot_members(to_persisted(loop.membership.members())))
-            cipher, envelope = loop.gate.snapshot_envelope()
-            info = attrs.evolve(info, envelope=envelope)
-            fsm = loop.cfg.state_machine
-            assert fsm is not None
-            handle = fsm.snapshot()  # no checkpoint since ``index`` was read
-            try:
-                written = await self._io.run(functools.partial(
-                    write_backup, path, info, handle, file_io=loop.disk.file_io, seal=cipher))
-            finally:
-                handle.close()
-        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
-                    written.term, path, written.file_bytes)
-        return written
+        return await loop.snapshots.export(path, loop.check_open)
 
     # -- callbacks -----------------------------------------------------------------------------
     def register_leader_acquired_callback(

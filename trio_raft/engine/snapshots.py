@@ -42,9 +42,12 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 
+import attrs
 import trio
 
 from trio_raft.core.errors import CompactedError, SnapOutOfDateError, UnavailableError
@@ -53,6 +56,8 @@ from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import Peer, StateMachine
+from trio_raft.errors import NothingToExportError
+from trio_raft.storage.backup import BackupInfo, write_backup
 from trio_raft.storage.descriptor import (
     NO_ENVELOPE,
     EnvelopeState,
@@ -198,3 +203,30 @@ class Snapshots:
         logger.info("compacted to the snapshot at index %d (%d file(s) removed)", index,
                     len(removed))
         return index
+
+    async def export(self, path: str | os.PathLike[str],
+                     check_open: Callable[[], None]) -> BackupInfo:
+        """A backup of the state machine at the applied index, written to ``path``
+        (``Engine.export_snapshot``): under the lock, so no snapshot write or restore runs
+        meanwhile; the position and the handle taken with no checkpoint in between, as for
+        a snapshot; sealed, with the envelope's records, once the envelope is on."""
+        async with self._lock:
+            check_open()
+            index, _cs, members = self._position()
+            if index == 0 or index < self._floor():
+                raise NothingToExportError(f"applied index {index}")
+            cipher, envelope = self._envelope()
+            info = attrs.evolve(
+                BackupInfo(index, self._storage.term(index), self._cluster_id() or "",
+                           snapshot_members(to_persisted(members))),
+                envelope=envelope)
+            handle = self._fsm.snapshot()  # no checkpoint since the position was read
+            try:
+                written = await self._io.run(functools.partial(
+                    write_backup, path, info, handle, file_io=self._disk.file_io,
+                    seal=cipher))
+            finally:
+                handle.close()
+        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
+                    written.term, path, written.file_bytes)
+        return written

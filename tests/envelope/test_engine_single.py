@@ -14,7 +14,7 @@ from tests.envelope.helpers import RecordingKV, TolerantKV, open_cipher, wal_byt
 from trio_raft import State, errors
 from trio_raft.engine import lifecycle as engine_mod
 from trio_raft.engine.contexts import decode_proposal
-from trio_raft.engine.envelope_gate import EncryptionScanner
+from trio_raft.engine.envelope_scan import EncryptionScanner
 from trio_raft.envelope import Cipher, EncryptionScanError, ReservedPrefixError, parse
 from trio_raft.storage.cutover import CUTOVER_FILE, load_cutover, save_cutover
 

@@ -21,7 +21,8 @@ import trio
 from trio_raft.engine.admin import wait_for_transfer
 from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import lease_duration
-from trio_raft.engine.envelope_gate import EncryptionScanner, EnvelopeStatus
+from trio_raft.engine.envelope_gate import EnvelopeStatus
+from trio_raft.engine.envelope_scan import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
 from trio_raft.engine.observer import CounterValues
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest

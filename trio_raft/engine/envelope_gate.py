@@ -1,5 +1,5 @@
 """The raft envelope in the engine: wrap on propose, unwrap on apply, the cutover barrier, key
-records, and the encryption scanner (``docs/envelope.md``).
+records (``docs/envelope.md``); the encryption scanner is in ``envelope_scan.py``.
 
 Regimes. An entry at or below the *cutover index* is cleartext; an entry strictly above it
 carries a wrapped payload (``trio_raft.envelope``) inside the usual proposal envelope
@@ -57,9 +57,10 @@ import attrs
 import trio
 
 from trio_raft.core.errors import CompactedError, UnavailableError
-from trio_raft.core.messages import Entry, EntryType
+from trio_raft.core.messages import Entry
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.contexts import decode_proposal
+from trio_raft.engine.envelope_scan import control_payload
 from trio_raft.engine.inbox import Inbox
 from trio_raft.engine.requests import ProposeRequest, Request
 from trio_raft.engine.types import ProposalResult
@@ -67,7 +68,6 @@ from trio_raft.engine.waiters import Waiter, WaiterTable
 from trio_raft.envelope.cipher import Cipher, CipherCounts
 from trio_raft.envelope.control import ControlRecord, Opcode, decode_control, is_control
 from trio_raft.envelope.errors import (
-    EncryptionScanError,
     KeyConflictError,
     ReservedPrefixError,
 )
@@ -86,7 +86,6 @@ from trio_raft.storage.fileio import FileIO
 logger = logging.getLogger(__name__)
 
 MAX_U64 = (1 << 64) - 1
-SCAN_BATCH_BYTES = 64 << 20
 
 
 class RequestPort(Protocol):
@@ -106,16 +105,6 @@ class RequestPort(Protocol):
     async def run_request(self, req: Request) -> object: ...
 
 
-def control_payload(ent: Entry) -> bytes | None:
-    """The payload of a normal proposal entry that is an envelope control record, else None."""
-    if ent.type is not EntryType.NORMAL:
-        return None
-    env = decode_proposal(ent.data)
-    if env is None or not is_control(env[1]):
-        return None
-    return env[1]
-
-
 @attrs.frozen
 class EnvelopeStatus:
     """The raft envelope on one node (``Engine.envelope_status``)."""
@@ -127,32 +116,6 @@ class EnvelopeStatus:
     cutover_index: int | None
     #: What the node's cipher did since it opened (wraps, unwraps, sealed payloads, failures).
     counts: CipherCounts
-
-
-@attrs.frozen
-class EncryptionScanner:
-    """Answers whether a log range holds envelope control records (marker, rotation)."""
-
-    storage: Callable[[], MemoryStorage | None]
-    batch_bytes: int = SCAN_BATCH_BYTES
-
-    def has_encryption_relevant_entry_in_range(self, start_exclusive: int,
-                                               end_inclusive: int) -> bool:
-        storage = self.storage()
-        if storage is None:
-            raise EncryptionScanError("no log storage")
-        if end_inclusive >= MAX_U64:
-            raise EncryptionScanError("end index must be below 2**64-1")
-        lo = start_exclusive + 1
-        while lo <= end_inclusive:
-            batch: Sequence[Entry] = storage.entries(lo, end_inclusive + 1, self.batch_bytes)
-            if not batch:
-                raise EncryptionScanError(f"unscanned gap at index {lo}")
-            for ent in batch:
-                if control_payload(ent) is not None:
-                    return True
-            lo = batch[-1].index + 1
-        return False
 
 
 def adopt_envelope(cipher: Cipher | None, env: EnvelopeState, *, where: str,

@@ -181,7 +181,9 @@ def normalize_peers(
     allow_incomplete: bool,
     allow_self_bootstrap: bool,
 ) -> list[Peer]:
-    """Spec a.3 step 6: normalise, merge the local identity, reject conflicts, sort by node id."""
+    """The configured peer list as the engine uses it: ids and addresses normalised, the local
+    node merged in (its own entry must agree with ``local``), conflicting ids refused, sorted
+    by node id so every node derives the same order."""
     if not peers:
         if not (allow_incomplete or allow_self_bootstrap):
             raise NoPeersConfiguredError()

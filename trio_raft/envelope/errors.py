@@ -1,4 +1,4 @@
-"""Envelope errors without a seed sentinel (key store, nonce state, control records).
+"""The envelope's own errors (key store, nonce state, control records).
 
 They live in :mod:`trio_raft.errors` with the rest of the hierarchy and are re-exported here.
 """

@@ -5,7 +5,12 @@ from trio_raft.engine.config import OpenConfig, derive_node_id, parse_peers
 from trio_raft.engine.engine import Engine, open_engine
 from trio_raft.engine.factory import Factory, FactoryConfig
 from trio_raft.engine.membership import join_role_violation_count
-from trio_raft.engine.observer import CounterValues, EngineObserver, NullObserver
+from trio_raft.engine.observer import (
+    CounterValues,
+    EngineObserver,
+    NullObserver,
+    StageObserver,
+)
 from trio_raft.engine.types import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -40,6 +45,7 @@ __all__ = [
     "ProposalResult",
     "Server",
     "Snapshot",
+    "StageObserver",
     "State",
     "StateMachine",
     "Status",

@@ -9,9 +9,11 @@ ahead while a thread fsyncs. Both modes use real files and real fsync.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
 import trio
 
 T = TypeVar("T")
@@ -30,3 +32,42 @@ class DiskRunner:
             await trio.lowlevel.checkpoint()
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
+
+    async def run_timed(self, fn: Callable[..., T], *args: object) -> tuple[T, Timing]:
+        """Like :meth:`run`, and also when: see :class:`Timing`."""
+        called = time.perf_counter()
+        if self.blocking:
+            await trio.lowlevel.checkpoint()
+            began = time.perf_counter()
+            result = fn(*args)
+            ended = time.perf_counter()
+            return result, Timing(called, began, ended, ended)
+
+        def timed() -> tuple[T, float, float]:
+            t0 = time.perf_counter()
+            value = fn(*args)
+            return value, t0, time.perf_counter()
+
+        result, began, ended = await trio.to_thread.run_sync(timed)
+        return result, Timing(called, began, ended, time.perf_counter())
+
+
+@attrs.frozen(slots=True)
+class Timing:
+    """``time.perf_counter()`` instants of one :meth:`DiskRunner.run_timed` call: the caller
+    called, the function began and ended (in its thread), the caller resumed."""
+
+    called: float
+    began: float
+    ended: float
+    resumed: float
+
+    @property
+    def inside(self) -> float:
+        """Seconds the function ran."""
+        return self.ended - self.began
+
+    @property
+    def handoff(self) -> float:
+        """Seconds the caller waited beyond that: the thread hand-offs."""
+        return max(0.0, (self.resumed - self.called) - self.inside)

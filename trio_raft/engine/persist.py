@@ -13,13 +13,13 @@ WAL, skipping a worker-thread round trip that would cost more than the write.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import trio
 
 from trio_raft.core.messages import Ready
 from trio_raft.core.storage import MemoryStorage
+from trio_raft.engine import stages
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.storage.recovery import DiskPersistence
 
@@ -29,12 +29,15 @@ class LogWriter:
 
     def __init__(self, *, disk: DiskPersistence, storage: MemoryStorage, io: DiskRunner,
                  observer: Callable[[float], None] | None = None,
+                 stage: stages.StageSink | None = None,
                  test_delay: Callable[[], float] | None = None) -> None:
         self._disk = disk
         self._storage = storage
         self._io = io
         #: Called with the seconds each WAL write (and fsync) took.
         self._observer = observer
+        #: Told of the ``wal`` and ``wal_handoff`` stages (None: not timed).
+        self._stage = stage
         #: Tests only: seconds to wait before each WAL write (a slow disk).
         self._test_delay = test_delay
 
@@ -57,10 +60,13 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        started = time.perf_counter()
-        await self._io.run(self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
+        _, t = await self._io.run_timed(
+            self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
         if self._observer is not None:
-            self._observer(time.perf_counter() - started)
+            self._observer(t.resumed - t.called)
+        if self._stage is not None:
+            self._stage(stages.WAL, t.inside, t.ended)
+            self._stage(stages.WAL_HANDOFF, t.handoff, t.resumed)
         if rd.entries:
             self._storage.append(rd.entries)
         if hs is not None:

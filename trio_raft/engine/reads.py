@@ -36,6 +36,7 @@ heartbeat interval, the leader starts one with no reads in it (the lease probe).
 from __future__ import annotations
 
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -47,6 +48,7 @@ from trio_raft.core.messages import Ready
 from trio_raft.core.rawnode import RawNode
 from trio_raft.engine.contexts import decode_read_context, encode_read_context
 from trio_raft.engine.requests import ReadRequest
+from trio_raft.engine.stages import READ_ROUND, StageSink
 from trio_raft.engine.waiters import Waiter
 
 #: Rounds whose start instant is remembered for crediting late heartbeat answers.
@@ -71,8 +73,11 @@ class _Round:
 class Reads:
     """Pending reads of this node and its ReadIndex rounds (see the module docstring)."""
 
-    def __init__(self, node: RawNode, *, retry_after: float, probe_interval: float) -> None:
+    def __init__(self, node: RawNode, *, retry_after: float, probe_interval: float,
+                 stage: StageSink | None = None) -> None:
         self._node = node
+        #: Told of the ``read_round`` stage (None: not timed).
+        self._stage = stage
         self._retry_after = retry_after
         self._probe_interval = probe_interval
         self._pending: dict[int, _PendingRead] = {}
@@ -154,6 +159,9 @@ class Reads:
             if round_id is None or current is None or round_id != current.round_id:
                 continue
             self._in_flight = None
+            if self._stage is not None:
+                self._stage(READ_ROUND, trio.current_time() - current.started_at,
+                            time.perf_counter())
             for rid in current.reads:
                 p = self._pending.get(rid)
                 if p is None:

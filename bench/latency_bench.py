@@ -171,9 +171,9 @@ def first(events: list[Event], stage: str, *, start_after: float = float("-inf")
     ``end_after``."""
     best: Event | None = None
     for e in events:
-        if e[0] == stage and e[2] - e[1] >= start_after and e[2] >= end_after:
-            if best is None or e[2] < best[2]:
-                best = e
+        if (e[0] == stage and e[2] - e[1] >= start_after and e[2] >= end_after
+                and (best is None or e[2] < best[2])):
+            best = e
     return best
 
 

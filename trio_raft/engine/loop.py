@@ -53,7 +53,7 @@ from trio_raft.engine.admin import AdminHandler
 from trio_raft.engine.admission import Admission
 from trio_raft.engine.applier import Applier
 from trio_raft.engine.config import OpenConfig
-from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.engine.dispatch import Dispatcher, SendReport
 from trio_raft.engine.envelope_gate import EnvelopeGate
 from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
@@ -146,7 +146,7 @@ class RunLoop:
             tick_interval=cfg.tick_interval)
         self.log_writer = LogWriter(disk=self.disk, storage=self.storage, io=io,
                                     observer=self.observer.wal_write, stage=self.stage,
-                                    test_delay=cfg.test_persist_delay)
+                                    test_delay=cfg.test_persist_delay, inline=InlineWrites())
         self.snapshots = Snapshots(
             fsm=fsm, disk=self.disk, storage=self.storage, io=io,
             position=lambda: (self.applier.applied, self.membership.conf_state,

@@ -8,11 +8,14 @@ write returned are the entries appended to the in-memory ``MemoryStorage`` raft 
 
 A hard state that only moves the commit index needs no fsync (the commit index is recomputed
 from a quorum after a restart): it is written on the trio thread when no other writer holds the
-WAL, skipping a worker-thread round trip that would cost more than the write.
+WAL, skipping a worker-thread round trip that would cost more than the write. Small Readys are
+written (and fsynced) on the trio thread too while the disk is fast (``diskio.InlineWrites``);
+everything else goes to a worker thread.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import trio
@@ -20,7 +23,7 @@ import trio
 from trio_raft.core.messages import Ready
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine import stages
-from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.storage.recovery import DiskPersistence
 
 
@@ -30,8 +33,11 @@ class LogWriter:
     def __init__(self, *, disk: DiskPersistence, storage: MemoryStorage, io: DiskRunner,
                  observer: Callable[[float], None] | None = None,
                  stage: stages.StageSink | None = None,
-                 test_delay: Callable[[], float] | None = None) -> None:
+                 test_delay: Callable[[], float] | None = None,
+                 inline: InlineWrites | None = None) -> None:
         self._disk = disk
+        #: When a write may run on the trio thread (None: never).
+        self.inline = inline
         self._storage = storage
         self._io = io
         #: Called with the seconds each WAL write (and fsync) took.
@@ -60,14 +66,38 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        _, t = await self._io.run_timed(
-            self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
-        if self._observer is not None:
-            self._observer(t.resumed - t.called)
-        if self._stage is not None:
-            self._stage(stages.WAL, t.inside, t.ended)
-            self._stage(stages.WAL_HANDOFF, t.handoff, t.resumed)
+        if not (rd.snapshot is None and self._write_inline(rd)):
+            _, t = await self._io.run_timed(
+                self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
+            if self.inline is not None and rd.snapshot is None:
+                self.inline.record(False, t.inside, trio.current_time())
+            self._observed(t.resumed - t.called, t.inside, t.handoff, t.ended, t.resumed)
         if rd.entries:
             self._storage.append(rd.entries)
         if hs is not None:
             self._storage.set_hard_state(hs)
+
+    def _write_inline(self, rd: Ready) -> bool:
+        """Write ``rd`` on this thread when the policy allows it and no other writer holds the
+        WAL; returns whether it did."""
+        policy = self.inline
+        if policy is None or self._io.blocking:
+            return False
+        now = trio.current_time()
+        if not policy.allows(sum(len(e.data) for e in rd.entries), now):
+            return False
+        began = time.perf_counter()
+        if not self._disk.try_save_ready(rd.hard_state, rd.entries, rd.must_sync):
+            return False
+        ended = time.perf_counter()
+        policy.record(True, ended - began, now)
+        self._observed(ended - began, ended - began, 0.0, ended, ended)
+        return True
+
+    def _observed(self, total: float, inside: float, handoff: float, ended: float,
+                  resumed: float) -> None:
+        if self._observer is not None:
+            self._observer(total)
+        if self._stage is not None:
+            self._stage(stages.WAL, inside, ended)
+            self._stage(stages.WAL_HANDOFF, handoff, resumed)

@@ -66,7 +66,7 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        if not (rd.snapshot is None and self._write_inline(rd)):
+        if not (rd.snapshot is None and await self._write_inline(rd)):
             _, t = await self._io.run_timed(
                 self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
             if self.inline is not None and rd.snapshot is None:
@@ -77,15 +77,20 @@ class LogWriter:
         if hs is not None:
             self._storage.set_hard_state(hs)
 
-    def _write_inline(self, rd: Ready) -> bool:
+    async def _write_inline(self, rd: Ready) -> bool:
         """Write ``rd`` on this thread when the policy allows it and no other writer holds the
-        WAL; returns whether it did."""
+        WAL; returns whether it did.
+
+        A checkpoint comes first: a leader hands its appends to the lanes just before its own
+        write (``loop.py``, Raft thesis §10.2.1), and their sender tasks must get them on the
+        way to the followers before this thread spends the fsync here."""
         policy = self.inline
         if policy is None or self._io.blocking:
             return False
         now = trio.current_time()
         if not policy.allows(sum(len(e.data) for e in rd.entries), now):
             return False
+        await trio.lowlevel.checkpoint()
         began = time.perf_counter()
         if not self._disk.try_save_ready(rd.hard_state, rd.entries, rd.must_sync):
             return False

@@ -328,7 +328,9 @@ class RunLoop:
             return
         if self.stage is not None and _replication(m):
             self._time_step(m, received, committed)
-        if m.context:
+        if m.type is MessageType.READ_INDEX and m.entries and self.is_leader():
+            self.reads.note_forwarded(m.entries[0].data)
+        elif m.context:
             self.lease.on_heartbeat_response(m, self.membership.conf_state.voters,
                                              self.reads.started_at(m.context))
 

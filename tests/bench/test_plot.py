@@ -19,6 +19,8 @@ def test_rows_of_each_bench_script_become_curves_sorted_by_concurrency(tmp_path)
          "concurrency": 1, "ops_per_s": 200.0, "p50_ms": 4.0, "p99_ms": 9.0},
         {"bench": "vs_pysyncobj", "system": "null", "client": "grpcio", "rpc": "stream",
          "concurrency": 1, "ops_per_s": 2000.0, "p50_ms": 0.4, "p99_ms": 0.9},
+        {"bench": "read", "mode": "LINEARIZABLE", "target": "all", "concurrency": 32,
+         "ops_per_s": 700.0, "p50_ms": 40.0, "p99_ms": 90.0, "errors": 0},
         {"bench": "read_check", "concurrency": 1},  # not a latency-throughput row
     ]
     path = tmp_path / "r.jsonl"
@@ -28,6 +30,7 @@ def test_rows_of_each_bench_script_become_curves_sorted_by_concurrency(tmp_path)
         "engine": [Point(1, 300.0, 3.0, 6.0), Point(64, 9000.0, 7.0, 20.0)],
         "kvnode stream (grpcio)": [Point(1, 200.0, 4.0, 9.0)],
         "null (grpcio)": [Point(1, 2000.0, 0.4, 0.9)],
+        "LINEARIZABLE all": [Point(32, 700.0, 40.0, 90.0)],
     }
     assert system_of({"bench": "engine_propose", "system": "before"}) == "before"
 

@@ -131,6 +131,20 @@ async def test_log_writer_writes_on_its_thread_until_the_disk_is_slow(
     policy.limit = fast
     assert await write() != here  # ... sends the small ones there too
     assert policy.slow_writes == 4
+    clock.jump(5.1)
+    assert await write() == here
+    busy = True
+
+    async def spin() -> None:  # another task always ready to run: the trio thread is busy
+        while busy:
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spin)
+        await trio.lowlevel.checkpoint()
+        assert await write() != here
+        busy = False
+    assert await write() == here
     assert len(waits) == index - (ds.storage.first_index())  # every write observed
     last = index - 1
     ds.persistence.close()

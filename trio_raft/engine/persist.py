@@ -83,7 +83,9 @@ class LogWriter:
 
         A checkpoint comes first: a leader hands its appends to the lanes just before its own
         write (``loop.py``, Raft thesis §10.2.1), and their sender tasks must get them on the
-        way to the followers before this thread spends the fsync here."""
+        way to the followers before this thread spends the fsync here. After it, the write is
+        made here only when no other task is ready to run: under load the trio thread has work
+        to do during the fsync, which a worker thread lets it do."""
         policy = self.inline
         if policy is None or self._io.blocking:
             return False
@@ -91,6 +93,8 @@ class LogWriter:
         if not policy.allows(sum(len(e.data) for e in rd.entries), now):
             return False
         await trio.lowlevel.checkpoint()
+        if trio.lowlevel.current_statistics().tasks_runnable > 0:
+            return False
         began = time.perf_counter()
         if not self._disk.try_save_ready(rd.hard_state, rd.entries, rd.must_sync):
             return False

@@ -14,7 +14,7 @@ import trio.testing
 from tests.engine.kv import KV
 from trio_raft.core.messages import Entry, HardState, Ready
 from trio_raft.engine.diskio import DiskRunner, InlineWrites
-from trio_raft.engine.persist import LogWriter
+from trio_raft.engine.persist import IDLE_RUNNABLE, LogWriter
 from trio_raft.storage import open_disk_state
 from trio_raft.storage.fileio import OSFileIO
 from trio_raft.storage.recovery import PersistedPeer
@@ -135,12 +135,16 @@ async def test_log_writer_writes_on_its_thread_until_the_disk_is_slow(
     assert await write() == here
     busy = True
 
-    async def spin() -> None:  # another task always ready to run: the trio thread is busy
+    async def spin() -> None:  # always ready to run
         while busy:
             await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spin)
+        for _ in range(IDLE_RUNNABLE):  # as on an idle node: still inline
+            nursery.start_soon(spin)
+        await trio.lowlevel.checkpoint()
+        assert await write() == here
+        nursery.start_soon(spin)  # one more: the trio thread is busy
         await trio.lowlevel.checkpoint()
         assert await write() != here
         busy = False

@@ -10,8 +10,8 @@ Small WAL writes on a fast disk are the exception (:class:`InlineWrites`): a wri
 a few hundred bytes takes ~0.1-0.4 ms on a local SSD, less than the two thread hand-offs around
 it (trio -> worker -> trio, ~0.4 ms on a loaded 2-core machine, ``stages.WAL_HANDOFF``), so the
 run loop does it on its own thread (the GIL is released during the fsync, so the transport's
-thread keeps running) when no other trio task is ready to run (``persist.py``: under load the
-worker thread lets the trio thread work during the fsync). A slow disk must not stall the
+thread keeps running) when hardly any other trio task is ready to run (``persist.py``: under
+load the worker thread lets the trio thread work during the fsync). A slow disk must not stall the
 trio thread (heartbeats, elections, every other task) for long: the first write that takes
 longer than ``limit`` sends the writes back to worker threads for ``backoff`` seconds
 (doubling each time it happens again, up to ``max_backoff``), and so does a write in a worker

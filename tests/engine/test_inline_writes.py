@@ -133,21 +133,14 @@ async def test_log_writer_writes_on_its_thread_until_the_disk_is_slow(
     assert policy.slow_writes == 4
     clock.jump(5.1)
     assert await write() == here
-    busy = True
-
-    async def spin() -> None:  # always ready to run
-        while busy:
-            await trio.lowlevel.checkpoint()
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(IDLE_RUNNABLE):  # as on an idle node: still inline
-            nursery.start_soon(spin)
-        await trio.lowlevel.checkpoint()
-        assert await write() == here
-        nursery.start_soon(spin)  # one more: the trio thread is busy
-        await trio.lowlevel.checkpoint()
-        assert await write() != here
-        busy = False
+    for waiting, inline in ((IDLE_RUNNABLE, True), (IDLE_RUNNABLE + 1, False)):
+        async with trio.open_nursery() as nursery:
+            go = trio.Event()
+            for _ in range(waiting):
+                nursery.start_soon(go.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()  # ``waiting`` tasks ready to run when the write comes
+            assert (await write() == here) is inline
     assert await write() == here
     assert len(waits) == index - (ds.storage.first_index())  # every write observed
     last = index - 1

@@ -27,8 +27,8 @@ from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.storage.recovery import DiskPersistence
 
 #: Tasks ready to run beside the loop on a node that is otherwise idle: a leader's sender tasks
-#: for two followers, or a follower's inbound consumer and the sender of its last answer,
-#: resuming from their hand-offs to the transport.
+#: for two followers, just handed their appends, or a follower's inbound consumer and the
+#: sender of its last answer.
 IDLE_RUNNABLE = 2
 
 
@@ -86,21 +86,20 @@ class LogWriter:
         """Write ``rd`` on this thread when the policy allows it and no other writer holds the
         WAL; returns whether it did.
 
-        A checkpoint comes first: a leader hands its appends to the lanes just before its own
-        write (``loop.py``, Raft thesis §10.2.1), and their sender tasks must get them on the
-        way to the followers before this thread spends the fsync here. After it, the write is
-        made here only when at most :data:`IDLE_RUNNABLE` other tasks are ready to run: under
-        load the trio thread has work to do during the fsync, which a worker thread lets it
-        do."""
+        Only when at most :data:`IDLE_RUNNABLE` other tasks are ready to run: under load the
+        trio thread has work to do during the fsync, which a worker thread lets it do. Then a
+        checkpoint: a leader hands its appends to the lanes just before its own write
+        (``loop.py``, Raft thesis §10.2.1), and their sender tasks must get them on the way to
+        the followers before this thread spends the fsync here."""
         policy = self.inline
         if policy is None or self._io.blocking:
             return False
         now = trio.current_time()
         if not policy.allows(sum(len(e.data) for e in rd.entries), now):
             return False
-        await trio.lowlevel.checkpoint()
         if trio.lowlevel.current_statistics().tasks_runnable > IDLE_RUNNABLE:
             return False
+        await trio.lowlevel.checkpoint()
         began = time.perf_counter()
         if not self._disk.try_save_ready(rd.hard_state, rd.entries, rd.must_sync):
             return False

@@ -9,8 +9,9 @@ write returned are the entries appended to the in-memory ``MemoryStorage`` raft 
 A hard state that only moves the commit index needs no fsync (the commit index is recomputed
 from a quorum after a restart): it is written on the trio thread when no other writer holds the
 WAL, skipping a worker-thread round trip that would cost more than the write. Small Readys are
-written (and fsynced) on the trio thread too while the disk is fast (``diskio.InlineWrites``);
-everything else goes to a worker thread.
+written (and fsynced) on the trio thread too while the disk is fast and the thread is idle
+(``diskio.InlineWrites``), except a leader's write made while its appends travel (off the
+commit's critical path); everything else goes to a worker thread.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ from trio_raft.engine import stages
 from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.storage.recovery import DiskPersistence
 
-#: Tasks ready to run beside the loop on a node that is otherwise idle: a leader's sender tasks
-#: for two followers, just handed their appends, or a follower's inbound consumer and the
-#: sender of its last answer.
+#: Tasks ready to run beside the loop on a node that is otherwise idle: a follower's inbound
+#: consumer and the sender of its last answer, or a leader's two sender tasks.
 IDLE_RUNNABLE = 2
 
 
@@ -52,9 +52,13 @@ class LogWriter:
         #: Tests only: seconds to wait before each WAL write (a slow disk).
         self._test_delay = test_delay
 
-    async def persist(self, rd: Ready) -> None:
+    async def persist(self, rd: Ready, *, parallel: bool = False) -> None:
         """Make ``rd``'s entries, hard state and snapshot marker durable (the snapshot's
-        payload and ``.snap`` file are installed before, by the applier)."""
+        payload and ``.snap`` file are installed before, by the applier).
+
+        ``parallel``: a leader's write that runs while its appends travel to the followers
+        (``loop.py``, Raft thesis §10.2.1). It is off the commit's critical path, so it always
+        goes to a worker thread: the trio thread stays free for the followers' answers."""
         hs = rd.hard_state
         if (
             hs is not None
@@ -71,7 +75,7 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        if not (rd.snapshot is None and await self._write_inline(rd)):
+        if not (rd.snapshot is None and not parallel and await self._write_inline(rd)):
             _, t = await self._io.run_timed(
                 self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
             if self.inline is not None and rd.snapshot is None:
@@ -88,9 +92,8 @@ class LogWriter:
 
         Only when at most :data:`IDLE_RUNNABLE` other tasks are ready to run: under load the
         trio thread has work to do during the fsync, which a worker thread lets it do. Then a
-        checkpoint: a leader hands its appends to the lanes just before its own write
-        (``loop.py``, Raft thesis §10.2.1), and their sender tasks must get them on the way to
-        the followers before this thread spends the fsync here."""
+        checkpoint: tasks woken so far (sender tasks given messages just before) run before this
+        thread spends the fsync here."""
         policy = self.inline
         if policy is None or self._io.blocking:
             return False

@@ -111,7 +111,7 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_dir: str, name: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     for ax, key, label in ((axes[0], "p50_ms", "p50"), (axes[1], "p99_ms", "p99")):
         for system, pts in data.items():
             xs = [p.ops_per_s for p in pts]
@@ -125,10 +125,12 @@ def plot_rows(rows: Iterable[dict[str, Any]], out_dir: str, name: str,
         ax.set_title(f"{label} latency")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("latency (ms, log scale)")
-    axes[1].legend(fontsize=8, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for ext in ("png", "svg"):

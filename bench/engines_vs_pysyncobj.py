@@ -122,7 +122,6 @@ def level_row(system: str, concurrency: int, latencies: list[float], errors: int
 # -- orchestration -------------------------------------------------------------------------------
 
 def run_pysyncobj(args: argparse.Namespace, py: str) -> list[dict[str, Any]]:
-    sys.path.insert(0, ROOT)
     from trio_raft.testing.net import free_loopback_ports
 
     names = ["n1", "n2", "n3"]

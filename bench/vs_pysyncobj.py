@@ -25,6 +25,11 @@ Every setting runs twice, once per load generator client (``--client``): the pro
 most other languages' clients behave like), with the same tasks, requests and number of
 connections (``--connections``, default 16; one channel per connection, none shared).
 
+* kvnode-sealed: kvnode with encryption at rest (``--key-dir``/``--kek-file``, then
+  ``encryption enable`` before the load): every entry wrapped with AES-256-GCM, every snapshot
+  payload sealed. With ``--snapshot-every N`` (both kvnode systems) the nodes snapshot while the
+  load runs, so the sealed snapshots' cost is in the figures; a third table compares the two.
+
 Prints a JSON line per system, client and setting (ops/s, p50/p99 latency in ms, and the CPU
 time each process spent per acknowledged op: leader, followers together, load generator), then
 two tables: kvnode against PySyncObj, and grpcio against the project's client. Figures, not
@@ -422,11 +427,15 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
                     await procs.start([sys.executable, os.path.abspath(__file__), "null-node",
                                        "--id", n, "--listen", api[n]], log)
                 continue
-            if system == "kvnode":
+            if system in ("kvnode", "kvnode-sealed"):
                 peers = ",".join(f"{m}={a}" for m, a in api.items())
                 cmd = [sys.executable, os.path.join(EXAMPLES, "kvnode.py"), "serve", "--id", n,
                        "--listen", api[n], "--peers", peers, "--bootstrap",
-                       "--data-dir", os.path.join(base, f"kv-{n}")]
+                       "--data-dir", os.path.join(base, f"{system}-{n}"),
+                       "--snapshot-every", str(args.snapshot_every)]
+                if system == "kvnode-sealed":
+                    cmd += ["--key-dir", os.path.join(base, f"keys-{n}"),
+                            "--kek-file", kek_file(base)]
             else:
                 assert py is not None
                 raft = {m: f"127.0.0.1:{p}" for m, p in zip(NAMES, ports[3:])}
@@ -438,6 +447,8 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
             await procs.start(cmd, log)
             del i
         leader = await find_leader(list(api.values())[:len(procs.procs)])
+        if system == "kvnode-sealed":
+            await enable_encryption(leader)
         pids = [p.pid for p in procs.procs]
         leader_i = list(api.values()).index(leader)
         settings = [(client, rpc, int(c)) for client in args.client.split(",")
@@ -452,7 +463,7 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
             row = {"bench": "vs_pysyncobj", "system": system, "client": client,
                    "connections": min(c, args.connections),
                    "nodes": 1 if system == "null" else 3,
-                   "fsync": system == "kvnode", "value_bytes": args.size, **r,
+                   "fsync": system.startswith("kvnode"), "value_bytes": args.size, **r,
                    # CPU microseconds per acknowledged op: leader, followers (sum), generator
                    "cpu_us_per_op": {
                        "leader": round(used[leader_i] / ops * 1e6),
@@ -463,6 +474,28 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
     finally:
         await procs.stop()
     return results
+
+
+def kek_file(base: str) -> str:
+    """The cluster's KEK file for kvnode-sealed (created once, mode 0600)."""
+    path = os.path.join(base, "cluster.kek")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(os.urandom(32).hex())
+    return path
+
+
+async def enable_encryption(leader: str) -> None:
+    from trio_raft_kv.client import KVClient
+
+    client = KVClient(leader, timeout=60)
+    try:
+        r = await client.encryption_enable()
+    finally:
+        client.close()
+    print(json.dumps({"event": "encryption_enabled", "cutover_index": r.cutover_index,
+                      "active_key_id": r.active_key_id}), flush=True)
 
 
 def cpu_seconds(pids: list[int]) -> list[float]:
@@ -513,18 +546,33 @@ def table(rows: list[dict[str, Any]]) -> str:
             clients.append(f"| {system} | {rpc} | {c} | {mine.get('connections', '-')} | "
                            f"{mine['ops_per_s']:.0f} | {theirs['ops_per_s']:.0f} | "
                            f"{ratio:.0%} |")
+    sealed = ["| rpc | in flight | kvnode ops/s | sealed ops/s | throughput change "
+              "| kvnode p50 / p99 ms | sealed p50 / p99 ms |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for rpc, c in settings:
+        k = by.get(("kvnode", "grpclib", rpc, c))
+        e = by.get(("kvnode-sealed", "grpclib", rpc, c))
+        if k is None or e is None or not k["ops_per_s"]:
+            continue
+        change = (e["ops_per_s"] - k["ops_per_s"]) / k["ops_per_s"]
+        sealed.append(f"| {rpc} | {c} | {k['ops_per_s']:.0f} | {e['ops_per_s']:.0f} | "
+                      f"{change:+.1%} | {k['p50_ms']:.1f} / {k['p99_ms']:.1f} | "
+                      f"{e['p50_ms']:.1f} / {e['p99_ms']:.1f} |")
     if len(out) == 2:
         out = []
     if len(clients) > 2:
         out += ["", *clients]
+    if len(sealed) > 2:
+        out += ["", *sealed]
     return "\n".join(out)
 
 
-def prepare(duration: float) -> str:
-    """Print the machine line; return the python of PySyncObj's venv (made once, cached)."""
+def prepare(duration: float, systems: list[str]) -> str | None:
+    """Print the machine line; return the python of PySyncObj's venv (made once, cached)
+    when PySyncObj runs."""
     cache = os.path.join(tempfile.gettempdir(), "trio-raft-bench")
     os.makedirs(cache, exist_ok=True)
-    py = pysyncobj_python(cache)
+    py = pysyncobj_python(cache) if "pysyncobj" in systems else None
     print(json.dumps({"event": "machine", "python": platform.python_version(),
                       "cpus": os.cpu_count(), "platform": platform.platform(),
                       "duration_s": duration}), flush=True)
@@ -532,7 +580,7 @@ def prepare(duration: float) -> str:
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
-    py = prepare(args.duration)
+    py = prepare(args.duration, args.systems.split(","))
     base = tempfile.mkdtemp(prefix="vs-pysyncobj-")
     try:
         rows = []
@@ -574,8 +622,11 @@ def main() -> None:
                     help="HTTP/2 connections the load generator spreads its tasks over "
                          "(at most the tasks in flight)")
     ap.add_argument("--systems", default="kvnode,pysyncobj,null",
-                    help="comma-separated subset of kvnode,pysyncobj,null (null: the KV front end "
-                         "alone, acknowledging without replication)")
+                    help="comma-separated subset of kvnode,pysyncobj,null,kvnode-sealed (null: "
+                         "the KV front end alone, acknowledging without replication; "
+                         "kvnode-sealed: kvnode with encryption at rest on)")
+    ap.add_argument("--snapshot-every", type=int, default=10_000,
+                    help="kvnode's --snapshot-every (both kvnode systems)")
     ap.add_argument("--plot", default=None, metavar="DIR",
                     help="draw latency-throughput curves into DIR (needs the bench extra)")
     args = ap.parse_args()

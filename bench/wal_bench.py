@@ -15,11 +15,8 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trio_raft.core.messages import Entry, HardState
 from trio_raft.storage.fileutil import datasync

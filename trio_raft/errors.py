@@ -393,6 +393,29 @@ class FSMSnapshotTooLargeError(FSMSnapshotError):
     default_message = "fsm snapshot: payload exceeds maximum in-memory size limit"
 
 
+class SealedSnapshotError(FSMSnapshotError):
+    """A sealed snapshot payload (``docs/formats.md``, sealed payloads) cannot be opened; the
+    message names the file. Never a silent restore: on restore it is fatal."""
+    default_message = "sealed snapshot payload cannot be opened"
+
+
+class SealedSnapshotIntegrityError(SealedSnapshotError):
+    """A sealed payload is damaged, truncated, reordered, was sealed for another snapshot, or
+    under other key material than the key id it names (a chunk's tag does not verify)."""
+    default_message = "sealed snapshot payload: integrity check failed"
+
+
+class SealedSnapshotKeyError(SealedSnapshotError):
+    """A sealed payload names a key id this node does not have, or no raft cipher is wired."""
+    default_message = "sealed snapshot payload: key unavailable"
+
+
+class SealedSnapshotRequiredError(SealedSnapshotError):
+    """A cleartext payload arrived for a snapshot above this node's envelope cutover, where
+    every payload is sealed; it is refused before any of it is kept."""
+    default_message = "snapshot payload above the envelope cutover is not sealed"
+
+
 # --------------------------------------------------------------------------------------------
 # Transport
 # --------------------------------------------------------------------------------------------
@@ -542,6 +565,12 @@ class KEKError(KeyStoreError):
     default_message = "envelope: key-encryption key error"
 
 
+class KEKPermissionError(KEKError):
+    """A KEK file is readable or writable by its group or by others (as ssh refuses such a
+    private key): ``chmod 600`` it."""
+    default_message = "envelope: KEK file permissions are too open"
+
+
 class KeyConflictError(KeyStoreError):
     """A key id is already installed with different key material."""
     default_message = "envelope: key id already installed with different material"
@@ -565,6 +594,14 @@ class EncryptionScanError(EnvelopeError):
 class RaftUnwrapFailedError(RaftError):
     """An entry above the cutover could not be unwrapped. Fatal: apply halts on that entry."""
     default_message = "raft envelope unwrap failed; halting apply"
+
+
+class EnvelopeRegimeError(RaftUnwrapFailedError):
+    """An entry or snapshot whose regime (cleartext or wrapped) this node cannot establish:
+    an entry it takes for cleartext authenticates as an envelope under an installed key, or a
+    sealed snapshot carries no cutover index. Fatal like any unwrap failure: nothing of it
+    reaches the state machine."""
+    default_message = "raft envelope: cannot classify entry; halting apply"
 
 
 class JoinedAsVoterError(RaftError):

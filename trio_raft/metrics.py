@@ -48,6 +48,13 @@ name                                   type       meaning
 ``open_snapshot_restored``,            gauge      1 when the snapshot was restored / skipped
 ``open_snapshot_skipped``                         at open
 ``open_entries_replayed``              gauge      entries applied at open
+``envelope_on``                        gauge      1 when the raft envelope is on
+``envelope_active_key_id``             gauge      the data key in use (0: none)
+``envelope_cutover_index``             gauge      the cutover index (0: none)
+``envelope_operations_total``          counter    ``op`` = ``wrap``, ``unwrap`` (entries),
+``{op,result}``                                   ``payload_seal``, ``payload_open``
+                                                  (snapshot payloads), ``payload``;
+                                                  ``result`` = ``ok`` or ``failed``
 ``proposal_seconds``                   histogram  propose until committed and applied
 ``wal_sync_seconds``                   histogram  one Ready's WAL write + fsync
 ``stage_seconds{stage}``               histogram  one stage of a write or a read on this node
@@ -211,6 +218,7 @@ class EngineMetrics:
             "open_snapshot_restored": int(report.restored),
             "open_snapshot_skipped": int(report.skipped),
             "open_entries_replayed": report.entries_replayed,
+            **_envelope_values(engine),
         }
 
     async def run(self, engine: Engine | None = None, interval: float = 1.0) -> None:
@@ -256,7 +264,12 @@ class _Collector:
                          ("open_snapshot_restored", "1 when the snapshot was restored at open"),
                          ("open_snapshot_skipped",
                           "1 when the state machine's store held the snapshot at open"),
-                         ("open_entries_replayed", "entries applied while opening")):
+                         ("open_entries_replayed", "entries applied while opening"),
+                         ("envelope_on", "1 when the raft envelope is on (entries and "
+                                         "snapshots sealed)"),
+                         ("envelope_active_key_id", "the data key new entries and snapshots "
+                                                    "are sealed with (0: none)"),
+                         ("envelope_cutover_index", "the envelope cutover index (0: none)")):
             g = gauge(f"{ns}_{key}", doc, labels=[lbl])
             for name, v in engines:
                 g.add_metric([name], float(v.get(key, 0)))
@@ -285,3 +298,27 @@ class _Collector:
                 match.add_metric([name, peer], float(m))
                 lag.add_metric([name, peer], float(behind))
         yield from (snaps, errors, match, lag)
+        envelope = counter(f"{ns}_envelope_operations",
+                           "raft envelope operations: entry wraps and unwraps, snapshot "
+                           "payloads sealed and opened, by result", labels=[lbl, "op", "result"])
+        for name, v in engines:
+            for (op, result), n in sorted(v.get("envelope_ops", {}).items()):
+                envelope.add_metric([name, op, result], float(n))
+        yield envelope
+
+
+#: (op, result) -> the CipherCounts field it is exported from.
+_ENVELOPE_OPS = {("wrap", "ok"): "wraps", ("wrap", "failed"): "wrap_failures",
+                 ("unwrap", "ok"): "unwraps", ("unwrap", "failed"): "unwrap_failures",
+                 ("payload_seal", "ok"): "payloads_sealed",
+                 ("payload_open", "ok"): "payloads_opened",
+                 ("payload", "failed"): "payload_failures"}
+
+
+def _envelope_values(engine: Engine) -> dict[str, Any]:
+    """The envelope's gauges and the cipher's counts (docs/envelope.md)."""
+    env = engine.envelope_status()
+    counts = env.counts
+    return {"envelope_on": int(env.on), "envelope_active_key_id": env.active_key_id,
+            "envelope_cutover_index": env.cutover_index or 0,
+            "envelope_ops": {k: getattr(counts, f) for k, f in _ENVELOPE_OPS.items()}}

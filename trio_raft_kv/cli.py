@@ -26,6 +26,7 @@ from trio_raft_kv.errors import (
     NOT_APPLIED_STATUSES,
     InvalidFieldError,
     KVError,
+    SealedStoreError,
     StartRefusedError,
     TLSFilesError,
 )
@@ -106,7 +107,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     if isinstance(exc, StartRefusedError | TLSFilesError | InvalidFieldError
                   | trio_raft.errors.ConfigError | ValueError
                   | trio_raft.errors.DataDirNotEmptyError | trio_raft.errors.WALLockedError
-                  | trio_raft.errors.RecoveryError) or _missing_kv_extra(exc):
+                  | trio_raft.errors.RecoveryError | trio_raft.errors.KeyStoreError
+                  | SealedStoreError) or _missing_kv_extra(exc):
         return ExitCode.USAGE
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED
@@ -230,6 +232,28 @@ def _add_offline_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_key_opts(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """The raft envelope's key store and KEK (docs/envelope.md, docs/operations.md)."""
+    p.add_argument("--key-dir", default=None, required=required,
+                   help="this node's key store directory (the envelope's data keys, sealed "
+                        "with the KEK; keep it outside the data dir)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--kek-file", default=None,
+                   help="the key-encryption key: a file of 32 raw bytes, 64 hex digits or "
+                        "base64, readable by its owner only (chmod 600)")
+    g.add_argument("--kek-env", default=None, metavar="NAME",
+                   help="the key-encryption key from environment variable NAME (hex or "
+                        "base64)")
+
+
+def check_key_opts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--key-dir and a KEK (--kek-file or --kek-env) go together."""
+    key_dir = getattr(args, "key_dir", None)
+    kek = getattr(args, "kek_file", None) or getattr(args, "kek_env", None)
+    if bool(key_dir) != bool(kek):
+        parser.error("--key-dir needs --kek-file or --kek-env, and they need --key-dir")
+
+
 def _sub(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(
         name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
@@ -284,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Tests only (tests/chaos): a file holding the seconds to wait before each WAL write,
     # re-read every time, so a test can make the disk slow and fast again at run time.
     s.add_argument("--test-fsync-delay-file", default=None, help=argparse.SUPPRESS)
+    _add_key_opts(s)
     add_limit_flags(s)
 
     p = _sub(sub, "put", "set KEY to VALUE")
@@ -337,9 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
              "same --id and --peers then starts a new cluster holding exactly that data")
     p.add_argument("file", help="a backup written by snapshot save")
     _add_offline_opts(p)
+    _add_key_opts(p)
     p = _sub(sub, "recover", "UNSAFE: rewrite a stopped survivor of a cluster that lost its "
              "quorum for good as a new cluster of --peers (docs/operations.md)")
     _add_offline_opts(p)
+
+    en = _sub(sub, "encryption", "the raft envelope: entries, snapshots and the store sealed "
+              "at rest (docs/operations.md)")
+    ensub = en.add_subparsers(dest="action", required=True, metavar="ACTION",
+                              help="enable, rotate or rotate-kek (ACTION --help for its options)")
+    p = _sub(ensub, "enable", "turn the envelope on (the cutover; answers the cutover index), "
+             "then compact every member so no earlier cleartext stays on disk")
+    p.add_argument("--no-compact", action="store_true",
+                   help="skip the compaction: entries written before the cutover stay in the "
+                        "logs until the next snapshots compact them")
+    _add_client_opts(p, timeout=60.0)
+    p = _sub(ensub, "rotate", "replicate a new data key and make it the active one")
+    _add_client_opts(p, timeout=60.0)
+    p = _sub(ensub, "rotate-kek", "re-seal a stopped node's key store under a new KEK "
+             "(the log is not touched)")
+    p.add_argument("--key-dir", required=True, help="the node's key store directory")
+    p.add_argument("--kek-file", required=True, help="the current KEK file")
+    p.add_argument("--new-kek-file", required=True, help="the new KEK file (chmod 600)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     d = _sub(sub, "demo", "run a local 3-node cluster through a failover")
     d.add_argument("--duration", type=_positive_float, default=20.0,
@@ -359,7 +404,8 @@ def _run(args: argparse.Namespace) -> int:
         from trio_raft_kv.demo import demo_main
 
         return demo_main(args)
-    if args.command == "recover" or (args.command == "snapshot" and args.action == "restore"):
+    if args.command == "recover" or (args.command == "snapshot" and args.action == "restore") \
+            or (args.command == "encryption" and args.action == "rotate-kek"):
         from trio_raft_kv.commands import run_offline_command
 
         return run_offline_command(args)
@@ -370,7 +416,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``kvnode`` with ``argv`` (default: the process's); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_key_opts(parser, args)
     try:
         return int(_run(args))
     except (Exception, KeyboardInterrupt) as exc:

@@ -303,6 +303,19 @@ class KVClient:
         return await self.call(ADMIN + "Announce", pb.AnnounceRequest(id=node_id),
                                pb.AdminResponse)
 
+    async def encryption_enable(self) -> pb.EncryptionResponse:
+        return await self.call(ADMIN + "EncryptionEnable", pb.EncryptionRequest(),
+                               pb.EncryptionResponse)
+
+    async def encryption_rotate(self) -> pb.EncryptionResponse:
+        return await self.call(ADMIN + "EncryptionRotate", pb.EncryptionRequest(),
+                               pb.EncryptionResponse)
+
+    async def compact(self, address: str, min_index: int = 0) -> pb.AdminResponse:
+        """Compact the node at ``address`` itself (no leader following)."""
+        return await self.call_at(address, ADMIN + "Compact",
+                                  pb.CompactRequest(min_index=min_index), pb.AdminResponse)
+
     async def was_member(self, address: str, node_id: str) -> pb.WasMemberResponse:
         return await self.call_at(address, ADMIN + "WasMember", pb.WasMemberRequest(id=node_id),
                                   pb.WasMemberResponse)

@@ -95,10 +95,14 @@ async def _status(args: argparse.Namespace, c: KVClient) -> int:
     obj = {"id": st.id, "state": st.state, "leader_id": st.leader_id,
            "leader_address": st.leader_address, "term": st.term,
            "commit_index": st.commit_index, "applied_index": st.applied_index,
-           "members": members}
+           "members": members,
+           "encryption": {"on": st.envelope_on, "active_key_id": st.active_key_id,
+                          "cutover_index": st.cutover_index or None}}
+    envelope = (f"encryption=on key={st.active_key_id} cutover={st.cutover_index}"
+                if st.envelope_on else "encryption=off")
     human = (f"{st.id}: {st.state} term={st.term} commit={st.commit_index} "
              f"applied={st.applied_index} leader={st.leader_id or '?'}"
-             f"@{st.leader_address or '?'}\n"
+             f"@{st.leader_address or '?'} {envelope}\n"
              + "\n".join(f"  {m['id']} {m['address']} {m['suffrage']}" for m in members))
     _out(args, human.rstrip(), obj)
     return OK
@@ -141,17 +145,31 @@ async def _snapshot(args: argparse.Namespace, c: KVClient) -> int:
     from trio_raft_kv.backups import save
 
     info, keys = await save(args, c)
-    _out(args, f"OK saved {args.file}: index={info.index} term={info.term} keys={keys} "
+    shown = "sealed" if keys is None else keys
+    _out(args, f"OK saved {args.file}: index={info.index} term={info.term} keys={shown} "
                f"bytes={info.file_bytes}",
          {"ok": True, "file": args.file, "index": info.index, "term": info.term,
-          "keys": keys, "bytes": info.file_bytes})
+          "keys": keys, "sealed": info.sealed, "bytes": info.file_bytes})
     return OK
+
+
+async def _encryption(args: argparse.Namespace, c: KVClient) -> int:
+    from trio_raft_kv.encryption import encryption_command
+
+    return await encryption_command(args, c)
 
 
 def run_offline_command(args: argparse.Namespace) -> int:
     """``snapshot restore`` and ``recover``: on a stopped node's files, no server."""
     from trio_raft_kv import backups
 
+    if args.command == "encryption":
+        from trio_raft_kv.encryption import rotate_kek_command
+
+        obj = rotate_kek_command(args)
+        _out(args, f"OK re-sealed {obj['keys']} key(s) in {args.key_dir} under the new KEK",
+             obj)
+        return OK
     if args.command == "recover":
         obj = backups.recover(args)
         human = (f"OK recovered {args.data_dir} as a new cluster {obj['cluster_id']}: "
@@ -160,7 +178,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
     else:
         obj = backups.restore(args)
         human = (f"OK restored {args.file} into {args.data_dir}: index={obj['index']} "
-                 f"term={obj['term']} keys={obj['keys']} bytes={obj['bytes']}")
+                 f"term={obj['term']} keys={obj['keys']} bytes={obj['bytes']}"
+                 + (" (sealed)" if obj.get("sealed") else ""))
     _out(args, human, obj)
     return OK
 
@@ -168,5 +187,5 @@ def run_offline_command(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace, KVClient], Awaitable[int]]] = {
     "put": _put, "get": _get, "delete": _delete, "cas": _cas, "status": _status,
     "add-learner": _add_learner, "promote": _promote, "remove": _remove,
-    "transfer": _transfer, "snapshot": _snapshot,
+    "transfer": _transfer, "snapshot": _snapshot, "encryption": _encryption,
 }

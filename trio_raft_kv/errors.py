@@ -16,6 +16,7 @@ Families:
   operator must fix something (the CLI exits with its usage code, docs/operations.md).
 * :class:`InvalidFieldError`: a malformed request field or command-line value.
 * :class:`CommandError`: a malformed replicated command or snapshot payload.
+* :class:`SealedStoreError`: a value sealed in the SQLite store cannot be opened.
 """
 
 from __future__ import annotations
@@ -86,3 +87,10 @@ class InvalidFieldError(KVServiceError, ValueError):
 class CommandError(KVServiceError, ValueError):
     """A malformed replicated command or snapshot payload (never produced by this package's
     encoders)."""
+
+
+class SealedStoreError(KVServiceError):
+    """A value sealed in the SQLite store (``trio_raft_kv/sealedvalues.py``) cannot be opened:
+    the store is sealed and the node has no key store or lacks the key, or a sealed value was
+    damaged or moved to another key. Never answered with ciphertext; at start the node refuses
+    to serve (exit code 2)."""

@@ -12,6 +12,11 @@ node started with ``--bootstrap`` on an empty data dir first asks its peers; if 
 remembers it, its data dir was wiped, and it refuses to start
 (:class:`~trio_raft_kv.errors.StartRefusedError`) instead of rejoining with a forgotten vote and
 log: remove it and add it back as a learner (``--join-as-learner``), see docs/operations.md.
+
+Encryption at rest (``--key-dir`` with ``--kek-file`` or ``--kek-env``): the node's key store
+is opened with the KEK before anything else (``trio_raft_kv/encryption.py``; a wrong KEK is
+the key store's error and nothing is served); its cipher is the engine's ``raft_cipher`` and
+the SQLite store's value sealer.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from typing import Any
 import trio
 
 import trio_raft
+from trio_raft.envelope import Cipher
 from trio_raft.transport.grpc import GRPCTransport
 from trio_raft_kv.client import KVClient, KVError, client_ssl, tls_paths
+from trio_raft_kv.encryption import open_cipher
 from trio_raft_kv.errors import StartRefusedError, TLSFilesError
 from trio_raft_kv.limits import server_limits
 from trio_raft_kv.metrics import Metrics
@@ -217,11 +224,12 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope,
         return
 
 
-async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int:
+async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer],
+                   cipher: Cipher | None = None) -> int:
     local = next((p for p in peers if p.id == args.id), None)
     local_address = local.address if local is not None else args.listen
     host, port = split_address(args.listen, "--listen", any_port=True)
-    fsm = open_kv_store(getattr(args, "store", "memory"), args.data_dir)
+    fsm = open_kv_store(getattr(args, "store", "memory"), args.data_dir, cipher)
     metrics = Metrics(args.id)
     ctx = ServiceContext(args.id, fsm, metrics)
     ctx.scratch_dir = args.data_dir
@@ -250,7 +258,7 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> int
                 snapshot_every=args.snapshot_every, join_as_learner=args.join_as_learner,
                 tick_interval=args.tick_interval, heartbeat_tick=args.heartbeat_tick,
                 election_tick=args.election_tick,
-                observer=metrics.engine,
+                observer=metrics.engine, raft_cipher=cipher,
                 test_persist_delay=persist_delay_reader(
                     getattr(args, "test_fsync_delay_file", None)))
             try:
@@ -287,5 +295,6 @@ def serve_main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     peers = trio_raft.parse_peers(args.peers) if args.peers else []
+    cipher = open_cipher(args)  # a wrong or exposed KEK stops here: nothing is served
     bootstrap_guard(args, peers)
-    return trio.run(run_node, args, peers)
+    return trio.run(run_node, args, peers, cipher)

@@ -67,6 +67,8 @@ class ServiceContext:
         self.portal: Any = None
         #: Where a backup is written before it is streamed (the data dir; None: system temp).
         self.scratch_dir: str | None = None
+        #: Run (in trio) after a Compact call compacted the log: the store's own upkeep.
+        self.after_compact: Callable[[], Awaitable[None]] | None = None
 
     def require_engine(self) -> trio_raft.Engine:
         if self.engine is None:
@@ -273,10 +275,13 @@ class KVService(_ServiceBase):
     async def status(self, req: pb.StatusRequest) -> pb.StatusResponse:
         engine = self.ctx.require_engine()
         st = engine.status()
+        env = engine.envelope_status()
         return pb.StatusResponse(id=self.ctx.node_id, state=str(st.state.value),
                                  leader_id=st.leader.id, leader_address=st.leader.address,
                                  term=st.term, commit_index=st.commit_index,
-                                 applied_index=engine.applied_index())
+                                 applied_index=engine.applied_index(),
+                                 envelope_on=env.on, active_key_id=env.active_key_id,
+                                 cutover_index=env.cutover_index or 0)
 
 
 #: Bytes per BackupChunk message.
@@ -295,6 +300,9 @@ class AdminService(_ServiceBase):
         "Members": ("members", pb.MembersRequest, pb.MembersResponse),
         "Announce": ("announce", pb.AnnounceRequest, pb.AdminResponse),
         "WasMember": ("was_member", pb.WasMemberRequest, pb.WasMemberResponse),
+        "EncryptionEnable": ("encryption_enable", pb.EncryptionRequest, pb.EncryptionResponse),
+        "EncryptionRotate": ("encryption_rotate", pb.EncryptionRequest, pb.EncryptionResponse),
+        "Compact": ("compact", pb.CompactRequest, pb.AdminResponse),
     }
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -409,3 +417,45 @@ class AdminService(_ServiceBase):
         engine = self.ctx.require_engine()
         return pb.WasMemberResponse(was_member=req.id in self.ctx.fsm.members,
                                     applied_index=engine.applied_index())
+
+    # -- the raft envelope (docs/envelope.md) ---------------------------------------------
+    def _cipher_engine(self) -> trio_raft.Engine:
+        engine = self._leader_engine()
+        if engine.raft_cipher() is None:
+            raise Reply(Status.FAILED_PRECONDITION,
+                        "not applied: this node serves without a key store (--key-dir)")
+        return engine
+
+    def _encryption_reply(self, engine: trio_raft.Engine) -> pb.EncryptionResponse:
+        env = engine.envelope_status()
+        return pb.EncryptionResponse(cutover_index=env.cutover_index or 0,
+                                     active_key_id=env.active_key_id,
+                                     leader_id=engine.leader().id)
+
+    async def encryption_enable(self, req: pb.EncryptionRequest) -> pb.EncryptionResponse:
+        engine = self._cipher_engine()
+        await engine.enable_raft_envelope(engine.raft_cipher())
+        return self._encryption_reply(engine)
+
+    async def encryption_rotate(self, req: pb.EncryptionRequest) -> pb.EncryptionResponse:
+        engine = self._cipher_engine()
+        if engine.raft_cutover_index() is None:
+            raise Reply(Status.FAILED_PRECONDITION,
+                        "not applied: the envelope is off (run `encryption enable` first)")
+        await engine.rotate_raft_key()
+        return self._encryption_reply(engine)
+
+    async def compact(self, req: pb.CompactRequest) -> pb.AdminResponse:
+        """This node (leader or not): once ``min_index`` is applied here, a snapshot at the
+        applied index that becomes where the data dir begins (``Engine.compact_now``)."""
+        engine = self.ctx.require_engine()
+        if engine.applied_index() < req.min_index:
+            await engine.linearizable_read()  # waits until the commit index is applied here
+        if engine.applied_index() < req.min_index:
+            raise Reply(Status.FAILED_PRECONDITION,
+                        f"not applied: index {req.min_index} is not applied here yet")
+        self.ctx.fsm.flush()  # a store that keeps its own files commits what it applied
+        index = await engine.compact_now()
+        if self.ctx.after_compact is not None:
+            await self.ctx.after_compact()
+        return self._reply(engine, index)

@@ -4,7 +4,10 @@ The store is one database file (``<data dir>/kv-store/kv.sqlite``) in WAL mode::
 
     kv(key BLOB PRIMARY KEY, value BLOB)        keys as UTF-8 bytes
     members(id TEXT PRIMARY KEY)                 the bootstrap guard's member records
-    meta(name TEXT PRIMARY KEY, value)           applied_index, cluster_id
+    meta(name TEXT PRIMARY KEY, value)           applied_index, cluster_id, values_sealed
+
+With encryption on (``sealer=``, ``trio_raft_kv/sealedvalues.py``) every value is sealed with
+the node's raft cipher once the envelope has an active key; key names stay in clear.
 
 Invariant (docs/api.md, the cold-start skip): **the applied index and the cluster id are
 written in the same transaction as the data they cover.** Applied commands accumulate in one
@@ -44,7 +47,8 @@ import uuid
 from collections.abc import Callable
 from typing import IO, Any
 
-from trio_raft_kv.errors import CommandError
+from trio_raft_kv import sealedvalues as sv
+from trio_raft_kv.errors import CommandError, SealedStoreError
 from trio_raft_kv.statemachine import (
     SNAPSHOT_MAGIC_V1,
     CasResult,
@@ -72,11 +76,13 @@ def store_path(data_dir: str) -> str:
     return os.path.join(data_dir, STORE_DIR, STORE_FILE)
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, *, secure_delete: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints run in a worker thread
+    if secure_delete:  # with encryption: freed cells are zeroed (sealedvalues.py)
+        conn.execute("PRAGMA secure_delete=ON")
     return conn
 
 
@@ -92,9 +98,12 @@ class SqliteSnapshot:
     """A read transaction pinned at :meth:`SqliteKVStateMachine.snapshot`; ``write_to``
     streams it as a ``KVS1`` payload."""
 
-    def __init__(self, conn: sqlite3.Connection, count: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, count: int,
+                 opener: sv.ValueSealer | None = None) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._count = count
+        #: Opens the values when the store was sealed at the snapshot.
+        self._opener = opener
 
     def write_to(self, writer: IO[bytes]) -> int:
         conn = self._conn
@@ -113,6 +122,8 @@ class SqliteSnapshot:
         while batch := cur.fetchmany(_BATCH):
             parts: list[bytes] = []
             for key, value in batch:
+                if self._opener is not None:
+                    value = self._opener.open(bytes(key), bytes(value))
                 parts += (_U32.pack(len(key)), key, _U32.pack(len(value)), value)
             rows += len(batch)
             put(b"".join(parts))
@@ -137,8 +148,10 @@ class SqliteKVStateMachine:
     results as :class:`~trio_raft_kv.statemachine.KVStateMachine`."""
 
     def __init__(self, path: str,
-                 on_members_changed: Callable[[], None] | None = None) -> None:
+                 on_members_changed: Callable[[], None] | None = None,
+                 sealer: sv.ValueSealer | None = None) -> None:
         self.path = path
+        self._sealer = sealer
         self.on_members_changed = on_members_changed
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -155,12 +168,13 @@ class SqliteKVStateMachine:
         self._applied = self._index
         self._cluster_id_next: str | None = None
         self._dirty = 0
+        self._scrub_due = False
         self.snapshots_taken = 0
         self.snapshots_restored = 0
 
     # -- opening and the durable state -----------------------------------------------------
     def _open(self) -> sqlite3.Connection:
-        conn = _connect(self.path)
+        conn = _connect(self.path, secure_delete=self._sealer is not None)
         for stmt in _SCHEMA:
             conn.execute(stmt)
         meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
@@ -169,7 +183,30 @@ class SqliteKVStateMachine:
         self._cluster_id = str(meta.get("cluster_id", ""))
         self.members = {m for (m,) in conn.execute("SELECT id FROM members")}
         (self._keys,) = conn.execute("SELECT count(*) FROM kv").fetchone()
+        self._sealed = bool(meta.get(sv.SEALED_META, 0))
+        if self._sealed and self._sealer is None:
+            conn.close()
+            raise SealedStoreError(f"{self.path}: the values are sealed; serve needs the key "
+                                   "store and the KEK (--key-dir, --kek-file or --kek-env)")
         return conn
+
+    # -- sealed values (sealedvalues.py) -------------------------------------------------------
+    def _in(self, key: bytes, value: bytes) -> bytes:
+        return self._sealer.seal(key, value) if self._sealed and self._sealer else value
+
+    def _out(self, key: bytes, value: bytes) -> bytes:
+        return self._sealer.open(key, value) if self._sealed and self._sealer else value
+
+    def _seal_due(self) -> bool:
+        return not self._sealed and self._sealer is not None and self._sealer.ready
+
+    def _reseal(self, conn: sqlite3.Connection) -> None:
+        """In the open transaction: switch the store to sealed values (all rows)."""
+        assert self._sealer is not None
+        rows = sv.reseal_rows(conn, self._sealer)
+        self._sealed = True
+        self._scrub_due = True
+        log.info("kv store %s: %d value(s) sealed", self.path, rows)
 
     def durable_state(self) -> tuple[str, int] | None:
         """(cluster id, applied index) committed in the store; None for a new store."""
@@ -192,6 +229,8 @@ class SqliteKVStateMachine:
             conn = self._conn
             if not conn.in_transaction:
                 conn.execute("BEGIN")
+            if self._seal_due():
+                self._reseal(conn)
             self._dirty += 1
             result = self._execute(conn, op, data)
             self._applied = self._pending_index
@@ -203,7 +242,7 @@ class SqliteKVStateMachine:
         if op == b"P":
             key, pos = _take(data, 1)
             key.decode("utf-8")  # the same refusal as the in-memory store
-            value = bytes(data[pos:])
+            value = self._in(key, bytes(data[pos:]))
             if conn.execute("INSERT OR IGNORE INTO kv VALUES (?, ?)", (key, value)).rowcount:
                 self._keys += 1
             else:
@@ -223,11 +262,11 @@ class SqliteKVStateMachine:
             key.decode("utf-8")
             expected, pos = _take(data, pos)
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-            current = None if row is None else bytes(row[0])
+            current = None if row is None else self._out(key, bytes(row[0]))
             swapped = current is None if expect_absent else (
                 current is not None and current == expected)
             if swapped:
-                value = bytes(data[pos:])
+                value = self._in(key, bytes(data[pos:]))
                 if current is None:
                     conn.execute("INSERT INTO kv VALUES (?, ?)", (key, value))
                     self._keys += 1
@@ -247,11 +286,19 @@ class SqliteKVStateMachine:
         """Commit what was applied, with the applied index and the cluster id."""
         with self._lock:
             conn = self._conn
+            if self._seal_due():
+                if not conn.in_transaction:
+                    conn.execute("BEGIN")
+                self._reseal(conn)
             if not conn.in_transaction:
+                if self._scrub_due:
+                    self._scrub_due = not sv.scrub(conn)
                 return
             self._write_meta(conn, self._applied)
             conn.execute("COMMIT")
             self._dirty = 0
+            if self._scrub_due:
+                self._scrub_due = not sv.scrub(conn)
 
     def _write_meta(self, conn: sqlite3.Connection, index: int) -> None:
         cid = self._cluster_id_next or self._cluster_id
@@ -261,10 +308,10 @@ class SqliteKVStateMachine:
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
+        raw = key.encode("utf-8")
         with self._lock:
-            row = self._conn.execute("SELECT value FROM kv WHERE key = ?",
-                                     (key.encode("utf-8"),)).fetchone()
-        return None if row is None else bytes(row[0])
+            row = self._conn.execute("SELECT value FROM kv WHERE key = ?", (raw,)).fetchone()
+            return None if row is None else self._out(raw, bytes(row[0]))
 
     def key_count(self) -> int:
         return int(self._keys)
@@ -276,7 +323,7 @@ class SqliteKVStateMachine:
         reader.execute("BEGIN")
         reader.execute("SELECT value FROM meta WHERE name = 'applied_index'").fetchone()
         self.snapshots_taken += 1
-        return SqliteSnapshot(reader, self._keys)
+        return SqliteSnapshot(reader, self._keys, self._sealer if self._sealed else None)
 
     def restore(self, reader: IO[bytes]) -> None:
         directory = os.path.dirname(self.path)
@@ -312,13 +359,17 @@ class SqliteKVStateMachine:
                 conn.execute(stmt)
             conn.execute("BEGIN")
             head = _read_exact(reader, 4, allow_empty=True)
+            sealer = self._sealer if self._sealer is not None and self._sealer.ready else None
             if head == SNAPSHOT_MAGIC_V1:
-                keys, members = _load_rows(reader, conn)
+                keys, members = _load_rows(reader, conn, sealer)
             else:
                 data, members = decode_snapshot(head + reader.read())  # KVS2, or empty
+                rows = ((k.encode("utf-8"), v) for k, v in data.items())
                 conn.executemany("INSERT INTO kv VALUES (?, ?)",
-                                 ((k.encode("utf-8"), v) for k, v in data.items()))
+                                 ((k, sealer.seal(k, v)) if sealer else (k, v) for k, v in rows))
                 keys = len(data)
+            if sealer is not None:
+                conn.execute("INSERT INTO meta VALUES (?, 1)", (sv.SEALED_META,))
             conn.executemany("INSERT INTO members VALUES (?)", ((m,) for m in members))
             cid = self._cluster_id_next or self._cluster_id
             conn.executemany("INSERT INTO meta VALUES (?, ?)",
@@ -368,7 +419,8 @@ def _read_exact(reader: IO[bytes], n: int, *, allow_empty: bool = False) -> byte
     return data
 
 
-def _load_rows(reader: IO[bytes], conn: sqlite3.Connection) -> tuple[int, set[str]]:
+def _load_rows(reader: IO[bytes], conn: sqlite3.Connection,
+               sealer: sv.ValueSealer | None = None) -> tuple[int, set[str]]:
     (count,) = _U64.unpack(_read_exact(reader, 8))
     batch: list[tuple[bytes, bytes]] = []
     for _ in range(count):
@@ -376,7 +428,8 @@ def _load_rows(reader: IO[bytes], conn: sqlite3.Connection) -> tuple[int, set[st
         key = _read_exact(reader, klen)
         key.decode("utf-8")
         (vlen,) = _U32.unpack(_read_exact(reader, 4))
-        batch.append((key, _read_exact(reader, vlen)))
+        value = _read_exact(reader, vlen)
+        batch.append((key, sealer.seal(key, value) if sealer is not None else value))
         if len(batch) >= _BATCH:
             conn.executemany("INSERT INTO kv VALUES (?, ?)", batch)
             batch = []

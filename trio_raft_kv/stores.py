@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import trio
 
+from trio_raft_kv.sealedvalues import ValueCipher, ValueSealer
 from trio_raft_kv.sqlstore import SqliteKVStateMachine, store_path
 from trio_raft_kv.statemachine import KVStateMachine, KVStore
 
@@ -23,12 +24,14 @@ CHECKPOINT_INTERVAL = 1.0
 STORES = ("memory", "sqlite")
 
 
-def open_kv_store(kind: str, data_dir: str) -> KVStore:
-    """The state machine of ``serve --store KIND``."""
+def open_kv_store(kind: str, data_dir: str, cipher: ValueCipher | None = None) -> KVStore:
+    """The state machine of ``serve --store KIND``; with ``cipher`` (``--key-dir``) the
+    SQLite store seals its values once the envelope is on (``sealedvalues.py``)."""
     if kind == "memory":
         return KVStateMachine()
     if kind == "sqlite":
-        return SqliteKVStateMachine(store_path(data_dir))
+        return SqliteKVStateMachine(store_path(data_dir),
+                                    sealer=ValueSealer(cipher) if cipher is not None else None)
     raise ValueError(f"unknown store {kind!r} (one of {', '.join(STORES)})")
 
 

@@ -237,7 +237,7 @@ def test_every_argument_has_help() -> None:
         for action in p._actions:
             if action.choices and isinstance(action.choices, dict):
                 parsers += list(action.choices.values())
-    assert len(parsers) == 16
+    assert len(parsers) == 20  # encryption, enable, rotate, rotate-kek included
     for p in parsers:
         for action in p._actions:
             if action.help == "==SUPPRESS==":

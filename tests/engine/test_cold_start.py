@@ -26,6 +26,19 @@ async def fill(engine: trio_raft.Engine, n: int, start: int = 0) -> int:
     return index
 
 
+async def settled_snapshot_index(engine: trio_raft.Engine, every: int) -> int:
+    """The newest snapshot's index once none is due or being written.
+
+    Periodic snapshots are written in the background (trio_raft/engine/snapshots.py): one
+    may still be landing when the proposals that triggered it have returned. With nothing
+    more proposed, a snapshot is due or in flight exactly while the applied index is
+    ``every`` or more past the newest snapshot."""
+    with trio.fail_after(10):
+        while engine.applied_index() - engine.status().last_snapshot_index >= every:
+            await trio.sleep(0.01)
+    return engine.status().last_snapshot_index
+
+
 async def test_a_store_that_holds_the_snapshot_is_not_restored(tmp_path):
     store = str(tmp_path / "store.json")
     fsm = DurableKV(store)
@@ -36,7 +49,7 @@ async def test_a_store_that_holds_the_snapshot_is_not_restored(tmp_path):
         cluster_id = engine.cluster_id()
         assert cluster_id and report.cluster_id == cluster_id
         last = await fill(engine, 35)
-        snap_index = engine.status().last_snapshot_index
+        snap_index = await settled_snapshot_index(engine, 10)
         assert snap_index >= 30
     assert fsm.cluster_id == cluster_id and fsm.index == last
     # The payload is not even read: damage it, the skip still opens.
@@ -74,7 +87,7 @@ async def test_only_entries_above_the_store_are_replayed(tmp_path):
         stale = Path(store).read_text()  # the store as of here (a crash lost what follows)
         stale_index = fsm.index
         last = await fill(engine, 3, start=100)
-        snap_index = engine.status().last_snapshot_index
+        snap_index = await settled_snapshot_index(engine, 10)
     assert stale_index >= snap_index  # the snapshot is older than the store
     with open(store, "w") as f:
         f.write(stale)
@@ -96,7 +109,7 @@ async def test_a_store_behind_the_snapshot_or_of_another_cluster_is_restored(tmp
         await fill(engine, 2)
         early = Path(store).read_text()
         await fill(engine, 30, start=2)
-        snap_index = engine.status().last_snapshot_index
+        snap_index = await settled_snapshot_index(engine, 10)
         cluster_id = engine.cluster_id()
     for content in (early, None, "foreign"):
         if content is None:
@@ -157,13 +170,20 @@ async def test_membership_changes_below_the_store_index_still_apply(tmp_path, cl
         last = await fill(leader, 5, start=10)
         await wait_replicated(leader, victim, last)
         await c.wait_applied(last, [victim])
-        assert c.engine(victim).status().last_snapshot_index == change  # written at the change
+        # the change asks for a snapshot carrying it, written in the background
+        victim_engine = c.engine(victim)
+        with trio.fail_after(10):
+            while victim_engine.status().last_snapshot_index < change:
+                await trio.sleep(0.01)
+        written = victim_engine.status().last_snapshot_index
         await c.stop(victim)
         # As if the node had crashed before that snapshot was written: it starts from the
         # bootstrap snapshot, with the change among the entries its store already holds.
         data = tmp_path / victim
-        for p in [*data.glob(f"snap/*-{change:016x}.snap"),
-                  *data.glob(f"fsm-snap/{change:016x}.fsm")]:
+        doomed = [*data.glob(f"snap/*-{written:016x}.snap"),
+                  *data.glob(f"fsm-snap/{written:016x}.fsm")]
+        assert len(doomed) == 2
+        for p in doomed:
             p.unlink()
         store_index = DurableKV(stores[victim]).index
         assert store_index == last > change

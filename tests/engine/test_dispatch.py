@@ -6,7 +6,13 @@ import trio
 import trio.testing
 
 from trio_raft.core.messages import Entry, Message, MessageType
-from trio_raft.engine.dispatch import Dispatcher, SendReport, coalesce_appends, error_code_name
+from trio_raft.engine.dispatch import (
+    REMOVED_PEER_GRACE,
+    Dispatcher,
+    SendReport,
+    coalesce_appends,
+    error_code_name,
+)
 from trio_raft.engine.types import Peer
 from trio_raft.errors import DispatchError
 from trio_raft.transport.base import TransportPeer
@@ -31,9 +37,10 @@ def peer(node_id: int) -> Peer:
     return Peer(f"n{node_id}", f"127.0.0.1:{7000 + node_id}", node_id)
 
 
-def app(index: int, log_term: int, n: int, commit: int, term: int = 2) -> Message:
+def app(index: int, log_term: int, n: int, commit: int, term: int = 2,
+        to: int = 2) -> Message:
     ents = tuple(Entry(term, index + 1 + i, data=b"x") for i in range(n))
-    return Message(MT.APP, to=2, from_=1, term=term, log_term=log_term, index=index,
+    return Message(MT.APP, to=to, from_=1, term=term, log_term=log_term, index=index,
                    entries=ents, commit=commit)
 
 
@@ -118,12 +125,63 @@ async def test_commit_only_append_is_deferred_and_superseded(clock):
         assert [(m.to, len(m.entries)) for m in sent] == [(2, 1)]
         await trio.sleep(0.002)
         assert [(m.to, len(m.entries)) for m in sent] == [(2, 1), (3, 0)]
-        # Held again, then the peer is removed: nothing leaves.
+        # Held again, then the peer is removed: the held commit leaves at once (the removed
+        # peer learns that the change removing it committed), then the transport drops it.
         d.defer(Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=20, commit=21))
         d.remove_peer(3)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(m.to, m.commit) for m in sent][2:] == [(3, 21)]
         assert 3 not in d.transport.peers and 2 in d.transport.peers
+        d.send(Message(MT.APP, to=3, from_=1, term=2, log_term=2, index=21, commit=21))
         await trio.sleep(0.01)
-        assert len(sent) == 2
+        assert len(sent) == 3  # nothing more reaches a removed peer
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_removed_peer_gets_what_its_lanes_held_for_a_grace_period(clock):
+    release = trio.Event()
+    sent: list[Message] = []
+
+    class Slow(PeerTable):
+        async def send(self, m: Message) -> None:
+            await release.wait()
+            sent.append(m)
+
+    d = Dispatcher(Slow(), 8, lambda nid, snap: None)
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.add_peer(peer(2))
+        d.add_peer(peer(3))
+        for i in range(3):
+            d.send(app(20 + i, 2, 1, commit=20 + i, to=3))
+        d.remove_peer(3)
+        await trio.sleep(0.5)
+        assert 3 in d.transport.peers  # still draining
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.to for m in sent] and all(m.to == 3 for m in sent)
+        assert 3 not in d.transport.peers
+        # A peer that never drains is cut off after the grace period.
+        stuck = trio.Event()
+
+        class Stuck(PeerTable):
+            async def send(self, m: Message) -> None:
+                await stuck.wait()
+
+        d2 = Dispatcher(Stuck(), 8, lambda nid, snap: None)
+        d2.start(nursery)
+        d2.add_peer(peer(4))
+        d2.send(app(20, 2, 1, commit=20, to=4))
+        d2.remove_peer(4)
+        await trio.sleep(REMOVED_PEER_GRACE + 0.1)
+        assert 4 not in d2.transport.peers
+        # Removed and added back while draining: the new peer stays.
+        d2.add_peer(peer(5))
+        d2.send(app(20, 2, 1, commit=20, to=5))
+        d2.remove_peer(5)
+        d2.add_peer(peer(5))
+        await trio.sleep(REMOVED_PEER_GRACE + 0.1)
+        assert 5 in d2.transport.peers
         nursery.cancel_scope.cancel()
 
 

@@ -12,9 +12,9 @@ import trio_raft
 from tests.engine.test_single_node import cfg
 from tests.envelope.helpers import RecordingKV, TolerantKV, open_cipher, wal_bytes
 from trio_raft import State, errors
-from trio_raft.engine import engine as engine_mod
+from trio_raft.engine import lifecycle as engine_mod
 from trio_raft.engine.contexts import decode_proposal
-from trio_raft.engine.envelope_gate import EncryptionScanner
+from trio_raft.engine.envelope_scan import EncryptionScanner
 from trio_raft.envelope import Cipher, EncryptionScanError, ReservedPrefixError, parse
 from trio_raft.storage.cutover import CUTOVER_FILE, load_cutover, save_cutover
 
@@ -90,13 +90,15 @@ async def test_cutover_callable_overrides_the_file(tmp_path, kek):
         await engine.propose(b"set a 1")
         cutover = await engine.enable_raft_envelope(cipher)
         await engine.propose(b"set b 2")
-    # An explicit callable wins: "inert" means nothing is unwrapped, so the FSM sees ciphertext
-    # (the KV state machine cannot decode it and the apply fails).
+    # An explicit callable wins: "inert" means nothing is unwrapped; an entry that is an
+    # envelope under an installed key then cannot be classified, and the engine stops before
+    # the state machine sees ciphertext.
     inert = RecordingKV()
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(errors.EnvelopeRegimeError, match="taken for cleartext"):
         async with trio_raft.open_engine(cfg(tmp_path, inert, raft_cipher=cipher,
                                              raft_cutover_index=lambda: (1 << 64) - 1)):
             pass
+    assert [p for _i, p in inert.log] == [b"set a 1"]
     ok = RecordingKV()
     async with trio_raft.open_engine(cfg(tmp_path, ok, raft_cipher=cipher,
                                          raft_cutover_index=lambda: cutover)) as engine:

@@ -85,6 +85,8 @@ def test_kek_sources(tmp_path, monkeypatch):
     raw.write_bytes(key)
     hexf = tmp_path / "hex.kek"
     hexf.write_text(key.hex() + "\n")
+    raw.chmod(0o600)
+    hexf.chmod(0o400)
     assert KEK.from_file(raw).key == key
     assert KEK.from_file(hexf).key == key
     monkeypatch.setenv("TEST_KEK", base64.b64encode(key).decode())
@@ -96,6 +98,7 @@ def test_kek_sources(tmp_path, monkeypatch):
         KEK.from_env("TEST_KEK")
     bad = tmp_path / "bad.kek"
     bad.write_text("too short")
+    bad.chmod(0o600)
     with pytest.raises(KEKError, match=str(bad)):
         KEK.from_file(bad)
     with pytest.raises(KEKError, match="cannot read"):
@@ -106,6 +109,7 @@ def test_kek_file_must_not_live_in_the_key_store(tmp_path):
     d = tmp_path / "keys"
     d.mkdir()
     (d / "kek").write_bytes(os.urandom(32))
+    (d / "kek").chmod(0o600)
     with pytest.raises(KEKError, match="must not live inside"):
         KeyStore.open(d, KEK.from_file(d / "kek"))
 

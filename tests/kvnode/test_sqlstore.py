@@ -123,6 +123,7 @@ def test_a_snapshot_is_a_consistent_read_and_restore_swaps_whole(tmp_path) -> No
 
 
 async def test_an_engine_on_sqlite_skips_the_restore(tmp_path) -> None:
+    from tests.engine.test_cold_start import settled_snapshot_index
     from tests.engine.test_single_node import cfg
 
     path = store_path(str(tmp_path / "n1"))
@@ -133,7 +134,7 @@ async def test_an_engine_on_sqlite_skips_the_restore(tmp_path) -> None:
             await engine.propose(encode_put(f"k{i}", b"v%d" % i))
         fsm.flush()
         last = engine.applied_index()
-        snap_index = engine.status().last_snapshot_index
+        snap_index = await settled_snapshot_index(engine, 20)
         cid = engine.cluster_id()
     fsm.close()
     fsm = SqliteKVStateMachine(path)

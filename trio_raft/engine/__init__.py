@@ -2,8 +2,9 @@
 
 from trio_raft.engine.coldstart import OpenReport
 from trio_raft.engine.config import OpenConfig, derive_node_id, parse_peers
-from trio_raft.engine.engine import Engine, open_engine
+from trio_raft.engine.engine import Engine
 from trio_raft.engine.factory import Factory, FactoryConfig
+from trio_raft.engine.lifecycle import open_engine
 from trio_raft.engine.membership import join_role_violation_count
 from trio_raft.engine.observer import (
     CounterValues,

@@ -9,8 +9,9 @@ committed entries (``apply``) and any snapshot to install (``install_snapshot``)
   cutover) and given to ``StateMachine.apply``; the proposer waiting on that request id gets the
   result. Leader no-ops and foreign data only move the applied index.
 * Configuration changes: raft applies them to its tracker; above the known configuration index
-  the new membership is persisted (the peers file, then a snapshot at the change's index so the
-  newest snapshot always carries the newest membership), the transport and lanes follow it, and
+  the new membership is persisted (the peers file; and a snapshot at or above the change's
+  index is asked for, written in the background, ``snapshots.py``), the transport and lanes
+  follow it, and
   the admin caller gets the change's index (its new ``prev_index``).
 * Cluster records (``identity.py``): the first one sets the cluster id of a node that has none.
   After applying, a leader that knows no cluster id proposes one.
@@ -18,9 +19,11 @@ committed entries (``apply``) and any snapshot to install (``install_snapshot``)
   durable store reported at open, ``coldstart.py``) are already in the state machine. They are
   not given to ``apply`` again, but everything the engine itself does with them still happens:
   configuration changes, envelope control records, cluster records.
-* Snapshots from the leader: the state machine is restored (``set_apply_index`` with the
-  snapshot's index first), and the members, with the addresses the snapshot's descriptor
-  carries, and the cluster id are adopted.
+* Snapshots from the leader: the envelope's keys and cutover the descriptor carries are taken
+  first (``EnvelopeGate.adopt_snapshot``: a cleartext payload above this node's cutover is
+  refused), then the state machine is restored (``set_apply_index`` with the snapshot's index
+  first; a sealed payload is opened with the node's cipher), and the members, with the
+  addresses the snapshot's descriptor carries, and the cluster id are adopted.
 
 Invariants: entries are applied in index order, each at most once (an entry at or below the
 applied index, replayed after a restart from a snapshot, is skipped); the applied index never
@@ -55,7 +58,7 @@ from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.types import ProposalResult, StateMachine
 from trio_raft.engine.waiters import WaiterTable
 from trio_raft.errors import FSMApplyHaltError, SnapshotRequiredError
-from trio_raft.storage.descriptor import descriptor_of
+from trio_raft.storage.descriptor import NO_ENVELOPE, descriptor_of
 from trio_raft.storage.recovery import DiskPersistence
 
 logger = logging.getLogger(__name__)
@@ -171,8 +174,8 @@ class Applier:
         m.note_applied(self.applied)
 
     async def _persist_membership(self, change: Change) -> None:
-        """The peers file, then a state machine snapshot at the change's index (unless the
-        newest snapshot already carries this configuration)."""
+        """The peers file, then ask for a snapshot carrying this configuration (unless the
+        newest snapshot already does); the loop starts it in the background."""
         await self._io.run(self._disk.write_current_peers, change.index,
                            to_persisted(change.members))
         meta = self._storage.snapshot().metadata
@@ -180,8 +183,7 @@ class Applier:
             meta.index == change.index and meta.conf_state.equivalent(change.conf_state)
         ):
             return
-        await self._snapshots.write(change.index, change.conf_state, compact=False,
-                                    members=change.members)
+        self._snapshots.want(change.index)
 
     def _follow(self, change: Change) -> None:
         """Membership, transport, lanes and lease follow an applied change."""
@@ -221,6 +223,7 @@ class Applier:
         desc = descriptor_of(snap.data)
         if desc is not None:
             self.identity.check_snapshot(desc.cluster_id, idx)
+        self._gate.adopt_snapshot(desc.envelope if desc is not None else NO_ENVELOPE, idx)
         members = peers_for_conf_state(m.peers, cs, desc.members if desc is not None else ())
         m.require_addresses(members)
         if desc is not None and desc.cluster_id:
@@ -232,7 +235,8 @@ class Applier:
                 await trio.lowlevel.checkpoint()
                 if self._set_apply_index is not None:
                     self._set_apply_index(idx)  # the restored state covers ``idx``
-                await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap)
+                await self._io.run(self._disk.restore_snapshot_state, self._fsm, snap,
+                                   self._gate.cipher)
                 self._storage.apply_snapshot(snap)
                 self.applied = max(self.applied, idx)
                 self.fsm_index = 0  # the store was replaced: nothing above ``idx`` is in it

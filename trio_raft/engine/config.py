@@ -24,6 +24,7 @@ from trio_raft.errors import (
     PeerNodeIDConflictError,
     StateMachineUnsetError,
 )
+from trio_raft.node_ids import derive_node_id
 from trio_raft.storage.fileio import FileIO
 from trio_raft.transport.base import Transport
 
@@ -35,20 +36,8 @@ DEFAULT_MAX_INFLIGHT_MSG = 1024
 DEFAULT_SNAPSHOT_EVERY = 10_000
 LEASE_SAFETY_MARGIN = 0.300
 
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
-_MASK64 = (1 << 64) - 1
-
-
-def derive_node_id(node: str) -> int:
-    """64-bit FNV-1a of the UTF-8 id; 0 for "", and 1 where the hash happens to be 0."""
-    if not node:
-        return 0
-    h = _FNV_OFFSET
-    for b in node.encode("utf-8"):
-        h ^= b
-        h = (h * _FNV_PRIME) & _MASK64
-    return h or 1
+__all__ = ["OpenConfig", "derive_node_id", "lease_duration", "normalize_peers", "parse_peers",
+           "validate", "with_defaults"]
 
 
 def parse_peers(text: str) -> list[Peer]:
@@ -192,7 +181,9 @@ def normalize_peers(
     allow_incomplete: bool,
     allow_self_bootstrap: bool,
 ) -> list[Peer]:
-    """Spec a.3 step 6: normalise, merge the local identity, reject conflicts, sort by node id."""
+    """The configured peer list as the engine uses it: ids and addresses normalised, the local
+    node merged in (its own entry must agree with ``local``), conflicting ids refused, sorted
+    by node id so every node derives the same order."""
     if not peers:
         if not (allow_incomplete or allow_self_bootstrap):
             raise NoPeersConfiguredError()

@@ -24,8 +24,10 @@ task reports ``send`` (lane -> written, by the instant the transport's ``send`` 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -40,6 +42,8 @@ from trio_raft.transport.base import Transport, TransportPeer, error_code
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_LANE_CAPACITY = 512
+#: Seconds a removed peer's lanes keep sending what they already hold (``remove_peer``).
+REMOVED_PEER_GRACE = 1.0
 
 
 class SendReport(enum.Enum):
@@ -96,16 +100,35 @@ class PeerLanes:
         self.closed = False
         #: Timed messages waiting in a lane: ``id(message)`` -> when it was handed over.
         self.handed: dict[int, float] = {}
+        #: Sender tasks end by this trio-clock instant (set by ``retire``).
+        self.deadline = math.inf
+        self.workers_left = 2
+        #: Set when both sender tasks have ended.
+        self.ended = trio.Event()
 
     def lane_for(self, m: Message) -> trio.MemorySendChannel[Message]:
         return self.heartbeat_send if m.type in PRIORITY_MESSAGE_TYPES else self.normal_send
 
     def close(self) -> None:
+        """Stop now: what the lanes hold is dropped."""
         self.closed = True
         for scope in self.scopes:
             scope.cancel()
         self.heartbeat_send.close()
         self.normal_send.close()
+
+    def retire(self, deadline: float) -> None:
+        """Take nothing more, send what the lanes hold until ``deadline``, then end."""
+        self.deadline = deadline
+        for scope in self.scopes:
+            scope.deadline = deadline
+        self.heartbeat_send.close()
+        self.normal_send.close()
+
+    def worker_ended(self) -> None:
+        self.workers_left -= 1
+        if self.workers_left == 0:
+            self.ended.set()
 
 
 class Dispatcher:
@@ -175,11 +198,29 @@ class Dispatcher:
         self._nursery.start_soon(self._worker, lanes, lanes.normal_recv)
 
     def remove_peer(self, node_id: int) -> None:
-        """Forget ``node_id``: its lanes close (their sender tasks end) and the transport drops
-        it."""
-        if self.transport is not None:
+        """Forget ``node_id``. Its lanes take nothing more, but what they hold (with any
+        deferred commit) is still sent for up to ``REMOVED_PEER_GRACE`` seconds: among it is
+        the append telling the removed peer that the change removing it committed, without
+        which it would never learn it is out and stop. Then the transport drops the peer,
+        unless it was added back meanwhile."""
+        deferred = self._deferred.pop(node_id, None)
+        lanes = self._lanes.pop(node_id, None)
+        if lanes is None or self._nursery is None:
+            if lanes is not None:
+                lanes.close()
+            if self.transport is not None:
+                self.transport.remove_peer(node_id)
+            return
+        if deferred is not None:
+            with contextlib.suppress(trio.WouldBlock):
+                lanes.normal_send.send_nowait(deferred)
+        lanes.retire(trio.current_time() + REMOVED_PEER_GRACE)
+        self._nursery.start_soon(self._forget_when_drained, node_id, lanes)
+
+    async def _forget_when_drained(self, node_id: int, lanes: PeerLanes) -> None:
+        await lanes.ended.wait()
+        if node_id not in self._lanes and self.transport is not None:
             self.transport.remove_peer(node_id)
-        self._drop_lanes(node_id)
 
     def _drop_lanes(self, node_id: int) -> None:
         self._deferred.pop(node_id, None)
@@ -217,10 +258,17 @@ class Dispatcher:
     async def _worker(
         self, lanes: PeerLanes, recv: trio.MemoryReceiveChannel[Message]
     ) -> None:
-        scope = trio.CancelScope()
+        scope = trio.CancelScope(deadline=lanes.deadline)
         if lanes.closed:
             scope.cancel()
         lanes.scopes.append(scope)
+        try:
+            await self._send_from(lanes, recv, scope)
+        finally:
+            lanes.worker_ended()
+
+    async def _send_from(self, lanes: PeerLanes, recv: trio.MemoryReceiveChannel[Message],
+                         scope: trio.CancelScope) -> None:
         carry: Message | None = None
         with scope:
             async with recv:
@@ -239,6 +287,13 @@ class Dispatcher:
                             (lambda t: lanes.handed.pop(id(t), None)) if lanes.handed else None)
                     transport = self.transport
                     assert transport is not None
+                    if m.type is MessageType.SNAP and not includes(m, m.to):
+                        # The recipient would ignore it (Raft thesis section 4.2.2 gives a
+                        # joining member entries, not a configuration without it): the
+                        # snapshot carrying the change that added it is still being written
+                        # (``snapshots.py``). Raft tries again after the next heartbeat.
+                        self._report(m.to, SendReport.SNAPSHOT_FAILED)
+                        continue
                     try:
                         if m.type is MessageType.SNAP:
                             await transport.send_snapshot(m)
@@ -272,6 +327,16 @@ class Dispatcher:
 def _timed(m: Message) -> bool:
     """Whether ``m`` is a replication message whose ``send`` stage is timed."""
     return (m.type is MessageType.APP and bool(m.entries)) or m.type is MessageType.APP_RESP
+
+
+def includes(m: Message, node_id: int) -> bool:
+    """Whether the configuration of ``m``'s snapshot lists ``node_id`` (a message without a
+    snapshot is the transport's to refuse)."""
+    if m.snapshot is None:
+        return True
+    cs = m.snapshot.metadata.conf_state
+    return any(node_id in ids for ids in (cs.voters, cs.learners, cs.voters_outgoing,
+                                          cs.learners_next))
 
 
 def coalesce_appends(

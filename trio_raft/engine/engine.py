@@ -4,33 +4,27 @@ Everything that touches raft happens in one task, the run loop (``loop.py``), an
 collaborators. Public methods either read state the loop publishes after every Ready (plain
 methods), or put a request in the loop's inbox and await its outcome (async methods).
 Cancelling a waiting caller only stops the wait: an entry already handed to raft may still
-commit. Open an engine with :func:`open_engine`.
+commit. Open an engine with :func:`trio_raft.engine.lifecycle.open_engine`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import attrs
 import outcome
 import trio
 
-from trio_raft._groups import caused_by, sole_failure
 from trio_raft.engine.admin import wait_for_transfer
 from trio_raft.engine.coldstart import OpenReport
-from trio_raft.engine.config import OpenConfig, lease_duration, with_defaults
-from trio_raft.engine.diskio import DiskRunner
-from trio_raft.engine.envelope_gate import EncryptionScanner
+from trio_raft.engine.config import lease_duration
+from trio_raft.engine.envelope_gate import EnvelopeStatus
+from trio_raft.engine.envelope_scan import EncryptionScanner
 from trio_raft.engine.loop import RunLoop
-from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.observer import CounterValues
-from trio_raft.engine.opening import open_state
 from trio_raft.engine.requests import AdminAction, AdminRequest, ProposeRequest, ReadRequest
 from trio_raft.engine.types import (
     Configuration,
@@ -42,19 +36,15 @@ from trio_raft.engine.types import (
     TransferTarget,
 )
 from trio_raft.engine.waiters import CallbackWaiter, Waiter
-from trio_raft.envelope.cipher import Cipher
+from trio_raft.envelope.cipher import Cipher, CipherCounts
 from trio_raft.errors import (
-    EngineClosedError,
     LeadershipTransferNotReadyError,
     LeadershipTransferTargetError,
-    NothingToExportError,
     NotLeaderError,
     PeerIDRequiredError,
     PromoteLearnerMinAppliedZeroError,
 )
-from trio_raft.storage.backup import BackupInfo, write_backup
-from trio_raft.storage.recovery import snapshot_members
-from trio_raft.transport.base import ServingTransport, Transport
+from trio_raft.storage.backup import BackupInfo
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +55,6 @@ class Engine:
     def __init__(self, loop: RunLoop) -> None:
         self._loop = loop
         self._report = OpenReport(kind="unknown")
-        self._io = DiskRunner(loop.cfg.blocking_io)
 
     # -- proposals -----------------------------------------------------------------------------
     async def propose(self, data: bytes) -> ProposalResult:
@@ -319,6 +308,29 @@ class Engine:
     def raft_cipher(self) -> Cipher | None:
         return self._loop.gate.cipher
 
+    def envelope_status(self) -> EnvelopeStatus:
+        """Whether the envelope is on here, the active key id, the cutover index, and what the
+        cipher counted (``docs/envelope.md``)."""
+        gate = self._loop.gate
+        cipher = gate.cipher
+        cutover = gate.cutover_index()
+        active = 0
+        if cipher is not None and cipher.keystore is not None:
+            active = cipher.active_key_id
+        return EnvelopeStatus(on=cutover is not None, active_key_id=active,
+                              cutover_index=cutover,
+                              counts=cipher.counters() if cipher is not None else CipherCounts())
+
+    async def compact_now(self) -> int:
+        """Take a snapshot at the applied index and make it where this node's data dir begins:
+        no entry at or below it stays in the log or the WAL, no older snapshot file stays.
+        Returns the snapshot's index. After the envelope cutover this removes every cleartext
+        entry and payload written before it (the snapshot is sealed). Local to this node."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
+        loop.check_open()
+        return await loop.snapshots.compact_now()
+
     def encryption_scanner(self) -> EncryptionScanner:
         return EncryptionScanner(lambda: self._loop.storage)
 
@@ -333,29 +345,12 @@ class Engine:
 
         Runs under the snapshot lock (no snapshot write or restore meanwhile); the state
         machine's ``snapshot()`` is taken on the trio thread and written in a worker thread,
-        as for any snapshot."""
-        loop = self._loop
+        as for any snapshot. With the envelope on, the payload is sealed and the file carries
+        the KEK-sealed keys and the cutover (a sealed backup: restoring it needs the KEK)."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        loop = self._loop
         loop.check_open()
-        async with loop.snapshots.lock:
-            loop.check_open()
-            applier = loop.applier
-            index = applier.applied
-            if index == 0 or index < applier.fsm_index:
-                raise NothingToExportError(f"applied index {index}")
-            info = BackupInfo(index, loop.storage.term(index), applier.identity.cluster_id or "",
-                              snapshot_members(to_persisted(loop.membership.members())))
-            fsm = loop.cfg.state_machine
-            assert fsm is not None
-            handle = fsm.snapshot()  # no checkpoint since ``index`` was read
-            try:
-                written = await self._io.run(functools.partial(
-                    write_backup, path, info, handle, file_io=loop.disk.file_io))
-            finally:
-                handle.close()
-        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
-                    written.term, path, written.file_bytes)
-        return written
+        return await loop.snapshots.export(path, loop.check_open)
 
     # -- callbacks -----------------------------------------------------------------------------
     def register_leader_acquired_callback(
@@ -403,83 +398,3 @@ class Engine:
         self._loop.request_close()
         with trio.CancelScope(shield=True):
             await self._loop.done.wait()
-
-
-def _reported(cfg: OpenConfig, report: OpenReport) -> OpenReport:
-    """Log what opening did (one line) and return ``report``."""
-    if report.kind == "restart":
-        what = ("skipped (the state machine's store holds index "
-                f"{report.store_index})" if report.skipped
-                else "restored" if report.restored else "none to restore")
-        logger.info("opened %s: snapshot at index %d %s; %d entries replayed, %d skipped; "
-                    "%.3f s", cfg.data_dir, report.snapshot_index, what,
-                    report.entries_replayed, report.entries_skipped, report.seconds)
-    else:
-        logger.info("opened %s (%s) in %.3f s", cfg.data_dir, report.kind, report.seconds)
-    return report
-
-
-def build_transport(cfg: OpenConfig,
-                    num_peers: int) -> tuple[Transport | None, ServingTransport | None]:
-    """The transport to use, and the same when the engine built it and must run it: the
-    configured one, else a GRPCTransport serving ``local_address`` when there are other
-    peers, else none."""
-    if cfg.transport is not None:
-        return cfg.transport, None
-    if num_peers <= 1:
-        return None, None
-    from trio_raft.transport.grpc import GRPCTransport
-
-    owned = GRPCTransport(local_address=cfg.local_address)
-    return owned, owned
-
-
-@asynccontextmanager
-async def open_engine(config: OpenConfig) -> AsyncIterator[Engine]:
-    """Open the engine on ``config`` for the block; leaving the block closes it.
-
-    Exceptions arrive as themselves (``docs/api.md``): the block's own exception; the
-    engine's fatal error, once, when one stopped it (the block is cancelled then); a group only
-    when the block failed and the engine failed independently. Configuration and storage
-    errors at open are raised before the block runs.
-    """
-    cfg = with_defaults(config)
-    io = DiskRunner(cfg.blocking_io)
-    started = time.perf_counter()
-    opened = await io.run(open_state, cfg)
-    failure: BaseException | None = None
-    yielded = False
-    transport: Transport | None = None
-    try:
-        transport, owned = build_transport(cfg, len(opened.peers))
-        loop = RunLoop(cfg, opened, io, transport, owned=owned)
-        engine = Engine(loop)
-        engine._report = opened.report
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(loop.run, nursery)
-                engine._report = _reported(
-                    cfg, attrs.evolve(opened.report, seconds=time.perf_counter() - started))
-                if not loop.closed:
-                    yielded = True
-                    try:
-                        yield engine
-                    finally:
-                        await engine.aclose()
-                nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            failure = sole_failure(group)
-    finally:
-        with trio.CancelScope(shield=True):
-            if transport is not None:
-                await transport.detach()  # in-flight incoming snapshots are cancelled
-            await io.run(opened.disk.close)
-    fatal = loop.error
-    if fatal is not None:
-        if failure is None or isinstance(failure, trio.Cancelled) or caused_by(failure, fatal):
-            raise fatal
-        raise BaseExceptionGroup("the engine failed and so did the block", [fatal, failure])
-    if failure is not None:
-        raise failure
-    if not yielded:
-        raise EngineClosedError("engine stopped during startup")

@@ -1,5 +1,5 @@
 """The raft envelope in the engine: wrap on propose, unwrap on apply, the cutover barrier, key
-records, and the encryption scanner (``docs/envelope.md``).
+records (``docs/envelope.md``); the encryption scanner is in ``envelope_scan.py``.
 
 Regimes. An entry at or below the *cutover index* is cleartext; an entry strictly above it
 carries a wrapped payload (``trio_raft.envelope``) inside the usual proposal envelope
@@ -14,6 +14,22 @@ KEK-sealed key they carry into this node's cipher (and activate it); the marker 
 cutover. A control record whose key cannot be installed (no cipher, wrong KEK, damaged) is
 fatal like an unwrap failure; a rotation that reuses an installed key id with other material
 (two leaders raced) is ignored on every node alike, so the first one wins.
+
+Snapshots carry the envelope (``trio_raft/storage/descriptor.py``): every snapshot this node
+writes with the envelope on has its payload sealed under the active key and its descriptor
+holds the KEK-sealed key ring and the cutover (``snapshot_envelope``). A node that installs a
+snapshot (from a leader, or at open from its own data dir) installs the ring's keys and, when
+it has recorded no cutover, records the snapshot's (``adopt_envelope``), so it can read the
+payload and every entry after it. A node that knows the envelope is on above its cutover
+refuses a cleartext snapshot payload there (``sealed_required``).
+
+Classification. Every entry is cleartext or wrapped by its index alone, and a node knows the
+cutover from its log, its snapshot or its cutover file. What would contradict that stops the
+engine with :class:`~trio_raft.errors.EnvelopeRegimeError` (fatal, like an unwrap failure)
+before anything reaches the state machine: an entry taken for cleartext that authenticates as
+an envelope under an installed key (a node that lost its cutover file and restored from a
+snapshot written before snapshots carried the cutover), or a sealed snapshot without a
+cutover.
 
 The invariant the barrier protects: no cleartext user entry may land above the marker.
 
@@ -41,33 +57,35 @@ import attrs
 import trio
 
 from trio_raft.core.errors import CompactedError, UnavailableError
-from trio_raft.core.messages import Entry, EntryType
+from trio_raft.core.messages import Entry
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.contexts import decode_proposal
+from trio_raft.engine.envelope_scan import control_payload
 from trio_raft.engine.inbox import Inbox
 from trio_raft.engine.requests import ProposeRequest, Request
 from trio_raft.engine.types import ProposalResult
 from trio_raft.engine.waiters import Waiter, WaiterTable
-from trio_raft.envelope.cipher import Cipher
+from trio_raft.envelope.cipher import Cipher, CipherCounts
 from trio_raft.envelope.control import ControlRecord, Opcode, decode_control, is_control
 from trio_raft.envelope.errors import (
-    EncryptionScanError,
     KeyConflictError,
     ReservedPrefixError,
 )
 from trio_raft.errors import (
     EnvelopeCutoverInProgressError,
+    EnvelopeRegimeError,
     NilKeystoreError,
     NotLeaderError,
     RaftUnwrapFailedError,
+    SealedSnapshotRequiredError,
 )
 from trio_raft.storage.cutover import save_cutover
+from trio_raft.storage.descriptor import NO_ENVELOPE, EnvelopeState, KeyRing
 from trio_raft.storage.fileio import FileIO
 
 logger = logging.getLogger(__name__)
 
 MAX_U64 = (1 << 64) - 1
-SCAN_BATCH_BYTES = 64 << 20
 
 
 class RequestPort(Protocol):
@@ -87,40 +105,45 @@ class RequestPort(Protocol):
     async def run_request(self, req: Request) -> object: ...
 
 
-def control_payload(ent: Entry) -> bytes | None:
-    """The payload of a normal proposal entry that is an envelope control record, else None."""
-    if ent.type is not EntryType.NORMAL:
-        return None
-    env = decode_proposal(ent.data)
-    if env is None or not is_control(env[1]):
-        return None
-    return env[1]
-
-
 @attrs.frozen
-class EncryptionScanner:
-    """Answers whether a log range holds envelope control records (marker, rotation)."""
+class EnvelopeStatus:
+    """The raft envelope on one node (``Engine.envelope_status``)."""
 
-    storage: Callable[[], MemoryStorage | None]
-    batch_bytes: int = SCAN_BATCH_BYTES
+    #: Whether a cutover is in force (entries above it are wrapped, snapshots sealed).
+    on: bool
+    #: The key new entries and snapshots are sealed with (0: none).
+    active_key_id: int
+    cutover_index: int | None
+    #: What the node's cipher did since it opened (wraps, unwraps, sealed payloads, failures).
+    counts: CipherCounts
 
-    def has_encryption_relevant_entry_in_range(self, start_exclusive: int,
-                                               end_inclusive: int) -> bool:
-        storage = self.storage()
-        if storage is None:
-            raise EncryptionScanError("no log storage")
-        if end_inclusive >= MAX_U64:
-            raise EncryptionScanError("end index must be below 2**64-1")
-        lo = start_exclusive + 1
-        while lo <= end_inclusive:
-            batch: Sequence[Entry] = storage.entries(lo, end_inclusive + 1, self.batch_bytes)
-            if not batch:
-                raise EncryptionScanError(f"unscanned gap at index {lo}")
-            for ent in batch:
-                if control_payload(ent) is not None:
-                    return True
-            lo = batch[-1].index + 1
-        return False
+
+def adopt_envelope(cipher: Cipher | None, env: EnvelopeState, *, where: str,
+                   activate: bool) -> None:
+    """Install the keys a snapshot carries into ``cipher`` (activating the ring's active key
+    when ``activate`` or when the cipher has none active). A snapshot with the envelope on
+    and no cipher to take its keys, a key that does not open with this node's KEK, or a
+    sealed snapshot without a cutover is fatal (:class:`RaftUnwrapFailedError`)."""
+    if env.sealed_key_id and env.cutover_index is None:
+        raise EnvelopeRegimeError(f"{where}: the payload is sealed but the snapshot carries no "
+                                  "cutover index")
+    ring = env.key_ring
+    if ring is None:
+        return
+    if cipher is None:
+        raise RaftUnwrapFailedError(f"{where}: the snapshot carries the envelope's keys and no "
+                                    "raft cipher is wired")
+    try:
+        for key_id, sealed in ring.keys:
+            try:
+                cipher.install_sealed(key_id, sealed, activate=False)
+            except KeyConflictError as exc:  # a raced rotation: the installed key stays
+                logger.warning("%s: key id %d not taken: %s", where, key_id, exc)
+        if ring.active and (activate or not cipher.active_key_id):
+            cipher.install_sealed(ring.active, dict(ring.keys)[ring.active], activate=True)
+    except Exception as exc:
+        raise RaftUnwrapFailedError(f"{where}: cannot install the snapshot's keys: {exc}"
+                                    ) from exc
 
 
 class EnvelopeGate:
@@ -152,6 +175,40 @@ class EnvelopeGate:
         if value is None or value >= MAX_U64:
             return None
         return int(value)
+
+    def sealed_required(self, index: int) -> bool:
+        """Whether a snapshot payload at ``index`` must be sealed (above the cutover)."""
+        cutover = self.cutover_index()
+        return cutover is not None and index > cutover
+
+    def snapshot_envelope(self) -> tuple[Cipher | None, EnvelopeState]:
+        """How to write a snapshot now: (the cipher to seal with, the envelope records); (None,
+        no records) before the cutover. Above it a node without a cipher cannot write one."""
+        cutover = self.cutover_index()
+        if cutover is None:
+            return None, NO_ENVELOPE
+        cipher = self.cipher
+        if cipher is None:
+            raise NilKeystoreError("no raft cipher wired; cannot seal a snapshot above the "
+                                   "cutover")
+        active, keys = cipher.sealed_ring()
+        return cipher, EnvelopeState(cutover, KeyRing(active, keys), active)
+
+    def adopt_snapshot(self, env: EnvelopeState, index: int) -> None:
+        """Before installing the snapshot at ``index``: refuse a cleartext one above the
+        cutover, take its keys, and record its cutover when this node has none."""
+        where = f"the snapshot at index {index}"
+        if self.sealed_required(index) and not env.sealed_key_id:
+            raise SealedSnapshotRequiredError(f"{where} is not sealed, and this node's "
+                                              f"envelope cutover is {self.cutover_index()}")
+        adopt_envelope(self.cipher, env, where=where, activate=True)
+        if env.cutover_index is not None and self._recorded is None:
+            save_cutover(self._data_dir, env.cutover_index, file_io=self._file_io)
+            self._recorded = env.cutover_index
+            logger.info("raft envelope cutover %d taken from %s", env.cutover_index, where)
+            if self._marker_floor <= env.cutover_index:
+                self._marker_floor = 0
+            self._fail_queued_cleartext()
 
     def _marker_in_flight(self) -> bool:
         req = self._marker_req
@@ -265,6 +322,11 @@ class EnvelopeGate:
     def unwrap(self, index: int, payload: bytes) -> bytes:
         cutover = self.cutover_index()
         if cutover is None or index <= cutover:
+            if self.cipher is not None and self.cipher.try_unwrap(payload) is not None:
+                raise EnvelopeRegimeError(
+                    f"entry {index}: taken for cleartext (cutover "
+                    f"{'unknown' if cutover is None else cutover}), but it is an envelope "
+                    "under an installed key")
             return payload
         if self.cipher is None:
             raise RaftUnwrapFailedError(f"entry {index}: no raft cipher wired")

@@ -16,7 +16,8 @@ from trio_raft.engine.config import (
     DEFAULT_TICK_INTERVAL,
     OpenConfig,
 )
-from trio_raft.engine.engine import Engine, open_engine
+from trio_raft.engine.engine import Engine
+from trio_raft.engine.lifecycle import open_engine
 
 
 @attrs.frozen

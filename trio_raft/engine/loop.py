@@ -98,7 +98,8 @@ class RunLoop:
         self._io = io
         #: How snapshot payloads leave and arrive (given to the transport once).
         self.exchange = SnapshotExchange(self.disk.fsm_dir, lambda: self.applier.applied,
-                                         file_io=self.disk.file_io)
+                                         file_io=self.disk.file_io,
+                                         sealed_required=lambda i: self.gate.sealed_required(i))
         self.node = RawNode(
             CoreConfig(
                 id=cfg.node_id,
@@ -154,7 +155,8 @@ class RunLoop:
             every=cfg.snapshot_every, catchup_entries=cfg.snapshot_catchup_entries,
             protected=self.exchange.protected_indexes,
             cluster_id=lambda: opened.identity.cluster_id,
-            floor=lambda: self.applier.fsm_index)
+            floor=lambda: self.applier.fsm_index,
+            envelope=self.gate.snapshot_envelope)
         self.applier = Applier(
             applied=opened.applied, fsm=fsm, node=self.node, membership=self.membership,
             gate=self.gate, snapshots=self.snapshots, disk=self.disk, storage=self.storage,
@@ -296,13 +298,18 @@ class RunLoop:
     # -- one turn -----------------------------------------------------------------------------
     def _take_inbox(self) -> None:
         node, inbox = self.node, self.inbox
-        ticks, inbox.ticks = inbox.ticks, 0
-        for _ in range(min(ticks, 2 * self.cfg.election_tick)):
-            node.tick()
+        # Messages before ticks, and fewer ticks than an election timeout per turn: after a
+        # stall (a busy process, a slow fsync) the answers that queued up meanwhile count
+        # before the clock does, so a leader does not step down (check quorum) nor a follower
+        # campaign over a pause of its own. Ticks left out are dropped, as a Go ticker drops
+        # them; the lease does not count ticks (lease.py), so this only delays timeouts.
         while inbox.priority:
             self._step(*inbox.priority.popleft())
         while inbox.bulk:
             self._step(*inbox.bulk.popleft())
+        ticks, inbox.ticks = inbox.ticks, 0
+        for _ in range(min(ticks, max(1, self.cfg.election_tick - 1))):
+            node.tick()
         while inbox.reports:
             node_id, report = inbox.reports.popleft()
             if report is SendReport.UNREACHABLE:
@@ -411,7 +418,7 @@ class RunLoop:
 
     def _maybe_snapshot(self) -> None:
         if self._nursery is not None and self.snapshots.due(self.applier.applied):
-            self.snapshots.start_periodic(self._nursery, self.fail)
+            self.snapshots.start(self._nursery, self.fail)
 
     def _refresh_status(self) -> None:
         if self.closed:

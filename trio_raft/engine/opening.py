@@ -16,6 +16,11 @@ configuration and storage error is raised by ``open_engine`` itself. In order:
    refused with ClusterMismatchError) and the peers' suffrage taken from it;
 5. the peers file is rewritten for the recovered index; the fence is raised over configuration
    changes in the log that are not applied yet; the envelope cutover file is read.
+
+The envelope at a restart: before the state machine is restored, the keys the recovered
+snapshot carries are installed into ``raft_cipher`` and, when the data dir has no cutover file,
+the snapshot's cutover is recorded (``envelope_gate.adopt_envelope``); a sealed payload is then
+opened with ``raft_cipher`` (without one: SealedSnapshotKeyError naming the file).
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import os
 
 import attrs
 
-from trio_raft.core.messages import ConfState, EntryType
+from trio_raft.core.messages import ConfState, EntryType, Snapshot
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.coldstart import ColdStart, OpenReport
 from trio_raft.engine.config import OpenConfig, normalize_peers, validate
+from trio_raft.engine.envelope_gate import adopt_envelope
 from trio_raft.engine.identity import ClusterIdentity
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import SUFFRAGE_LEARNER, SUFFRAGE_VOTER, Peer
 from trio_raft.errors import ClusterMismatchError
-from trio_raft.storage.cutover import load_cutover
+from trio_raft.storage.cutover import load_cutover, save_cutover
+from trio_raft.storage.descriptor import envelope_of
 from trio_raft.storage.fileio import OS_FILE_IO
 from trio_raft.storage.peers import PersistedPeer, load_persisted_peers, save_persisted_peers
 from trio_raft.storage.recovery import DiskPersistence, open_disk_state
@@ -107,8 +114,19 @@ def open_state(cfg: OpenConfig) -> OpenedState:
     identity = ClusterIdentity(data_dir=os.fspath(cfg.data_dir), file_io=file_io,
                                cluster_id=None, state_machine=cfg.state_machine)
     cold = ColdStart(cfg.state_machine, identity)
+
+    def before_restore(snap: Snapshot) -> None:
+        env = envelope_of(snap.data)
+        where = f"the snapshot at index {snap.metadata.index} in {cfg.data_dir}"
+        adopt_envelope(cfg.raft_cipher, env, where=where, activate=False)
+        if env.cutover_index is not None and load_cutover(
+                os.fspath(cfg.data_dir), file_io=file_io) is None:
+            save_cutover(os.fspath(cfg.data_dir), env.cutover_index, file_io=file_io)
+            logger.info("raft envelope cutover %d taken from %s", env.cutover_index, where)
+
     disk = open_disk_state(cfg.data_dir, to_persisted(peers), cfg.bootstrap, cfg.state_machine,
-                           join=cfg.join_as_learner, file_io=file_io, restore_policy=cold)
+                           join=cfg.join_as_learner, file_io=file_io, restore_policy=cold,
+                           cipher=cfg.raft_cipher, before_restore=before_restore)
     try:
         identity.cluster_id = disk.cluster_id
         identity.tell_state_machine()

@@ -1,9 +1,10 @@
 """Local snapshots of the state machine: when to take one, writing it, compacting behind it.
 
 ``Snapshots`` owns the engine's snapshot *writing*: the periodic snapshot (every
-``snapshot_every`` applied entries, in a task of the engine's nursery so applying goes on
-meanwhile) and the snapshot taken when a configuration change applies (``applier.py``), so the
-newest snapshot always carries the newest membership. The state machine's ``snapshot()`` is
+``snapshot_every`` applied entries) and the one a configuration change asks for (``want``,
+from ``applier.py``), so the newest snapshot soon carries the newest membership. Both are
+written by a background task of the engine's nursery (``start``), so applying, ticking and
+heartbeats go on while a large state is written. The state machine's ``snapshot()`` is
 called on the trio thread and must be quick (it captures a handle); the handle's ``write_to``
 streams the state into ``fsm-snap/%016x.fsm`` in a worker thread. The raft snapshot's data is a
 descriptor (``trio_raft/storage/descriptor.py``): the ``.fsm`` token, the cluster id and every
@@ -20,19 +21,33 @@ Invariants:
   entries below it; a snapshot labelled there would hold more than its label says, so none is
   taken until the applied index reached the floor (the membership a skipped
   configuration-change snapshot would carry is in the peers file and the log meanwhile).
+* A configuration change at index ``i`` is followed by a snapshot at ``i`` or above: ``want``
+  records ``i``, and a snapshot is due until the newest one reaches it (the one written may be
+  above ``i``: it is labelled with the position when it starts). Until then the change is in
+  the peers file and the log, which is all a restart needs.
 * One snapshot write at a time (``_lock``): the periodic worker and configuration-change
   snapshots share the data dir's retention, which is not safe to run concurrently.
 * A snapshot never goes backwards: one at or below the newest snapshot index is dropped.
 * The log is compacted only behind a snapshot that is durable (``.fsm`` and ``.snap`` fsynced,
   marker in the WAL), keeping ``snapshot_catchup_entries`` entries for slow followers.
+* With the envelope on (``envelope_gate.py``), the payload is sealed under the active key for
+  the snapshot's index and term, and the descriptor carries the key ring and the cutover; the
+  envelope state is read together with the position, so the snapshot's label, content and
+  regime agree.
+* ``compact_now`` (``Engine.compact_now``) writes a snapshot at the applied index and makes it
+  where the data dir begins: the in-memory log and the WAL keep nothing at or below it, and
+  older snapshot files are deleted (after the cutover: no cleartext entry or payload left).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 
+import attrs
 import trio
 
 from trio_raft.core.errors import CompactedError, SnapOutOfDateError, UnavailableError
@@ -41,8 +56,16 @@ from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.diskio import DiskRunner
 from trio_raft.engine.membership import to_persisted
 from trio_raft.engine.types import Peer, StateMachine
-from trio_raft.storage.descriptor import SnapshotDescriptor, encode_descriptor
+from trio_raft.errors import NothingToExportError
+from trio_raft.storage.backup import BackupInfo, write_backup
+from trio_raft.storage.descriptor import (
+    NO_ENVELOPE,
+    EnvelopeState,
+    SnapshotDescriptor,
+    encode_descriptor,
+)
 from trio_raft.storage.recovery import DiskPersistence, snapshot_members
+from trio_raft.storage.sealing import PayloadCipher
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +78,12 @@ class Snapshots:
                  every: int, catchup_entries: int,
                  protected: Callable[[], frozenset[int]] = frozenset,
                  cluster_id: Callable[[], str | None] = lambda: None,
-                 floor: Callable[[], int] = lambda: 0) -> None:
+                 floor: Callable[[], int] = lambda: 0,
+                 envelope: Callable[[], tuple[PayloadCipher | None, EnvelopeState]] = (
+                     lambda: (None, NO_ENVELOPE))) -> None:
         self._fsm = fsm
+        #: (cipher to seal with, envelope records) for a snapshot written now.
+        self._envelope = envelope
         self._disk = disk
         self._storage = storage
         self._io = io
@@ -74,26 +101,42 @@ class Snapshots:
         self._protected = protected
         self._lock = trio.Lock()
         self._in_flight = False
+        #: A snapshot at or above this index was asked for (configuration changes).
+        self._wanted = 0
 
     @property
     def lock(self) -> trio.Lock:
         """Held while a snapshot is written; the applier holds it while it restores one."""
         return self._lock
 
+    def want(self, index: int) -> None:
+        """Ask for a snapshot at ``index`` or above, written in the background (``due``)."""
+        self._wanted = max(self._wanted, index)
+
     def due(self, applied: int) -> bool:
-        """Whether a periodic snapshot should start now."""
+        """Whether a background snapshot should start now."""
         if self._in_flight or applied == 0 or applied < self._floor():
             return False
-        return applied - self._storage.snapshot().metadata.index >= self._every
+        newest = self._storage.snapshot().metadata.index
+        return applied - newest >= self._every or newest < self._wanted <= applied
 
-    def start_periodic(self, nursery: trio.Nursery,
-                       on_error: Callable[[BaseException], None]) -> None:
+    def start(self, nursery: trio.Nursery, on_error: Callable[[BaseException], None]) -> None:
+        """Write a snapshot of the current position in a task of ``nursery`` (when ``due``);
+        it compacts the log only when the periodic threshold was reached."""
+        newest = self._storage.snapshot().metadata.index
+        compact = self._position()[0] - newest >= self._every
         self._in_flight = True
-        nursery.start_soon(self._periodic, on_error)
+        nursery.start_soon(self._background, on_error, compact)
 
-    async def _periodic(self, on_error: Callable[[BaseException], None]) -> None:
+    async def _background(self, on_error: Callable[[BaseException], None],
+                          compact: bool) -> None:
         try:
-            await self.write(None, None, compact=True)
+            await self.write(None, None, compact=compact)
+            applied = self._position()[0]
+            if self._storage.snapshot().metadata.index < self._wanted <= applied and (
+                    applied >= self._floor()):
+                # a change applied while this one was written: its snapshot, now
+                await self.write(None, None, compact=False)
         except Exception as exc:
             on_error(exc)
         finally:
@@ -118,16 +161,19 @@ class Snapshots:
                         "to %d", index, self._floor())
             return
         cluster_id = self._cluster_id() or ""
-        handle = self._fsm.snapshot()
+        term = self._storage.term(index)
+        cipher, envelope = self._envelope()
+        handle = self._fsm.snapshot()  # no checkpoint since the position was read
         try:
             token = await self._io.run(self._disk.write_fsm_snapshot, handle, index,
-                                       self._protected())
+                                       self._protected(),
+                                       None if cipher is None else (cipher, term))
         finally:
             handle.close()
         if index <= self._storage.snapshot().metadata.index:
             return
         data = encode_descriptor(SnapshotDescriptor(
-            token, cluster_id, snapshot_members(to_persisted(members))))
+            token, cluster_id, snapshot_members(to_persisted(members)), envelope=envelope))
         try:
             snap = self._storage.create_snapshot(index, cs, data)
         except (SnapOutOfDateError, CompactedError, UnavailableError):
@@ -141,3 +187,46 @@ class Snapshots:
                     self._storage.compact(target)
         await self._io.run(self._disk.purge)
         logger.info("snapshot written at index %d", index)
+
+    async def compact_now(self) -> int:
+        """Snapshot at the applied index (unless the newest snapshot is there already), then
+        drop everything at or below it: the in-memory log, the WAL segments (the WAL restarts
+        after the snapshot) and older snapshot files. Returns the snapshot's index."""
+        async with self._lock:
+            await self._write_locked(None, None, (), compact=False)
+            snap = self._storage.snapshot()
+            index = snap.metadata.index
+            if index > self._storage.first_index() - 1:
+                with contextlib.suppress(CompactedError, UnavailableError):
+                    self._storage.compact(index)
+            removed = await self._io.run(self._disk.compact_to_snapshot, snap)
+        logger.info("compacted to the snapshot at index %d (%d file(s) removed)", index,
+                    len(removed))
+        return index
+
+    async def export(self, path: str | os.PathLike[str],
+                     check_open: Callable[[], None]) -> BackupInfo:
+        """A backup of the state machine at the applied index, written to ``path``
+        (``Engine.export_snapshot``): under the lock, so no snapshot write or restore runs
+        meanwhile; the position and the handle taken with no checkpoint in between, as for
+        a snapshot; sealed, with the envelope's records, once the envelope is on."""
+        async with self._lock:
+            check_open()
+            index, _cs, members = self._position()
+            if index == 0 or index < self._floor():
+                raise NothingToExportError(f"applied index {index}")
+            cipher, envelope = self._envelope()
+            info = attrs.evolve(
+                BackupInfo(index, self._storage.term(index), self._cluster_id() or "",
+                           snapshot_members(to_persisted(members))),
+                envelope=envelope)
+            handle = self._fsm.snapshot()  # no checkpoint since the position was read
+            try:
+                written = await self._io.run(functools.partial(
+                    write_backup, path, info, handle, file_io=self._disk.file_io,
+                    seal=cipher))
+            finally:
+                handle.close()
+        logger.info("exported a snapshot at index %d term %d to %s (%d bytes)", written.index,
+                    written.term, path, written.file_bytes)
+        return written

@@ -65,6 +65,11 @@ def aad(version: int, key_id: int) -> bytes:
     return _AAD.pack(b"R", version, key_id)
 
 
+def header(key_id: int) -> bytes:
+    """The first 6 bytes of an envelope of this version under ``key_id``."""
+    return _HEADER.pack(VERSION, FLAG, key_id)
+
+
 def check_key_id(key_id: int) -> None:
     if key_id == 0:
         raise ReservedKeyIDError()

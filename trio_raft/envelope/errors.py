@@ -1,4 +1,4 @@
-"""Envelope errors without a seed sentinel (key store, nonce state, control records).
+"""The envelope's own errors (key store, nonce state, control records).
 
 They live in :mod:`trio_raft.errors` with the rest of the hierarchy and are re-exported here.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from trio_raft.errors import (
     EncryptionScanError,
     KEKError,
+    KEKPermissionError,
     KeyConflictError,
     KeyStoreCorruptError,
     KeyStoreError,
@@ -18,6 +19,7 @@ from trio_raft.errors import (
 __all__ = [
     "EncryptionScanError",
     "KEKError",
+    "KEKPermissionError",
     "KeyConflictError",
     "KeyStoreCorruptError",
     "KeyStoreError",

@@ -24,6 +24,7 @@ import binascii
 import logging
 import os
 import secrets
+import stat
 import struct
 import threading
 import zlib
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from trio_raft.envelope.envelope import KEY_SIZE, MAX_KEY_ID, check_key_id
 from trio_raft.envelope.errors import (
     KEKError,
+    KEKPermissionError,
     KeyConflictError,
     KeyStoreCorruptError,
     KeyStoreError,
@@ -74,10 +76,19 @@ class KEK:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> KEK:
-        """Read a KEK file: 32 raw bytes, or 64 hex digits, or base64 of 32 bytes."""
+        """Read a KEK file: 32 raw bytes, or 64 hex digits, or base64 of 32 bytes.
+
+        The file must be accessible to its owner only (as ssh refuses a private key others can
+        read): any permission bit for the group or others is :class:`KEKPermissionError`.
+        """
         path = os.path.abspath(os.fspath(path))
         try:
             with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if mode & 0o077:
+                    raise KEKPermissionError(
+                        f"KEK file {path} has mode {stat.S_IMODE(mode):04o}: it must not be "
+                        "accessible to group or others (chmod 600 it)")
                 raw = f.read()
         except OSError as exc:
             raise KEKError(f"cannot read KEK file {path}: {exc.strerror}") from exc
@@ -194,6 +205,10 @@ class KeyStore:
             check_key_id(key_id)
             raise UnknownKeyIDError(f"key id {key_id}") from None
 
+    def cached_aead(self, key_id: int) -> AESGCM | None:
+        """The AEAD of an installed key id, None otherwise (no error: the hot path's test)."""
+        return self._aeads.get(key_id)
+
     def key_bytes(self, key_id: int) -> bytes:
         try:
             return self._keys[key_id]
@@ -232,7 +247,52 @@ class KeyStore:
         return True
 
     def install_sealed(self, key_id: int, sealed: bytes, *, activate: bool = True) -> bool:
-        return self.install(key_id, open_dek(self.kek, key_id, sealed), activate=activate)
+        """Install a KEK-sealed key (a control record's, a snapshot key ring's).
+
+        A key id already installed is not opened again when the sealed form cannot be opened
+        with this store's KEK: after a KEK rotation the log and older snapshots still carry
+        keys sealed with the previous KEK, and replaying them must change nothing (the key is
+        only activated when asked). A key id that is not installed needs this KEK."""
+        try:
+            dek = open_dek(self.kek, key_id, sealed)
+        except KEKError:
+            if key_id not in self._keys:
+                raise
+            log.info("key id %d: sealed under another KEK; the installed key is kept", key_id)
+            return self.activate(key_id) if activate else False
+        return self.install(key_id, dek, activate=activate)
+
+    def activate(self, key_id: int) -> bool:
+        """Make the installed ``key_id`` the active key; returns whether that changed."""
+        with self._lock:
+            if key_id not in self._keys:
+                check_key_id(key_id)
+                raise UnknownKeyIDError(f"key id {key_id}")
+            if self._active == key_id:
+                return False
+            self._active = key_id
+            self._persist()
+        return True
+
+    def rekey(self, new_kek: KEK) -> None:
+        """Re-seal every data key (and the check value) under ``new_kek`` and replace the key
+        file atomically: a crash leaves the old file (old KEK) or the new one (new KEK), never
+        a mix. The data keys themselves do not change, so nothing in the raft log or in sealed
+        snapshots needs rewriting."""
+        if new_kek.path is not None and self.directory is not None and os.path.commonpath(
+                [new_kek.path, self.directory]) == self.directory:
+            raise KEKError(f"the KEK file {new_kek.path} must not live inside the key store "
+                           f"directory {self.directory}")
+        with self._lock:
+            old = self.kek
+            self.kek = new_kek
+            try:
+                self._persist()
+            except BaseException:
+                self.kek = old
+                raise
+        log.info("key store %s: %d key(s) re-sealed under %s", self.path, len(self._keys),
+                 new_kek.source)
 
     def sealed(self, key_id: int) -> bytes:
         return seal_dek(self.kek, key_id, self.key_bytes(key_id))
@@ -279,3 +339,16 @@ def decode_store(data: bytes, kek: KEK, path: str) -> tuple[dict[int, bytes], in
     if active and active not in keys:
         raise KeyStoreCorruptError(f"{path}: active key id {active} is not stored")
     return keys, active
+
+
+def rotate_kek(directory: str | os.PathLike[str], old: KEK, new: KEK) -> KeyStore:
+    """Open the key store in ``directory`` with ``old`` and re-seal it under ``new``
+    (:meth:`KeyStore.rekey`); KEKError when ``old`` does not open it. Run it on a stopped node:
+    a running node rewrites the file with the KEK it was started with."""
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, KEY_FILE)
+    if not os.path.exists(path):
+        raise KeyStoreError(f"no key store in {directory} ({KEY_FILE} is missing)")
+    store = KeyStore.open(directory, old)
+    store.rekey(new)
+    return store

@@ -6,7 +6,8 @@ Layout (integers big-endian)::
     b"TRBK" | version u8 = 1 | flags u8 = 0 | reserved u16 = 0 | header length u32 | header
         | payload | payload length u64 | CRC32C u32
     header := index u64 | term u64 | record count u16 | record*     (records as in
-              trio_raft/storage/descriptor.py: CLUSTER_ID, MEMBERS; same critical-flag rule)
+              trio_raft/storage/descriptor.py: CLUSTER_ID, MEMBERS, and with the envelope on
+              KEY_RING, CUTOVER_INDEX, SEALED_PAYLOAD; same critical-flag rule)
 
 The CRC32C covers every byte before it. ``payload`` is exactly what the state machine's
 ``Snapshot.write_to`` wrote (the bytes its ``restore`` reads); its length trails it, so a backup
@@ -19,8 +20,14 @@ is written in one pass while the state machine streams.
   dir (it takes the WAL directory lock, so it refuses while the node runs: WALLockedError),
   checking the ``.fsm`` payload's CRC as it copies.
 * :func:`read_backup_info` checks the framing and decodes the header; :func:`verify_backup`
-  also checks the CRC over the whole file. Every defect is
-  :class:`~trio_raft.errors.BackupFileError`.
+  also checks the CRC over the whole file, and, for a sealed payload when given the cipher,
+  every chunk's tag. Every framing defect is :class:`~trio_raft.errors.BackupFileError`; a
+  sealed payload that does not open is a :class:`~trio_raft.errors.SealedSnapshotError`.
+
+Sealed backups: with the envelope on, the payload is a sealed stream for the backup's index
+and term (``trio_raft/storage/sealing.py``) and the header carries the KEK-sealed key ring and
+the cutover, so the backup reveals nothing without the cluster's KEK and a restore with the KEK
+has every key it needs.
 
 Every file access goes through the :class:`~trio_raft.storage.fileio.FileIO` given as
 ``file_io`` (the real one by default).
@@ -31,9 +38,9 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import attrs
 import crc32c as _crc32c
@@ -62,6 +69,7 @@ from trio_raft.storage.fileutil import (
 )
 from trio_raft.storage.peers import load_persisted_peers
 from trio_raft.storage.recovery import FSM_DIR, SNAP_DIR, WAL_DIR
+from trio_raft.storage.sealing import PayloadCipher, drain
 from trio_raft.storage.snapshots import Snapshotter
 from trio_raft.storage.streams import FDReader, FDWriter
 from trio_raft.storage.wal import WAL
@@ -87,6 +95,12 @@ class BackupInfo:
     members: tuple[desc.SnapshotMember, ...] = ()
     payload_bytes: int = 0
     file_bytes: int = 0
+    #: The envelope records (sealed payload, key ring, cutover); none for a cleartext backup.
+    envelope: desc.EnvelopeState = desc.NO_ENVELOPE
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.envelope.sealed_key_id)
 
     @property
     def conf_state(self) -> ConfState:
@@ -99,7 +113,7 @@ def encode_header(info: BackupInfo) -> bytes:
     if info.index <= 0 or info.term <= 0:
         raise ValueError("a backup needs a positive index and term")
     return _INDEX_TERM.pack(info.index, info.term) + desc.encode_records(
-        desc.describe_records(info.cluster_id, info.members))
+        desc.describe_records(info.cluster_id, info.members, envelope=info.envelope))
 
 
 def _prefix(header: bytes) -> bytes:
@@ -109,9 +123,15 @@ def _prefix(header: bytes) -> bytes:
 
 
 def write_backup(path: str | os.PathLike[str], info: BackupInfo, snapshot: fsm.FSMSnapshot,
-                 *, file_io: FileIO = OS_FILE_IO) -> BackupInfo:
+                 *, file_io: FileIO = OS_FILE_IO, seal: PayloadCipher | None = None
+                 ) -> BackupInfo:
     """Write a backup of ``snapshot`` (a state machine snapshot handle, not closed here) at
-    ``info``'s index and term to ``path``, atomically; returns ``info`` with the sizes."""
+    ``info``'s index and term to ``path``, atomically; returns ``info`` with the sizes.
+    ``seal``: the payload is sealed through it (``info.envelope`` must then name the active
+    key as the sealed key id)."""
+    if seal is not None and info.envelope.sealed_key_id != seal.active_key_id:
+        raise ValueError("a sealed backup's header must name the key its payload is sealed "
+                         "under")
     path = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(path)
     head = encode_header(info)
@@ -122,7 +142,12 @@ def write_backup(path: str | os.PathLike[str], info: BackupInfo, snapshot: fsm.F
             writer = FDWriter(file_io, fd, tmp, fsm.BUFFER_SIZE, checksum=True)
             writer.write(_prefix(head) + head)
             start = writer.count
-            snapshot.write_to(cast(BinaryIO, writer))
+            if seal is None:
+                snapshot.write_to(cast(BinaryIO, writer))
+            else:
+                sealer = seal.seal_payload(writer, info.index, info.term)
+                snapshot.write_to(cast(BinaryIO, sealer))
+                sealer.finish()
             payload = writer.count - start
             writer.write(_U64.pack(payload))
             writer.finish()
@@ -190,12 +215,13 @@ def _read_info(fd: int, size: int, path: str, file_io: FileIO) -> tuple[BackupIn
         records, pos = desc.decode_records(header, _INDEX_TERM.size, len(header), "backup")
         if pos != len(header):
             raise SnapshotDescriptorError(f"backup: {len(header) - pos} trailing header bytes")
-        _known, cluster_id, members, _extra = desc.interpret_records(records, "backup")
+        known, cluster_id, members, _extra = desc.interpret_records(records, "backup")
+        envelope = desc.EnvelopeState.from_records(known, "backup")
     except SnapshotDescriptorError as exc:
         raise BackupFileError(f"{path}: {exc}") from None
     if index <= 0 or term <= 0:
         raise BackupFileError(f"{path}: index {index} term {term}")
-    return BackupInfo(index, term, cluster_id, members, payload, size), start
+    return BackupInfo(index, term, cluster_id, members, payload, size, envelope), start
 
 
 def read_backup_info(path: str | os.PathLike[str], *,
@@ -206,8 +232,11 @@ def read_backup_info(path: str | os.PathLike[str], *,
         return _read_info(fd, size, path, file_io)[0]
 
 
-def verify_backup(path: str | os.PathLike[str], *, file_io: FileIO = OS_FILE_IO) -> BackupInfo:
-    """:func:`read_backup_info`, then a CRC32C pass over the whole file."""
+def verify_backup(path: str | os.PathLike[str], *, file_io: FileIO = OS_FILE_IO,
+                  cipher: PayloadCipher | None = None) -> BackupInfo:
+    """:func:`read_backup_info`, then a CRC32C pass over the whole file; for a sealed backup
+    and a ``cipher``, then every chunk of the payload opened (SealedSnapshotError naming the
+    file when one does not verify or its key is missing)."""
     path = os.fspath(path)
     with _opened(path, file_io) as (fd, size):
         info, _start = _read_info(fd, size, path, file_io)
@@ -224,7 +253,46 @@ def verify_backup(path: str | os.PathLike[str], *, file_io: FileIO = OS_FILE_IO)
     if raw.crc != crc:
         raise BackupFileError(f"{path}: CRC32C mismatch (computed {raw.crc:#010x}, "
                               f"stored {crc:#010x}): the file is damaged")
+    if info.sealed and cipher is not None:
+        open_sealed_payload(path, info, cipher, drain, file_io=file_io)
     return info
+
+
+def open_sealed_payload(path: str, info: BackupInfo, cipher: PayloadCipher,
+                        use: Callable[[BinaryIO], object], *,
+                        file_io: FileIO = OS_FILE_IO) -> None:
+    """Call ``use`` with a plaintext reader over a sealed backup's payload."""
+    with _opened(path, file_io) as (fd, size):
+        _info, start = _read_info(fd, size, path, file_io)
+        with io.BufferedReader(_RangeReader(file_io, fd, path, start, info.payload_bytes),
+                               fsm.BUFFER_SIZE) as raw:
+            use(cipher.open_payload(raw, info.payload_bytes, info.index, info.term, path))
+
+
+class _RangeReader(io.RawIOBase):
+    """A raw reader over ``length`` bytes of ``fd`` from ``offset`` (pread: no seeking)."""
+
+    def __init__(self, file_io: FileIO, fd: int, path: str, offset: int, length: int) -> None:
+        super().__init__()
+        self._io, self._fd, self._path = file_io, fd, path
+        self._pos, self._end = offset, offset + length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._end - self._pos)
+        if n <= 0:
+            return 0
+        try:
+            with io_errors("read", self._path):
+                data = pread_exact(self._fd, n, self._pos, file_io=self._io)
+        except EOFError:
+            raise BackupFileError(f"{self._path}: truncated while reading") from None
+        view[:n] = data
+        self._pos += n
+        return n
 
 
 class BackupPayload:
@@ -344,4 +412,5 @@ def _info_for(data_dir: str, snap: Snapshot, file_io: FileIO) -> BackupInfo:
                                 known[nid].address if nid in known else "", suffrage)
             for suffrage, ids in ((desc.VOTER, cs.voters), (desc.LEARNER, cs.learners))
             for nid in ids)
-    return BackupInfo(meta.index, meta.term, cluster_id, members)
+    return BackupInfo(meta.index, meta.term, cluster_id, members,
+                      envelope=d.envelope if d is not None else desc.NO_ENVELOPE)

@@ -20,9 +20,17 @@ type  name              flags     value
 3     MEMBERS           -         u16 count, then per member: node id u64, suffrage u8
                                   (0 voter, 1 learner), u16 id length, id (UTF-8),
                                   u16 address length, address (UTF-8)
-16    KEY_RING          critical  reserved: the KEK-sealed data keys (docs/envelope.md)
-17    CUTOVER_INDEX     critical  reserved: the envelope cutover index
+16    KEY_RING          critical  the envelope's data keys, each sealed with the KEK:
+                                  active key id u32, u16 count, then per key: key id u32,
+                                  u16 length, sealed key (docs/envelope.md)
+17    CUTOVER_INDEX     critical  the envelope cutover index, u64
+18    SEALED_PAYLOAD    critical  the ``.fsm`` payload is a sealed stream
+                                  (``trio_raft/envelope/stream.py``); value: its key id u32
 ====  ================  ========  ====================================================
+
+A descriptor written while the envelope is on carries all three envelope records, so a node
+restored or caught up from it has the keys to open the payload and the entries after it, and
+knows the cutover. A descriptor without CUTOVER_INDEX was written with the envelope off.
 
 Flags: bit 0 is *critical*; bits 1-7 must be zero. Extension rule: a reader that meets a record
 type it does not know refuses the descriptor when the record is critical
@@ -58,10 +66,13 @@ MAX_STRING = 0xFFFF
 REC_PAYLOAD_TOKEN = 1
 REC_CLUSTER_ID = 2
 REC_MEMBERS = 3
-#: Reserved for the envelope (docs/envelope.md): sealed data keys, cutover index.
+#: The envelope (docs/envelope.md): sealed data keys, cutover index, sealed payload.
 REC_KEY_RING = 16
 REC_CUTOVER_INDEX = 17
-KNOWN_TYPES = frozenset({REC_PAYLOAD_TOKEN, REC_CLUSTER_ID, REC_MEMBERS})
+REC_SEALED_PAYLOAD = 18
+KNOWN_TYPES = frozenset({REC_PAYLOAD_TOKEN, REC_CLUSTER_ID, REC_MEMBERS, REC_KEY_RING,
+                         REC_CUTOVER_INDEX, REC_SEALED_PAYLOAD})
+MAX_RING_KEYS = 4096
 
 FLAG_CRITICAL = 0x01
 
@@ -75,6 +86,8 @@ _REC = struct.Struct(">HBI")
 _CRC = struct.Struct(">I")
 _U16 = struct.Struct(">H")
 _MEMBER = struct.Struct(">QB")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 _CLUSTER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -96,6 +109,91 @@ class SnapshotMember:
 
 
 @attrs.frozen(slots=True)
+class KeyRing:
+    """The envelope's data keys as a snapshot carries them: the active key id and every
+    installed key, each sealed with the KEK (never a usable key without it)."""
+
+    active: int
+    keys: tuple[tuple[int, bytes], ...]
+
+    def encode(self) -> bytes:
+        if len(self.keys) > MAX_RING_KEYS:
+            raise SnapshotDescriptorError(f"more than {MAX_RING_KEYS} keys in a key ring")
+        out = bytearray(_U32.pack(self.active) + _U16.pack(len(self.keys)))
+        for kid, sealed in self.keys:
+            if len(sealed) > MAX_STRING:
+                raise SnapshotDescriptorError(f"sealed key {kid} is too long")
+            out += _U32.pack(kid) + _U16.pack(len(sealed)) + sealed
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, value: bytes, what: str = "key ring") -> KeyRing:
+        try:
+            (active,) = _U32.unpack_from(value, 0)
+            (count,) = _U16.unpack_from(value, 4)
+            pos = 6
+            keys: list[tuple[int, bytes]] = []
+            for _ in range(count):
+                (kid,) = _U32.unpack_from(value, pos)
+                (n,) = _U16.unpack_from(value, pos + 4)
+                pos += 6
+                if pos + n > len(value):
+                    raise SnapshotDescriptorError(f"{what}: truncated")
+                keys.append((kid, bytes(value[pos:pos + n])))
+                pos += n
+        except struct.error:
+            raise SnapshotDescriptorError(f"{what}: truncated") from None
+        if pos != len(value):
+            raise SnapshotDescriptorError(f"{what}: {len(value) - pos} trailing bytes")
+        ids = [k for k, _ in keys]
+        if 0 in ids or len(set(ids)) != len(ids) or (active and active not in ids):
+            raise SnapshotDescriptorError(f"{what}: key ids {ids}, active {active}")
+        return cls(active, tuple(keys))
+
+
+@attrs.frozen(slots=True)
+class EnvelopeState:
+    """What a snapshot says about the envelope: the cutover index, the key ring, and the key
+    id its payload is sealed under (0: not sealed). ``cutover_index`` None: the envelope was
+    off when the snapshot was written."""
+
+    cutover_index: int | None = None
+    key_ring: KeyRing | None = None
+    sealed_key_id: int = 0
+
+    def records(self) -> list[tuple[int, int, bytes]]:
+        out: list[tuple[int, int, bytes]] = []
+        if self.key_ring is not None:
+            out.append((REC_KEY_RING, FLAG_CRITICAL, self.key_ring.encode()))
+        if self.cutover_index is not None:
+            out.append((REC_CUTOVER_INDEX, FLAG_CRITICAL, _U64.pack(self.cutover_index)))
+        if self.sealed_key_id:
+            out.append((REC_SEALED_PAYLOAD, FLAG_CRITICAL, _U32.pack(self.sealed_key_id)))
+        return out
+
+    @classmethod
+    def from_records(cls, known: dict[int, bytes], what: str) -> EnvelopeState:
+        ring = (KeyRing.decode(known[REC_KEY_RING], f"{what}: key ring")
+                if REC_KEY_RING in known else None)
+        cutover = None
+        if REC_CUTOVER_INDEX in known:
+            raw = known[REC_CUTOVER_INDEX]
+            if len(raw) != _U64.size:
+                raise SnapshotDescriptorError(f"{what}: cutover index of {len(raw)} bytes")
+            (cutover,) = _U64.unpack(raw)
+        sealed = 0
+        if REC_SEALED_PAYLOAD in known:
+            raw = known[REC_SEALED_PAYLOAD]
+            if len(raw) != _U32.size or _U32.unpack(raw)[0] == 0:
+                raise SnapshotDescriptorError(f"{what}: bad sealed payload record")
+            (sealed,) = _U32.unpack(raw)
+        return cls(cutover, ring, sealed)
+
+
+NO_ENVELOPE = EnvelopeState()
+
+
+@attrs.frozen(slots=True)
 class RawRecord:
     """A record this version does not understand (never critical), kept verbatim."""
 
@@ -113,6 +211,8 @@ class SnapshotDescriptor:
     members: tuple[SnapshotMember, ...] = ()
     #: Non-critical records of unknown type, in the order they were found.
     extra: tuple[RawRecord, ...] = ()
+    #: The envelope records (cutover, key ring, sealed payload).
+    envelope: EnvelopeState = NO_ENVELOPE
 
     def member(self, node_id: int) -> SnapshotMember | None:
         return next((m for m in self.members if m.node_id == node_id), None)
@@ -217,12 +317,15 @@ def decode_members(value: bytes, what: str = "members") -> tuple[SnapshotMember,
 
 
 def describe_records(cluster_id: str, members: Iterable[SnapshotMember],
-                     extra: Iterable[RawRecord] = ()) -> list[tuple[int, int, bytes]]:
-    """The CLUSTER_ID and MEMBERS records (and ``extra``) as (type, flags, value) triples."""
+                     extra: Iterable[RawRecord] = (), envelope: EnvelopeState = NO_ENVELOPE
+                     ) -> list[tuple[int, int, bytes]]:
+    """The CLUSTER_ID, MEMBERS and envelope records (and ``extra``) as (type, flags, value)
+    triples."""
     records: list[tuple[int, int, bytes]] = []
     if cluster_id:
         records.append((REC_CLUSTER_ID, 0, check_cluster_id(cluster_id).encode("ascii")))
     records.append((REC_MEMBERS, 0, encode_members(members)))
+    records += envelope.records()
     records += [(r.type, r.flags, r.value) for r in extra]
     return records
 
@@ -259,7 +362,7 @@ def encode_descriptor(desc: SnapshotDescriptor) -> bytes:
     """The bytes of ``desc`` (members sorted by node id)."""
     fsm.decode_snapshot_token(desc.token)  # a valid token, or FSMSnapshotTokenInvalidError
     records = [(REC_PAYLOAD_TOKEN, FLAG_CRITICAL, desc.token),
-               *describe_records(desc.cluster_id, desc.members, desc.extra)]
+               *describe_records(desc.cluster_id, desc.members, desc.extra, desc.envelope)]
     body = _PREFIX.pack(DESCRIPTOR_MAGIC, DESCRIPTOR_VERSION) + encode_records(records)
     if len(body) + _CRC.size > MAX_DESCRIPTOR_BYTES:
         raise SnapshotDescriptorError(f"descriptor of {len(body)} bytes is too large")
@@ -297,7 +400,8 @@ def decode_descriptor(data: bytes) -> SnapshotDescriptor:
         fsm.decode_snapshot_token(token)
     except FSMSnapshotTokenInvalidError as exc:
         raise SnapshotDescriptorError(f"descriptor: {exc}") from None
-    return SnapshotDescriptor(token, cluster_id, members, extra)
+    return SnapshotDescriptor(token, cluster_id, members, extra,
+                              EnvelopeState.from_records(known, "descriptor"))
 
 
 # -- what a snapshot's data means ------------------------------------------------------------
@@ -306,6 +410,12 @@ def decode_descriptor(data: bytes) -> SnapshotDescriptor:
 def descriptor_of(data: bytes) -> SnapshotDescriptor | None:
     """The descriptor ``data`` holds, or None for a bare token or an inline payload."""
     return decode_descriptor(data) if is_descriptor(data) else None
+
+
+def envelope_of(data: bytes) -> EnvelopeState:
+    """The envelope records of a snapshot's ``data`` (none for a bare token or inline data)."""
+    desc = descriptor_of(data) if data else None
+    return desc.envelope if desc is not None else NO_ENVELOPE
 
 
 def payload_token(data: bytes) -> bytes | None:

@@ -26,6 +26,10 @@ removed, nothing is renamed, and an older ``.fsm`` of the same index is left as 
 file access goes through the :class:`~trio_raft.storage.fileio.FileIO` passed as ``file_io``
 (the real one by default).
 
+Sealed payloads (``trio_raft/storage/sealing.py``): ``seal=`` makes the writer seal the
+state through the given cipher, ``sealed=`` makes the restore open it; the footer and the token
+cover the sealed bytes either way.
+
 Everything blocks; the engine calls it from worker threads.
 """
 
@@ -58,6 +62,7 @@ from trio_raft.storage.fileutil import (
     pread_exact,
     write_all,
 )
+from trio_raft.storage.sealing import PayloadCipher, drain
 from trio_raft.storage.streams import FDReader, FDWriter
 
 crc32c = _crc32c.crc32c
@@ -131,7 +136,8 @@ def parse_fsm_snapshot_name(name: str) -> int | None:
 
 
 def write_fsm_snapshot_file(snapshot: FSMSnapshot, directory: str | os.PathLike[str],
-                            index: int, *, file_io: FileIO = OS_FILE_IO) -> int:
+                            index: int, *, file_io: FileIO = OS_FILE_IO,
+                            seal: tuple[PayloadCipher, int] | None = None) -> int:
     """Write ``snapshot`` to ``<directory>/%016x.fsm`` and return the payload's CRC32C.
 
     Streams ``snapshot.write_to`` through a 1 MiB buffer into ``<index>-<random>.fsm.tmp``,
@@ -139,7 +145,8 @@ def write_fsm_snapshot_file(snapshot: FSMSnapshot, directory: str | os.PathLike[
     fsyncs the directory. On any error the temporary file is removed and nothing is renamed; an
     error of ``write_to`` itself propagates unchanged, a disk error is a
     :class:`StorageIOError` (also when ``write_to`` caught it and returned). The snapshot
-    handle is not closed here.
+    handle is not closed here. ``seal`` (cipher, term): the payload is sealed for the snapshot
+    at ``index`` and that term.
     """
     directory = os.fspath(directory)
     make_dirs(directory, file_io=file_io)
@@ -147,7 +154,12 @@ def write_fsm_snapshot_file(snapshot: FSMSnapshot, directory: str | os.PathLike[
     try:
         try:
             writer = FDWriter(file_io, fd, tmp, BUFFER_SIZE, checksum=True)
-            snapshot.write_to(cast(BinaryIO, writer))
+            if seal is None:
+                snapshot.write_to(cast(BinaryIO, writer))
+            else:
+                sealer = seal[0].seal_payload(writer, index, seal[1])
+                snapshot.write_to(cast(BinaryIO, sealer))
+                sealer.finish()
             writer.finish()
             crc = writer.crc
             with io_errors("write", tmp):
@@ -202,12 +214,16 @@ def _drain(reader: Any) -> None:
 
 
 def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.PathLike[str],
-                                  token_crc: int, *, file_io: FileIO = OS_FILE_IO) -> None:
+                                  token_crc: int, *, file_io: FileIO = OS_FILE_IO,
+                                  sealed: tuple[PayloadCipher, int, int] | None = None) -> None:
     """Restore ``state_machine`` from the ``.fsm`` file at ``path``.
 
     The footer is compared with ``token_crc`` *before* ``restore`` is called; the full CRC is
     checked after it returns (and after draining what ``restore`` left unread). On
     FSMSnapshotFileCRCError the state machine may already be modified: treat it as fatal.
+    ``sealed`` (cipher, index, term): the payload is a sealed stream for that snapshot; the
+    state machine reads the plaintext, every chunk is verified before its bytes are handed
+    out (a damaged one is SealedSnapshotIntegrityError naming ``path``, fatal likewise).
     """
     path = os.fspath(path)
     fd, payload_size, footer = _open_checked(path, file_io)
@@ -217,7 +233,13 @@ def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.Path
             raise FSMSnapshotTokenCRCError(
                 f"{path}: footer {footer:#010x}, token {token_crc:#010x}")
         raw = cast(FDReader, reader.raw)
-        state_machine.restore(cast(BinaryIO, reader))
+        if sealed is None:
+            state_machine.restore(cast(BinaryIO, reader))
+        else:
+            cipher, index, term = sealed
+            plain = cipher.open_payload(reader, payload_size, index, term, path)
+            state_machine.restore(plain)
+            drain(plain)
         _drain(reader)
         if raw.crc != footer:
             raise FSMSnapshotFileCRCError(

@@ -42,7 +42,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, Protocol
 
 import attrs
@@ -83,6 +83,7 @@ from trio_raft.storage.peers import (
     save_persisted_peers,
     write_current_persisted_peers,
 )
+from trio_raft.storage.sealing import PayloadCipher, require_cipher
 from trio_raft.storage.wal import MAX_WAL_FILES, SEGMENT_SIZE, WAL, wal_exists
 
 log = logging.getLogger(__name__)
@@ -225,8 +226,10 @@ class DiskPersistence:
         return [m for m in self.markers if m.index <= commit]
 
     def write_fsm_snapshot(self, fsm_snap: fsm.FSMSnapshot, index: int,
-                           protected: Sequence[int] = ()) -> bytes:
-        """Pre-write retention, then write ``fsm-snap/<index>.fsm``; returns the token.
+                           protected: Sequence[int] = (),
+                           seal: tuple[PayloadCipher, int] | None = None) -> bytes:
+        """Pre-write retention, then write ``fsm-snap/<index>.fsm`` (sealed for term
+        ``seal[1]`` through ``seal[0]`` when given); returns the token.
 
         The handle is not closed here. Slow (it streams the whole state machine): call it from
         a worker thread; it does not hold the lock while writing.
@@ -235,15 +238,31 @@ class DiskPersistence:
             valid = self.valid_snapshot_markers()
         snaps.prepare_fsm_snapshot_write(self.snap_dir, self.fsm_dir, index, valid, protected,
                                          file_io=self.file_io)
-        crc = fsm.write_fsm_snapshot_file(fsm_snap, self.fsm_dir, index, file_io=self.file_io)
+        crc = fsm.write_fsm_snapshot_file(fsm_snap, self.fsm_dir, index, file_io=self.file_io,
+                                          seal=seal)
         return fsm.encode_snapshot_token(index, crc)
 
     def restore_snapshot_state(self, state_machine: StateMachine | None,
-                               snapshot: Snapshot) -> int:
+                               snapshot: Snapshot, cipher: PayloadCipher | None = None) -> int:
         """:func:`restore_snapshot_state` from this data dir's ``fsm-snap/``, through
         :attr:`file_io`."""
         return restore_snapshot_state(state_machine, snapshot, self.fsm_dir,
-                                      file_io=self.file_io)
+                                      file_io=self.file_io, cipher=cipher)
+
+    def compact_to_snapshot(self, snapshot: Snapshot) -> list[str]:
+        """Make ``snapshot`` (durable, saved by :meth:`save_snapshot`) where this data dir
+        begins: the WAL restarts in a new segment holding its marker, the entries after it
+        and the hard state, and every older segment is deleted
+        (:meth:`~trio_raft.storage.wal.WAL.restart_after`); then every snapshot file older
+        than it is deleted. Afterwards no file of the data dir holds an entry at or below the
+        snapshot's index, nor an older state machine payload. Returns the removed files."""
+        meta = snapshot.metadata
+        with self._lock:
+            removed = self.wal.restart_after(meta)
+            self.markers = [m for m in self.markers if m.index >= meta.index]
+            removed += snaps.purge_snapshot_files_below(self.snap_dir, self.fsm_dir, meta.index,
+                                                        file_io=self.file_io)
+        return removed
 
     def open_fsm_payload(self, index: int) -> tuple[BinaryIO, int, int]:
         """:func:`~trio_raft.storage.fsm_snapshot.open_fsm_snapshot_payload` of the ``.fsm``
@@ -328,9 +347,12 @@ def _remove_spools(directory: str, file_io: FileIO) -> None:
 
 
 def restore_snapshot_state(state_machine: StateMachine | None, snapshot: Snapshot,
-                           fsm_dir: str, *, file_io: FileIO = OS_FILE_IO) -> int:
+                           fsm_dir: str, *, file_io: FileIO = OS_FILE_IO,
+                           cipher: PayloadCipher | None = None) -> int:
     """Restore ``state_machine`` from ``snapshot`` (the ``.fsm`` file its descriptor or token
-    names, or its inline payload); returns the effective applied index (the snapshot index)."""
+    names, or its inline payload); returns the effective applied index (the snapshot index).
+    A payload the descriptor says is sealed is opened through ``cipher``
+    (:class:`~trio_raft.errors.SealedSnapshotKeyError` without one)."""
     meta = snapshot.metadata
     if snapshot.is_empty() or state_machine is None:
         return meta.index
@@ -340,8 +362,13 @@ def restore_snapshot_state(state_machine: StateMachine | None, snapshot: Snapsho
     ref = descriptor.payload_ref(snapshot.data)
     if ref is not None:
         index, crc = ref
-        fsm.open_and_restore_fsm_snapshot(state_machine, fsm.fsm_snapshot_path(fsm_dir, index),
-                                          crc, file_io=file_io)
+        path = fsm.fsm_snapshot_path(fsm_dir, index)
+        sealed_key = descriptor.envelope_of(snapshot.data).sealed_key_id
+        sealed = None
+        if sealed_key:
+            sealed = (require_cipher(cipher, sealed_key, path), meta.index, meta.term)
+        fsm.open_and_restore_fsm_snapshot(state_machine, path, crc, file_io=file_io,
+                                          sealed=sealed)
     else:
         state_machine.restore(io.BytesIO(snapshot.data))
     return meta.index
@@ -397,7 +424,9 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
                     max_wal_files: int = MAX_WAL_FILES,
                     max_snap_files: int = snaps.MAX_SNAP_FILES,
                     file_io: FileIO = OS_FILE_IO,
-                    restore_policy: RestorePolicy | None = None) -> DiskState:
+                    restore_policy: RestorePolicy | None = None,
+                    cipher: PayloadCipher | None = None,
+                    before_restore: Callable[[Snapshot], None] | None = None) -> DiskState:
     """Open (or initialise) ``data_dir`` following the recovery order of the module docstring.
 
     ``peers`` are the configured peers (used only for a fresh data dir; ``join`` forces the join
@@ -409,6 +438,10 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
     (also when no .snap file matches any WAL-valid snapshot marker), PeersFileError),
     StorageIOError / WALIOError for a disk failure (nothing half-made is accepted by the next
     open) and NoPeersConfiguredError for a fresh dir without peers.
+
+    At a restart, ``before_restore`` is called with the recovered snapshot before the restore
+    decision (the engine installs the keys its descriptor carries); a sealed payload is opened
+    through ``cipher``.
     """
     data_dir = os.fspath(data_dir)
     snap_dir = os.path.join(data_dir, SNAP_DIR)
@@ -439,6 +472,8 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             snap = loaded or EMPTY_SNAPSHOT
             contents = wal.read_all(snap.metadata.index, snap.metadata.term)
             cluster_id = _recovered_cluster_id(data_dir, snap, file_io)
+            if before_restore is not None and not snap.is_empty():
+                before_restore(snap)
             last_index = (contents.entries[-1].index if contents.entries
                           else snap.metadata.index)
             skip = restore_policy is not None and restore_policy.skip_restore(
@@ -446,7 +481,8 @@ def open_disk_state(data_dir: str | os.PathLike[str], peers: Sequence[PersistedP
             applied = snap.metadata.index
             restored = False
             if not skip:
-                applied = restore_snapshot_state(state_machine, snap, fsm_dir, file_io=file_io)
+                applied = restore_snapshot_state(state_machine, snap, fsm_dir, file_io=file_io,
+                                                 cipher=cipher)
                 restored = state_machine is not None and not snap.is_empty()
         except BaseException:
             wal.close()

@@ -47,7 +47,7 @@ from trio_raft.core.messages import (
 )
 from trio_raft.errors import DataDirNotEmptyError, RecoveryError, SnapshotFileError
 from trio_raft.storage import descriptor as desc
-from trio_raft.storage.backup import BackupInfo, BackupPayload, verify_backup
+from trio_raft.storage.backup import BackupInfo, BackupPayload, read_backup_info, verify_backup
 from trio_raft.storage.cluster_id import new_cluster_id, save_cluster_id
 from trio_raft.storage.fileio import DIR_MODE, OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
@@ -76,6 +76,7 @@ from trio_raft.storage.recovery import (
     boot_conf_state,
     snapshot_members,
 )
+from trio_raft.storage.sealing import PayloadCipher, require_cipher
 from trio_raft.storage.snapshots import Snapshotter
 from trio_raft.storage.wal import WAL
 
@@ -86,9 +87,17 @@ RESTORING_SUFFIX = ".restoring"
 
 def restore_backup(backup_path: str | os.PathLike[str], data_dir: str | os.PathLike[str],
                    peers: Sequence[PersistedPeer], *,
-                   file_io: FileIO = OS_FILE_IO) -> BackupInfo:
+                   file_io: FileIO = OS_FILE_IO,
+                   cipher: PayloadCipher | None = None) -> BackupInfo:
     """Prepare ``data_dir`` (absent or empty) from the backup at ``backup_path`` for a new
-    cluster of ``peers``; returns what the backup holds. See the module docstring."""
+    cluster of ``peers``; returns what the backup holds. See the module docstring.
+
+    A sealed backup needs ``cipher`` (opened with the cluster's KEK, holding the key the
+    payload is sealed under: the caller installs the backup's key ring first, e.g. with
+    ``trio_raft.engine.envelope_gate.adopt_envelope``): every chunk is verified before
+    anything is written, the payload is kept sealed in ``fsm-snap/``, and the snapshot
+    descriptor carries the key ring, the cutover and the sealed key id, so the restored node
+    has every key it needs."""
     backup_path, dest = os.fspath(backup_path), os.path.abspath(os.fspath(data_dir))
     if not peers or not any(p.suffrage != LEARNER for p in peers):
         raise ValueError("restore: at least one voter is required")
@@ -98,7 +107,10 @@ def restore_backup(backup_path: str | os.PathLike[str], data_dir: str | os.PathL
     if lexists(dest, file_io=file_io) and (
             not is_dir(dest, file_io=file_io) or listdir_if_exists(dest, file_io=file_io)):
         raise DataDirNotEmptyError(f"{dest}: restore needs an empty data dir")
-    info = verify_backup(backup_path, file_io=file_io)
+    info = read_backup_info(backup_path, file_io=file_io)
+    if info.sealed:
+        require_cipher(cipher, info.envelope.sealed_key_id, backup_path)
+    info = verify_backup(backup_path, file_io=file_io, cipher=cipher)
     tmp = dest + RESTORING_SUFFIX
     remove_tree(tmp, file_io=file_io)  # a failed earlier attempt
     parent = os.path.dirname(dest)
@@ -111,7 +123,8 @@ def restore_backup(backup_path: str | os.PathLike[str], data_dir: str | os.PathL
         crc = write_fsm_snapshot_file(BackupPayload(backup_path, file_io),
                                       os.path.join(tmp, FSM_DIR), info.index, file_io=file_io)
         data = desc.encode_descriptor(desc.SnapshotDescriptor(
-            encode_snapshot_token(info.index, crc), cluster_id, snapshot_members(peers)))
+            encode_snapshot_token(info.index, crc), cluster_id, snapshot_members(peers),
+            envelope=info.envelope))
         snap = Snapshot(SnapshotMetadata(boot_conf_state(peers), info.index, info.term), data)
         Snapshotter(os.path.join(tmp, SNAP_DIR), file_io=file_io).save(snap)
         with WAL.create(os.path.join(tmp, WAL_DIR), file_io=file_io) as wal:

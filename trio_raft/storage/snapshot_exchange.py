@@ -30,7 +30,11 @@ the index from snapshot retention. The :class:`IncomingSnapshot` then
 
 * ``write``: appends bytes (unbuffered: each chunk is handed to the disk before ``write``
   returns), computing CRC32C over exactly the bytes written, refusing anything past the size cap
-  (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`);
+  (:class:`~trio_raft.errors.SnapshotPayloadTooLargeError`); when the exchange's
+  ``sealed_required(index)`` says the node's envelope is on for that index, a payload that
+  does not start like a sealed stream (``trio_raft/envelope/stream.py``) is refused before any
+  byte of it reaches the spool (:class:`~trio_raft.errors.SealedSnapshotRequiredError`), so a
+  spool never holds cleartext the node knows should be sealed;
 * ``finalize``: refuses a stale index or a payload whose CRC differs from the one the sender
   announced, else appends the big-endian CRC footer, fsyncs, closes, renames to ``%016x.fsm``,
   fsyncs the directory and returns the new ``Snapshot.data``: the data the sender announced
@@ -74,6 +78,7 @@ from trio_raft.errors import (
     FSMSnapshotFileCRCError,
     FSMSnapshotTokenCRCError,
     ReceivedFSMSnapshotStaleError,
+    SealedSnapshotRequiredError,
     SnapshotPayloadCRCError,
     SnapshotPayloadTooLargeError,
     StorageIOError,
@@ -98,6 +103,8 @@ from trio_raft.storage.recovery import SPOOL_PREFIX
 
 log = logging.getLogger(__name__)
 
+#: The first bytes of a sealed payload (``trio_raft/envelope/stream.py``; docs/formats.md).
+SEALED_MAGIC = b"TRSP"
 #: Default cap on one received snapshot payload (16 GiB).
 DEFAULT_MAX_SNAPSHOT_BYTES = 16 << 30
 SPOOL_SUFFIX = ".spool"
@@ -182,6 +189,8 @@ class IncomingSnapshot:
         self._fd: int | None = fd
         self.spool_path: str | None = path
         self.final_path: str | None = None
+        #: Bytes that must start the payload (the sealed magic), not yet all seen.
+        self._must_start = SEALED_MAGIC if exchange.sealed_required(index) else b""
         self._state = "open"  # open -> finalized -> (aborted) | open -> aborted
 
     @property
@@ -197,6 +206,13 @@ class IncomingSnapshot:
             if self.size + n > self.max_bytes:
                 raise SnapshotPayloadTooLargeError(
                     f"{self.size + n} bytes > limit {self.max_bytes}")
+            if self._must_start:
+                head = bytes(memoryview(data)[:len(self._must_start)])
+                if not self._must_start.startswith(head):
+                    raise SealedSnapshotRequiredError(
+                        f"index {self.index}: this node's envelope is on above its cutover, "
+                        "and the payload is not sealed")
+                self._must_start = self._must_start[len(head):]
             try:
                 with io_errors("write", spool):
                     write_all(fd, data, file_io=self._io)
@@ -225,6 +241,11 @@ class IncomingSnapshot:
                     f"index {self.index}: received {self.crc:#010x}, sender announced "
                     f"{expected_crc:#010x}")
             self._exchange._check_fresh(self.index)
+            if self._must_start or (self._exchange.sealed_required(self.index) and announced
+                                    and not descriptor.envelope_of(announced).sealed_key_id):
+                raise SealedSnapshotRequiredError(
+                    f"index {self.index}: this node's envelope is on above its cutover, and "
+                    "the snapshot is not sealed")
             token = fsm.encode_snapshot_token(self.index, self.crc)
             data = descriptor.with_token(announced, token) if announced else token
             final = fsm.fsm_snapshot_path(self._exchange.fsm_dir, self.index)
@@ -274,9 +295,12 @@ class SnapshotExchange:
 
     def __init__(self, fsm_dir: str | os.PathLike[str], applied_index: Callable[[], int], *,
                  max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
-                 file_io: FileIO = OS_FILE_IO) -> None:
+                 file_io: FileIO = OS_FILE_IO,
+                 sealed_required: Callable[[int], bool] = lambda index: False) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
+        #: Whether a payload received for an index must be sealed (the engine's envelope).
+        self.sealed_required = sealed_required
         self.fsm_dir = os.fspath(fsm_dir)
         self.max_bytes = max_bytes
         #: The seam every file access of this exchange goes through.

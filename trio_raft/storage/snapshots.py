@@ -225,6 +225,28 @@ def purge_old_snapshot_files(snap_dir: str, fsm_dir: str, keep: int = MAX_SNAP_F
     return removed
 
 
+def purge_snapshot_files_below(snap_dir: str, fsm_dir: str, index: int, *,
+                               file_io: FileIO = OS_FILE_IO) -> list[str]:
+    """Delete every ``.snap`` and ``.fsm`` file below ``index`` (the caller keeps a durable
+    snapshot at ``index``); both directories are fsynced. Raises :class:`StorageIOError` on
+    the first failure."""
+    removed: list[str] = []
+    for sf in Snapshotter(snap_dir, file_io=file_io).files():
+        if sf.index < index:
+            unlink_if_exists(sf.path, file_io=file_io)
+            removed.append(sf.path)
+    for fsm_index, path in sorted(_fsm_files(fsm_dir, file_io).items()):
+        if fsm_index < index:
+            unlink_if_exists(path, file_io=file_io)
+            removed.append(path)
+    if removed:
+        for d in (snap_dir, fsm_dir):
+            if is_dir(d, file_io=file_io):
+                fsync_dir(d, file_io=file_io)
+        log.info("purged snapshot files below index %d: %s", index, removed)
+    return removed
+
+
 def cleanup_stale_fsm_files(snap_dir: str, fsm_dir: str, *,
                             file_io: FileIO = OS_FILE_IO) -> list[str]:
     """Delete ``*.fsm.tmp`` files, and ``.fsm`` files with no ``.snap`` at the same index."""

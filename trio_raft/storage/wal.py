@@ -332,6 +332,49 @@ class WAL:
         close_quietly(old_fd, last.path, file_io=self._io)  # fdatasynced above
         log.debug("wal: cut segment %s", seg.path)
 
+    def restart_after(self, meta: SnapshotMetadata) -> list[str]:
+        """Start a new segment named ``meta.index + 1`` holding everything recovery needs from
+        the snapshot ``meta`` on (its marker, the entries after it, the hard state), fsynced,
+        then delete every older segment; returns the deleted paths.
+
+        The WAL must hold a marker for ``meta`` (:meth:`read_all` checks). A crash before the
+        old segments are gone leaves them and the new one: the entries the new segment
+        repeats replace their earlier copies on replay, so the log reads the same. Used to
+        drop, in one step, every entry at or below a snapshot (``docs/envelope.md``: no
+        cleartext left after the cutover).
+        """
+        self._check_usable()
+        contents = self.read_all(meta.index, meta.term)
+        old_fd = self._fd
+        assert old_fd is not None
+        last = self._segments[-1]
+        seg = Segment(last.seq + 1, meta.index + 1,
+                      os.path.join(self.dir, segment_name(last.seq + 1, meta.index + 1)))
+        try:
+            with io_errors("fdatasync", last.path):
+                self._io.fdatasync(old_fd)
+            size = ws.write_new_segment(seg, self.metadata, self._hard_state, self._io)
+            new_fd = ws.open_for_append(seg.path, self._io)
+        except StorageIOError as exc:
+            raise self._poison(ws.to_wal_error(
+                exc, f"wal: restarting in segment {seg.path}")) from exc.__cause__
+        self._fd = new_fd
+        self._segments.append(seg)
+        self._size = size
+        close_quietly(old_fd, last.path, file_io=self._io)
+        payload = bytearray()
+        encode_snapshot_metadata(meta, payload)
+        buf = bytearray()
+        rec.frame(rec.RecordType.SNAPSHOT, payload, buf)
+        for ent in contents.entries:
+            rec.frame(rec.RecordType.ENTRY, entry_to_bytes(ent), buf)
+        rec.frame(rec.RecordType.STATE, hard_state_to_bytes(self._hard_state), buf)
+        self._append(buf, True)
+        self._released_below = seg.seq
+        removed = self.purge(keep=1)
+        log.info("wal: restarted after the snapshot at index %d in %s", meta.index, seg.path)
+        return removed
+
     # -- retention --------------------------------------------------------------------------
     def release_to(self, index: int) -> None:
         """Mark segments before the one that holds ``index`` as not needed for recovery."""

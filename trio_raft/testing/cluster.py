@@ -27,7 +27,8 @@ import trio
 
 from trio_raft._groups import open_owning_nursery
 from trio_raft.engine.config import OpenConfig, derive_node_id
-from trio_raft.engine.engine import Engine, open_engine
+from trio_raft.engine.engine import Engine
+from trio_raft.engine.lifecycle import open_engine
 from trio_raft.engine.types import Peer, State
 from trio_raft.transport.base import TransportPeer
 from trio_raft.transport.memory import MemoryNetwork

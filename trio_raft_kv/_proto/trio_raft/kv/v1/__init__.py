@@ -13,8 +13,11 @@ __all__ = (
     "BackupRequest",
     "CasRequest",
     "CasResponse",
+    "CompactRequest",
     "DeleteRequest",
     "DeleteResponse",
+    "EncryptionRequest",
+    "EncryptionResponse",
     "GetRequest",
     "GetResponse",
     "KvBase",
@@ -165,6 +168,14 @@ default_message_pool.register_message("trio_raft.kv.v1", "CasResponse", CasRespo
 
 
 @dataclass(eq=False, repr=False)
+class CompactRequest(betterproto2.Message):
+    min_index: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("trio_raft.kv.v1", "CompactRequest", CompactRequest)
+
+
+@dataclass(eq=False, repr=False)
 class DeleteRequest(betterproto2.Message):
     key: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
@@ -180,6 +191,26 @@ class DeleteResponse(betterproto2.Message):
 
 
 default_message_pool.register_message("trio_raft.kv.v1", "DeleteResponse", DeleteResponse)
+
+
+@dataclass(eq=False, repr=False)
+class EncryptionRequest(betterproto2.Message):
+    pass
+
+
+default_message_pool.register_message("trio_raft.kv.v1", "EncryptionRequest", EncryptionRequest)
+
+
+@dataclass(eq=False, repr=False)
+class EncryptionResponse(betterproto2.Message):
+    cutover_index: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+    active_key_id: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
+
+    leader_id: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("trio_raft.kv.v1", "EncryptionResponse", EncryptionResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -308,6 +339,16 @@ class StatusResponse(betterproto2.Message):
     commit_index: "int" = betterproto2.field(6, betterproto2.TYPE_UINT64)
 
     applied_index: "int" = betterproto2.field(7, betterproto2.TYPE_UINT64)
+
+    envelope_on: "bool" = betterproto2.field(8, betterproto2.TYPE_BOOL)
+    """
+    The raft envelope on this node (docs/envelope.md): whether it is on, the key new entries
+    and snapshots are sealed with (0: none), the cutover index (0: none).
+    """
+
+    active_key_id: "int" = betterproto2.field(9, betterproto2.TYPE_UINT32)
+
+    cutover_index: "int" = betterproto2.field(10, betterproto2.TYPE_UINT64)
 
 
 default_message_pool.register_message("trio_raft.kv.v1", "StatusResponse", StatusResponse)
@@ -514,6 +555,73 @@ class AdminStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def encryption_enable(
+        self,
+        message: "EncryptionRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "EncryptionResponse":
+        """
+        The raft envelope (docs/envelope.md, docs/operations.md). EncryptionEnable, on the leader:
+        the cutover (idempotent: a cluster already on answers its cutover index). EncryptionRotate,
+        on the leader: a new data key, replicated and made active. Compact, on the node addressed:
+        once it has applied `min_index`, a snapshot at its applied index that becomes where its
+        data dir begins (no log entry or older snapshot at or below it stays on disk).
+        """
+
+        if message is None:
+            message = EncryptionRequest()
+
+        return await self._unary_unary(
+            "/trio_raft.kv.v1.Admin/EncryptionEnable",
+            message,
+            EncryptionResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def encryption_rotate(
+        self,
+        message: "EncryptionRequest | None" = None,
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "EncryptionResponse":
+
+        if message is None:
+            message = EncryptionRequest()
+
+        return await self._unary_unary(
+            "/trio_raft.kv.v1.Admin/EncryptionRotate",
+            message,
+            EncryptionResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def compact(
+        self,
+        message: "CompactRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AdminResponse":
+
+        return await self._unary_unary(
+            "/trio_raft.kv.v1.Admin/Compact",
+            message,
+            AdminResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class KvStub(betterproto2_grpclib.ServiceStub):
     async def put(
@@ -692,6 +800,25 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield BackupChunk()
 
+    async def encryption_enable(self, message: "EncryptionRequest") -> "EncryptionResponse":
+        """
+        The raft envelope (docs/envelope.md, docs/operations.md). EncryptionEnable, on the leader:
+        the cutover (idempotent: a cluster already on answers its cutover index). EncryptionRotate,
+        on the leader: a new data key, replicated and made active. Compact, on the node addressed:
+        once it has applied `min_index`, a snapshot at its applied index that becomes where its
+        data dir begins (no log entry or older snapshot at or below it stays on disk).
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def encryption_rotate(self, message: "EncryptionRequest") -> "EncryptionResponse":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def compact(self, message: "CompactRequest") -> "AdminResponse":
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_add_learner(
         self, stream: "grpclib.server.Stream[AddLearnerRequest, AdminResponse]"
     ) -> None:
@@ -759,6 +886,30 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_encryption_enable(
+        self, stream: "grpclib.server.Stream[EncryptionRequest, EncryptionResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.encryption_enable(request)
+        await stream.send_message(response)
+
+    async def __rpc_encryption_rotate(
+        self, stream: "grpclib.server.Stream[EncryptionRequest, EncryptionResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.encryption_rotate(request)
+        await stream.send_message(response)
+
+    async def __rpc_compact(
+        self, stream: "grpclib.server.Stream[CompactRequest, AdminResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.compact(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/trio_raft.kv.v1.Admin/AddLearner": grpclib.const.Handler(
@@ -808,6 +959,24 @@ class AdminBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 BackupRequest,
                 BackupChunk,
+            ),
+            "/trio_raft.kv.v1.Admin/EncryptionEnable": grpclib.const.Handler(
+                self.__rpc_encryption_enable,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                EncryptionRequest,
+                EncryptionResponse,
+            ),
+            "/trio_raft.kv.v1.Admin/EncryptionRotate": grpclib.const.Handler(
+                self.__rpc_encryption_rotate,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                EncryptionRequest,
+                EncryptionResponse,
+            ),
+            "/trio_raft.kv.v1.Admin/Compact": grpclib.const.Handler(
+                self.__rpc_compact,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                CompactRequest,
+                AdminResponse,
             ),
         }
 

@@ -1,12 +1,15 @@
 """Engine benchmark: a 3-node cluster, one OS process per node, gRPC on loopback, fsync on.
 
     python bench/engine_bench.py [--duration 5] [--concurrency 1,64,1024] [--size 100]
+                                 [--plot DIR] [--system LABEL]
 
 The orchestrator starts three node processes (this script with ``node``), waits for one to
 report leadership, and tells that node to run the workload: for each concurrency level, that
 many trio tasks propose 100-byte entries back to back for ``--duration`` seconds. The leader
 prints one JSON line per level (proposals/s, p50/p99 latency in ms); the orchestrator echoes them
-with the machine description. Figures, not assertions.
+with the machine description. Figures, not assertions. ``--plot DIR`` also draws the
+latency-throughput curve (``bench/plot.py``; matplotlib, the ``bench`` extra) as
+``DIR/engine.png`` and ``.svg``; ``--system`` labels the rows (and the curve).
 """
 
 from __future__ import annotations
@@ -188,9 +191,20 @@ def orchestrate(args: argparse.Namespace) -> None:
         with lock:
             ok = lock.wait_for(lambda: any('"event": "done"' in x for x in outputs[leader]),
                                timeout=budget)
+        rows = []
         for line in outputs[leader]:
             if line.startswith("{") and '"bench"' in line:
-                print(line, flush=True)
+                row = json.loads(line)
+                if args.system:
+                    row["system"] = args.system
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if args.plot and rows:
+            from plot import plot_rows
+
+            for path in plot_rows(rows, args.plot, "engine", "engine.propose, 3 processes, "
+                                  "fsync on"):
+                print(json.dumps({"event": "plot", "file": path}), flush=True)
         if not ok:
             raise SystemExit("benchmark did not finish in time")
     finally:
@@ -215,6 +229,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", default="1,64,1024")
     ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--plot", default=None, metavar="DIR",
+                    help="draw the latency-throughput curve into DIR (needs the bench extra)")
+    ap.add_argument("--system", default="", help="a label for the rows and the curve")
     args = ap.parse_args()
     if args.mode == "node":
         node_main(args)

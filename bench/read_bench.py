@@ -14,7 +14,8 @@ answered, for every combination of:
   followers serve linearizable reads themselves after asking the leader for the read index).
 
 Prints one JSON line per setting (ops/s, p50/p99 ms, errors), then the checks of
-docs/benchmarks.md (reads) and a table. Figures, not assertions.
+docs/benchmarks.md (reads) and a table; ``--plot DIR`` draws the curves (``bench/plot.py``).
+Figures, not assertions.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ async def run(args: argparse.Namespace) -> None:
         for mode, target, c in settings:
             targets = [leader] if target == "leader" else addrs
             await measure(client, targets, mode, min(c, 16), 0.3, args.keys)  # warm-up
-            r = {"mode": mode, "target": target, "concurrency": c,
+            r = {"bench": "read", "mode": mode, "target": target, "concurrency": c,
                  **await measure(client, targets, mode, c, args.duration, args.keys)}
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -227,6 +228,13 @@ async def run(args: argparse.Namespace) -> None:
             print(json.dumps(chk), flush=True)
         print()
         print(table(rows), flush=True)
+        if args.plot:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from plot import plot_rows
+
+            for path in plot_rows(rows, args.plot, "reads",
+                                  "Get through grpcio, 3 kvnode processes, fsync on"):
+                print(json.dumps({"event": "plot", "file": path}), flush=True)
     except BaseException:
         print(f"logs kept in {base}", file=sys.stderr)
         raise
@@ -243,6 +251,9 @@ def main() -> None:
     ap.add_argument("--modes", default="LINEARIZABLE,LEASE,LOCAL")
     ap.add_argument("--channels", type=int, default=4, help="grpcio channels per node")
     ap.add_argument("--keys", type=int, default=1000)
+    ap.add_argument("--plot", default=None, metavar="DIR",
+                    help="draw one latency-throughput curve per mode and target into DIR "
+                         "(DIR/reads.png and .svg; needs the bench extra)")
     asyncio.run(run(ap.parse_args()))
 
 

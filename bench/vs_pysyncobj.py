@@ -1,7 +1,7 @@
 """Side by side: a 3-process kvnode cluster (fsync on) against a 3-process PySyncObj cluster.
 
     python bench/vs_pysyncobj.py [--duration 10] [--concurrency 1,64,1024] [--size 100]
-                                 [--client grpclib,grpcio] [--connections 16]
+                                 [--client grpclib,grpcio] [--connections 16] [--plot DIR]
 
 Both clusters run on loopback, one OS process per node, and are driven by the same load
 generator (this process): ``c`` concurrent tasks send ``Put(key, 100-byte value)`` to the leader
@@ -33,7 +33,9 @@ connections (``--connections``, default 16; one channel per connection, none sha
 Prints a JSON line per system, client and setting (ops/s, p50/p99 latency in ms, and the CPU
 time each process spent per acknowledged op: leader, followers together, load generator), then
 two tables: kvnode against PySyncObj, and grpcio against the project's client. Figures, not
-assertions; loopback only. ``--systems`` picks a subset.
+assertions; loopback only. ``--systems`` picks a subset. ``--plot DIR`` draws one
+latency-throughput curve per system, rpc and client (``bench/plot.py``; matplotlib, the
+``bench`` extra) as ``DIR/vs_pysyncobj.png`` and ``.svg``.
 """
 
 from __future__ import annotations
@@ -590,6 +592,13 @@ async def orchestrate(args: argparse.Namespace) -> None:
     print()
     print(table(rows), flush=True)
     shutil.rmtree(base, ignore_errors=True)
+    if args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from plot import plot_rows
+
+        for path in plot_rows(rows, args.plot, "vs_pysyncobj",
+                              "Put behind the same gRPC front end, 3 processes"):
+            print(json.dumps({"event": "plot", "file": path}), flush=True)
 
 
 def main() -> None:
@@ -618,6 +627,8 @@ def main() -> None:
                          "kvnode-sealed: kvnode with encryption at rest on)")
     ap.add_argument("--snapshot-every", type=int, default=10_000,
                     help="kvnode's --snapshot-every (both kvnode systems)")
+    ap.add_argument("--plot", default=None, metavar="DIR",
+                    help="draw latency-throughput curves into DIR (needs the bench extra)")
     args = ap.parse_args()
     if args.mode == "pysyncobj-node":
         pysyncobj_node(args)

@@ -24,6 +24,7 @@ from trio_raft.engine import PeerProgress as PeerProgress
 from trio_raft.engine import ProposalResult as ProposalResult
 from trio_raft.engine import Server as Server
 from trio_raft.engine import Snapshot as Snapshot
+from trio_raft.engine import StageObserver as StageObserver
 from trio_raft.engine import State as State
 from trio_raft.engine import StateMachine as StateMachine
 from trio_raft.engine import Status as Status

@@ -19,7 +19,7 @@ never by ``import trio_raft``. A :class:`RaftMetrics` registers its histograms a
 in the registry it is given; each engine gets an :class:`EngineMetrics` under its own ``node``
 label value, so several engines in one process share one registry without colliding (a second
 ``RaftMetrics`` in the same registry, or a second engine with the same name, is refused).
-Histograms (proposal latency, WAL write + fsync) are fed by the engine's observer calls
+Histograms (proposal latency, WAL write + fsync, stages) are fed by the engine's observer calls
 (``OpenConfig.observer``, ``trio_raft/engine/observer.py``). Everything else is copied from the
 engine by :meth:`EngineMetrics.refresh` on the trio thread (``run`` calls it every
 ``interval`` seconds): the scrape, in the HTTP server's thread, only reads those copies and
@@ -57,6 +57,8 @@ name                                   type       meaning
                                                   ``result`` = ``ok`` or ``failed``
 ``proposal_seconds``                   histogram  propose until committed and applied
 ``wal_sync_seconds``                   histogram  one Ready's WAL write + fsync
+``stage_seconds{stage}``               histogram  one stage of a write or a read on this node
+                                                  (``trio_raft/engine/stages.py`` names them)
 =====================================  =========  ===========================================
 """
 
@@ -71,12 +73,16 @@ from typing import Any
 import trio
 
 from trio_raft.engine.engine import Engine
+from trio_raft.engine.stages import STAGES
 from trio_raft.engine.types import State
 from trio_raft.errors import MetricsUnavailableError
 
-#: Latency buckets (seconds) of both histograms.
+#: Latency buckets (seconds) of the proposal and WAL histograms.
 BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25,
            0.5, 1.0, 2.5, 5.0)
+#: Buckets of the stage histogram: most stages take tens to hundreds of microseconds.
+STAGE_BUCKETS = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016,
+                 0.05, 0.25, 1.0)
 _STATES = [s.value for s in State]
 _SNAPSHOT_EVENTS = ("written", "installed", "sent", "received")
 
@@ -107,6 +113,9 @@ class RaftMetrics:
         self.wal_sync_seconds = prom.Histogram(
             f"{namespace}_wal_sync_seconds", "one Ready's WAL write and fsync (group commit)",
             [label], buckets=BUCKETS, registry=self.registry)
+        self.stage_seconds = prom.Histogram(
+            f"{namespace}_stage_seconds", "one stage of a write or a read on this node",
+            [label, "stage"], buckets=STAGE_BUCKETS, registry=self.registry)
         self._collector = _Collector(self)
         self.registry.register(self._collector)
 
@@ -126,12 +135,16 @@ class RaftMetrics:
         for h in (self.proposal_seconds, self.wal_sync_seconds):
             with contextlib.suppress(KeyError):
                 h.remove(name)
+        for stage in STAGES:
+            with contextlib.suppress(KeyError):
+                self.stage_seconds.remove(name, stage)
 
     def close(self) -> None:
         """Unregister everything from the registry."""
         for name in list(self._engines):
             self.remove(name)
-        for c in (self._collector, self.proposal_seconds, self.wal_sync_seconds):
+        for c in (self._collector, self.proposal_seconds, self.wal_sync_seconds,
+                  self.stage_seconds):
             self.registry.unregister(c)
 
     def _snapshots(self) -> list[tuple[str, dict[str, Any]]]:
@@ -149,6 +162,7 @@ class EngineMetrics:
         self._parent = parent
         self._proposal = parent.proposal_seconds.labels(name)
         self._wal = parent.wal_sync_seconds.labels(name)
+        self._stages = {stage: parent.stage_seconds.labels(name, stage) for stage in STAGES}
         #: The exported values (replaced whole by :meth:`refresh`; read by the collector).
         self.values: dict[str, Any] = {}
         self._engine: Engine | None = None
@@ -159,6 +173,11 @@ class EngineMetrics:
 
     def proposal(self, seconds: float) -> None:
         self._proposal.observe(seconds)
+
+    def stage(self, stage: str, seconds: float, ended: float) -> None:
+        h = self._stages.get(stage)
+        if h is not None:
+            h.observe(seconds)
 
     # -- engine state ---------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:

@@ -379,6 +379,45 @@ def test_new_leader_serves_no_read_before_its_entry_commits() -> None:
     assert [(rs.index, rs.request_ctx) for rs in c.read_states[1]] == [(2, b"early")]
 
 
+def read_beats(msgs: list[Message]) -> list[bytes]:
+    """The contexts of the heartbeats in ``msgs`` that carry one (read rounds)."""
+    return [m.context for m in msgs if m.type is MT.HEARTBEAT and m.context]
+
+
+def test_read_index_rounds_are_batched_and_never_serve_an_earlier_read_arrival() -> None:
+    """§6.4: a read is served once a quorum acknowledged a heartbeat sent after it arrived.
+    Requests arriving while a round is in flight (the leader's own and those followers forward)
+    share the next broadcast; the one in flight never serves them."""
+    c = elected()
+    c.propose(1, b"w1")
+    c.nodes[1].read_index(b"a")
+    first = outbox(c, 1)
+    assert sorted(read_beats(first)) == [b"a", b"a"]  # one heartbeat per follower
+    c.propose(1, b"w2")  # commits (index 4) while round "a" is still in flight
+    c.nodes[1].read_index(b"b")
+    c.nodes[2].read_index(b"f")  # forwarded by a follower
+    c.queue.extend(outbox(c, 2))
+    c.deliver()  # ... delivers the forward, not yet round "a"
+    assert c.read_states[1] == [] and c.read_states[2] == []
+    assert read_beats(outbox(c, 1)) == []  # batched: no broadcast while "a" is in flight
+    # Round "a" answers; the next one (carrying the newest context, "f") is then lost.
+    c.filter = lambda m: not (m.type is MT.HEARTBEAT and m.context != b"a")
+    c.queue.extend(first)
+    c.deliver()
+    c.queue.extend(outbox(c, 1))
+    c.deliver()
+    assert [(rs.index, rs.request_ctx) for rs in c.read_states[1]] == [(3, b"a")]
+    assert c.read_states[2] == []  # "b" and "f" wait: round "a" left before they arrived
+    assert read_beats(c.dropped) == [b"f", b"f"]
+    c.heal()
+    c.tick(1)  # the periodic heartbeat carries the newest pending context
+    assert [(rs.index, rs.request_ctx) for rs in c.read_states[1]] == [(3, b"a"), (4, b"b")]
+    assert [(rs.index, rs.request_ctx) for rs in c.read_states[2]] == [(4, b"f")]
+    assert c.nodes[1].raft.read_only.pending == {}
+    c.run(lambda n: n.read_index(b"c"), 1)  # nothing in flight: its own round at once
+    assert c.read_states[1][-1].request_ctx == b"c"
+
+
 # ----------------------------------------------------------------------------------------------
 # Learners
 # ----------------------------------------------------------------------------------------------

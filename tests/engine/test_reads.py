@@ -169,3 +169,49 @@ async def test_lease_read_waits_until_the_leader_applied_its_commit_index(tmp_pa
             finally:
                 go.set()
         assert got == ["new"]
+
+
+async def test_a_forwarded_round_is_stamped_when_the_leader_took_it(clock):
+    """With the leader batching rounds (trio_raft/core/readonly.py), its heartbeats may carry a
+    follower's context instead of its own: the lease credits an echo of that context from the
+    instant the leader's loop first took the forwarded round (no heartbeat carried it before)."""
+    node = RoundRecorder()
+    reads = Reads(node, retry_after=10.0, probe_interval=1.0)  # type: ignore[arg-type]
+    read(reads, 1)
+    reads.start_rounds(is_leader=True, has_followers=True)
+    own_started = trio.current_time()
+    assert reads.started_at(node.contexts[0]) == own_started
+    await trio.sleep(2.0)
+    reads.note_forwarded(b"a follower's context")
+    took = trio.current_time()
+    await trio.sleep(3.0)
+    reads.note_forwarded(b"a follower's context")  # seen again later: the first time counts
+    assert reads.started_at(b"a follower's context") == took
+    assert reads.started_at(node.contexts[0]) == own_started
+    assert reads.started_at(b"never seen") is None
+
+
+async def test_reads_on_every_node_at_once_see_every_earlier_write(tmp_path, clock):
+    """Rounds from all three nodes meet at the leader, which batches them (its own and the
+    forwarded ones share heartbeat broadcasts): every read still sees the write acknowledged
+    before it started, and the leader's lease holds on through them."""
+    async with open_memory_cluster(tmp_path, 3, KV) as c:
+        leader = await c.wait_for_leader()
+        handles = c.running()
+        for i in range(4):
+            await leader.propose(b"set k %d" % i)
+            began = trio.current_time()
+            seen: list[str] = []
+
+            async def one(h: object, out: list[str]) -> None:
+                await h.engine.linearizable_read()  # type: ignore[attr-defined]
+                out.append(h.fsm.data["k"])  # type: ignore[attr-defined]
+
+            async with trio.open_nursery() as n:
+                for h in handles:
+                    for _ in range(8):
+                        n.start_soon(one, h, seen)
+            assert seen == [str(i)] * 24
+            ack = leader.last_quorum_ack()
+            assert ack is not None and ack >= began  # the lease was fed by these rounds
+        assert len(leader._loop.node.raft.read_only.pending) == 0  # white box: nothing stuck

@@ -124,7 +124,15 @@ def send_read_index_response(r: Raft, m: Message) -> None:
     ctx = m.entries[0].data
     r.read_only.add_request(r.log.committed, m)
     r.read_only.recv_ack(r.id, ctx)
-    r.bcast_heartbeat(ctx)
+    _broadcast_next_round(r)
+
+
+def _broadcast_next_round(r: Raft) -> None:
+    """Send the heartbeat of the next batch of read requests, unless one is in flight (those
+    requests then wait for the broadcast after it: readonly.py, "Batching")."""
+    ctx = r.read_only.take_round()
+    if ctx is not None:
+        r.bcast_heartbeat(ctx)
 
 
 def _respond_read_index(r: Raft, req: Message, index: int) -> None:
@@ -232,6 +240,7 @@ def _heartbeat_resp(r: Raft, m: Message) -> None:
         return
     for rs in r.read_only.advance(m.context):
         _respond_read_index(r, rs.req, rs.index)
+    _broadcast_next_round(r)
 
 
 def _snap_status(r: Raft, m: Message) -> None:

@@ -6,7 +6,12 @@ from trio_raft.engine.engine import Engine
 from trio_raft.engine.factory import Factory, FactoryConfig
 from trio_raft.engine.lifecycle import open_engine
 from trio_raft.engine.membership import join_role_violation_count
-from trio_raft.engine.observer import CounterValues, EngineObserver, NullObserver
+from trio_raft.engine.observer import (
+    CounterValues,
+    EngineObserver,
+    NullObserver,
+    StageObserver,
+)
 from trio_raft.engine.types import (
     SUFFRAGE_LEARNER,
     SUFFRAGE_VOTER,
@@ -41,6 +46,7 @@ __all__ = [
     "ProposalResult",
     "Server",
     "Snapshot",
+    "StageObserver",
     "State",
     "StateMachine",
     "Status",

@@ -14,6 +14,12 @@ A leader's append that carries no entries, only a new commit index, may be defer
 delay (:meth:`Dispatcher.defer`): when an append to the same peer leaves first it carries that
 commit index (or a newer one) and the deferred one is dropped, which saves a message and its
 answer per write at low load.
+
+Timing (only when the observer times stages, ``stages.py``): a replication message (an append
+carrying entries, or an append's answer) is stamped when it is handed to its lane; the sender
+task reports ``send`` (lane -> written, by the instant the transport's ``send`` returns) and
+``send_handoff`` (its call to the transport -> written), and a leader's appends are noted in
+``replication`` so that the follower's answer gives ``replicate``.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ import contextlib
 import enum
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import attrs
 import trio
 
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
+from trio_raft.engine import stages
 from trio_raft.engine.types import Peer
 from trio_raft.transport.base import Transport, TransportPeer, error_code
 
@@ -90,6 +98,8 @@ class PeerLanes:
         self.normal_send, self.normal_recv = trio.open_memory_channel[Message](normal_capacity)
         self.scopes: list[trio.CancelScope] = []
         self.closed = False
+        #: Timed messages waiting in a lane: ``id(message)`` -> when it was handed over.
+        self.handed: dict[int, float] = {}
         #: Sender tasks end by this trio-clock instant (set by ``retire``).
         self.deadline = math.inf
         self.workers_left = 2
@@ -129,8 +139,13 @@ class Dispatcher:
         transport: Transport | None,
         normal_capacity: int,
         report: Callable[[int, SendReport], None],
+        stage: stages.StageSink | None = None,
     ) -> None:
         self.transport = transport
+        #: Told of the ``send`` and ``send_handoff`` stages (None: nothing is timed).
+        self.stage = stage
+        #: When each timed append was written to each follower (``stages.REPLICATE``).
+        self.replication = stages.ReplicationClock()
         self.normal_capacity = normal_capacity
         self.stats = DispatchStats()
         self._report = report
@@ -209,6 +224,7 @@ class Dispatcher:
 
     def _drop_lanes(self, node_id: int) -> None:
         self._deferred.pop(node_id, None)
+        self.replication.forget(node_id)
         lanes = self._lanes.pop(node_id, None)
         if lanes is not None:
             lanes.close()
@@ -228,9 +244,14 @@ class Dispatcher:
             self.stats.record_drop()
             self._report(m.to, failure_report(m))
             return
+        timed = self.stage is not None and _timed(m)
+        if timed:
+            lanes.handed[id(m)] = time.perf_counter()
         try:
             lanes.lane_for(m).send_nowait(m)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            if timed:
+                lanes.handed.pop(id(m), None)
             self.stats.record_drop()
             self._report(m.to, failure_report(m))
 
@@ -259,8 +280,11 @@ class Dispatcher:
                             m = await recv.receive()
                         except trio.EndOfChannel:
                             return
+                    handed = lanes.handed.pop(id(m), None) if lanes.handed else None
                     if m.type is MessageType.APP:
-                        m, carry = coalesce_appends(m, recv, self.max_coalesced_bytes)
+                        m, carry = coalesce_appends(
+                            m, recv, self.max_coalesced_bytes,
+                            (lambda t: lanes.handed.pop(id(t), None)) if lanes.handed else None)
                     transport = self.transport
                     assert transport is not None
                     if m.type is MessageType.SNAP and not includes(m, m.to):
@@ -274,13 +298,35 @@ class Dispatcher:
                         if m.type is MessageType.SNAP:
                             await transport.send_snapshot(m)
                             self._report(m.to, SendReport.SNAPSHOT_SENT)
-                        else:
+                        elif handed is None:
                             await transport.send(m)
+                        else:
+                            called = time.perf_counter()
+                            written = await transport.send(m)
+                            self._timed_send(m, handed, called, written)
                     except trio.Cancelled:
                         raise
                     except Exception as exc:
                         self.stats.record_error(exc)
                         self._report(m.to, failure_report(m))
+
+
+    def _timed_send(self, m: Message, handed: float, called: float,
+                    written: float | None) -> None:
+        sink = self.stage
+        if sink is None:
+            return
+        if written is None:
+            written = time.perf_counter()
+        sink(stages.SEND, written - handed, written)
+        sink(stages.SEND_HANDOFF, max(0.0, written - called), written)
+        if m.type is MessageType.APP and m.entries:
+            self.replication.written(m.to, m.entries[-1].index, written)
+
+
+def _timed(m: Message) -> bool:
+    """Whether ``m`` is a replication message whose ``send`` stage is timed."""
+    return (m.type is MessageType.APP and bool(m.entries)) or m.type is MessageType.APP_RESP
 
 
 def includes(m: Message, node_id: int) -> bool:
@@ -294,7 +340,8 @@ def includes(m: Message, node_id: int) -> bool:
 
 
 def coalesce_appends(
-    first: Message, recv: trio.MemoryReceiveChannel[Message], max_bytes: int
+    first: Message, recv: trio.MemoryReceiveChannel[Message], max_bytes: int,
+    on_take: Callable[[Message], object] | None = None,
 ) -> tuple[Message, Message | None]:
     """Merge appends already queued behind ``first`` into one message.
 
@@ -302,7 +349,8 @@ def coalesce_appends(
     (in replicate state, each starts where the last ended). Sending them as one append carrying
     all their entries and the newest commit index is what the follower would have ended up with
     anyway, and costs one round trip instead of many. Returns the merged append and the first
-    queued message that could not be merged (to be sent next), if any.
+    queued message that could not be merged (to be sent next), if any. ``on_take`` is called
+    with each message merged into ``first``.
     """
     merged = first
     entries = list(first.entries)
@@ -324,6 +372,8 @@ def coalesce_appends(
             if changed:
                 merged = attrs.evolve(merged, entries=tuple(entries))
             return merged, nxt
+        if on_take is not None:
+            on_take(nxt)
         entries.extend(nxt.entries)
         size += sum(len(e.data) for e in nxt.entries)
         merged = attrs.evolve(merged, commit=max(merged.commit, nxt.commit))

@@ -3,9 +3,10 @@
 Owns the queues the run loop drains each turn (see ``loop.py``) and the event that wakes it:
 
 * ``requests``: proposals, reads and admin requests from callers, in arrival order;
-* ``priority`` and ``bulk``: inbound raft messages. Heartbeats, votes, read-index traffic and
-  timeout-now (``PRIORITY_MESSAGE_TYPES``) queue apart from appends and snapshots, so a flood of
-  appends never delays an election or a lease;
+* ``priority`` and ``bulk``: inbound raft messages, each with the instant the transport read it
+  (``transport.base.RECEIVED_AT``, None when unknown). Heartbeats, votes, read-index traffic
+  and timeout-now (``PRIORITY_MESSAGE_TYPES``) queue apart from appends and snapshots, so a
+  flood of appends never delays an election or a lease;
 * ``reports``: what the dispatcher learned sending (peer unreachable, snapshot failed or
   delivered);
 * ``ticks``: elapsed tick intervals not yet given to raft.
@@ -19,6 +20,7 @@ and raft's retries cover the loss.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 
 import trio
@@ -47,8 +49,10 @@ class Inbox:
 
     def __init__(self, bulk_capacity: int) -> None:
         self.requests: deque[Request] = deque()
-        self.priority: deque[Message] = deque()
-        self.bulk: deque[Message] = deque()
+        #: ``time.perf_counter()`` when the oldest request now queued was put (``stages.QUEUE``).
+        self.requests_since = 0.0
+        self.priority: deque[tuple[Message, float | None]] = deque()
+        self.bulk: deque[tuple[Message, float | None]] = deque()
         self.reports: deque[tuple[int, SendReport]] = deque()
         self.ticks = 0
         self.close_requested = False
@@ -77,11 +81,14 @@ class Inbox:
             await self._wake.wait()
 
     def put_request(self, req: Request) -> None:
+        if not self.requests:
+            self.requests_since = time.perf_counter()
         self.requests.append(req)
         self.wake()
 
-    def put_message(self, m: Message) -> None:
-        """Queue an inbound raft message; raises StepQueueFullError when its queue is full."""
+    def put_message(self, m: Message, received_at: float | None = None) -> None:
+        """Queue an inbound raft message (read from the network at ``received_at``, when
+        known); raises StepQueueFullError when its queue is full."""
         if m.type in PRIORITY_MESSAGE_TYPES:
             queue, cap = self.priority, PRIORITY_QUEUE_CAPACITY
         else:
@@ -89,7 +96,7 @@ class Inbox:
         if len(queue) >= cap:
             self.full_count += 1
             raise StepQueueFullError()
-        queue.append(m)
+        queue.append((m, received_at))
         self.wake()
 
     def put_report(self, node_id: int, report: SendReport) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,12 @@ from trio_raft.core.errors import StepPeerNotFoundError
 from trio_raft.core.messages import NONE, EntryType, Message, MessageType, Ready, StateType
 from trio_raft.core.raft import Config as CoreConfig
 from trio_raft.core.rawnode import RawNode
+from trio_raft.engine import stages
 from trio_raft.engine.admin import AdminHandler
 from trio_raft.engine.admission import Admission
 from trio_raft.engine.applier import Applier
 from trio_raft.engine.config import OpenConfig
-from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.engine.dispatch import Dispatcher, SendReport
 from trio_raft.engine.envelope_gate import EnvelopeGate
 from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
@@ -62,7 +64,7 @@ from trio_raft.engine.opening import OpenedState
 from trio_raft.engine.pending import Pending
 from trio_raft.engine.persist import LogWriter
 from trio_raft.engine.reads import Reads
-from trio_raft.engine.requests import Request
+from trio_raft.engine.requests import ProposeRequest, Request
 from trio_raft.engine.snapshots import Snapshots
 from trio_raft.engine.status import Edge, StatusView
 from trio_raft.engine.types import StateMachine, Status
@@ -73,7 +75,7 @@ from trio_raft.errors import (
     LeadershipLostError,
 )
 from trio_raft.storage.snapshot_exchange import SnapshotExchange
-from trio_raft.transport.base import ServingTransport, Transport
+from trio_raft.transport.base import RECEIVED_AT, ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -123,23 +125,29 @@ class RunLoop:
             peers=opened.peers, conf_state=opened.conf_state,
             config_index=opened.config_index, fence=opened.fence,
             join_as_learner=cfg.join_as_learner)
+        #: Told of WAL writes, proposals and stages (``observer.py``); counts kept here.
+        self.observer = safe_observer(cfg.observer)
+        self.counters = EngineCounters()
+        #: Where stage timings go (``stages.py``); None: nothing is timed.
+        self.stage = stages.stage_sink(self.observer)
+        self._commit_moved: float | None = None
+        self._answer_from: float | None = None
         self.reads = Reads(self.node, retry_after=cfg.election_tick * cfg.tick_interval,
-                           probe_interval=cfg.heartbeat_tick * cfg.tick_interval)
+                           probe_interval=cfg.heartbeat_tick * cfg.tick_interval,
+                           stage=self.stage)
         self.pending = Pending(self.reads)
         self.lease = Lease(self.node, cfg.node_id)
-        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_report)
+        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_report,
+                                     self.stage)
         self.status_view = StatusView(self.node, self.membership, self.storage)
         self.gate = EnvelopeGate(
             cipher=cfg.raft_cipher, configured=cfg.raft_cutover_index, recorded=opened.cutover,
             data_dir=self.disk.data_dir, file_io=self.disk.file_io, inbox=self.inbox,
             proposals=self.pending.proposals, applied=lambda: self.applier.applied,
             tick_interval=cfg.tick_interval)
-        #: Told of WAL writes and proposals (``observer.py``); counts kept here.
-        self.observer = safe_observer(cfg.observer)
-        self.counters = EngineCounters()
         self.log_writer = LogWriter(disk=self.disk, storage=self.storage, io=io,
-                                    observer=self.observer.wal_write,
-                                    test_delay=cfg.test_persist_delay)
+                                    observer=self.observer.wal_write, stage=self.stage,
+                                    test_delay=cfg.test_persist_delay, inline=InlineWrites())
         self.snapshots = Snapshots(
             fsm=fsm, disk=self.disk, storage=self.storage, io=io,
             position=lambda: (self.applier.applied, self.membership.conf_state,
@@ -204,9 +212,15 @@ class RunLoop:
         (an entry already handed to raft may still commit)."""
         self.submit(req)
         try:
-            return await req.waiter.wait()
+            result = await req.waiter.wait()
         finally:
             self.pending.forget(req)
+        if self._answer_from is not None and isinstance(req, ProposeRequest):
+            if self.stage is not None:
+                now = time.perf_counter()
+                self.stage(stages.ANSWER, now - self._answer_from, now)
+            self._answer_from = None
+        return result
 
     async def handle_inbound(self, m: Message) -> None:
         """The transport's inbound handler: queue ``m`` for the loop, or raise."""
@@ -215,7 +229,11 @@ class RunLoop:
                 await self._started.wait()
         if self.closed or not self._started.is_set():
             raise EngineClosedError()
-        self.inbox.put_message(m)
+        received = RECEIVED_AT.get()
+        self.inbox.put_message(m, received)
+        if received is not None and self.stage is not None and _replication(m):
+            now = time.perf_counter()
+            self.stage(stages.RECEIVE_HANDOFF, now - received, now)
         if m.type is MessageType.SNAP:
             self.counters.snapshots_received += 1
 
@@ -286,9 +304,9 @@ class RunLoop:
         # campaign over a pause of its own. Ticks left out are dropped, as a Go ticker drops
         # them; the lease does not count ticks (lease.py), so this only delays timeouts.
         while inbox.priority:
-            self._step(inbox.priority.popleft())
+            self._step(*inbox.priority.popleft())
         while inbox.bulk:
-            self._step(inbox.bulk.popleft())
+            self._step(*inbox.bulk.popleft())
         ticks, inbox.ticks = inbox.ticks, 0
         for _ in range(min(ticks, max(1, self.cfg.election_tick - 1))):
             node.tick()
@@ -299,11 +317,15 @@ class RunLoop:
             else:
                 node.report_snapshot(node_id, report is SendReport.SNAPSHOT_SENT)
         if inbox.requests:
+            if self.stage is not None:
+                now = time.perf_counter()
+                self.stage(stages.QUEUE, now - inbox.requests_since, now)
             self.admission.take(inbox.requests)
         self._start_read_rounds()
 
-    def _step(self, m: Message) -> None:
+    def _step(self, m: Message, received: float | None = None) -> None:
         self.status_view.note_contact(m)
+        committed = self.node.raft.log.committed
         try:
             self.node.step(m)
         except StepPeerNotFoundError:
@@ -311,9 +333,26 @@ class RunLoop:
         except CoreRaftError as exc:
             logger.debug("ignored %s from %x: %s", m.type.name, m.from_, exc)
             return
-        if m.context:
+        if self.stage is not None and _replication(m):
+            self._time_step(m, received, committed)
+        if m.type is MessageType.READ_INDEX and m.entries and self.is_leader():
+            self.reads.note_forwarded(m.entries[0].data)
+        elif m.context:
             self.lease.on_heartbeat_response(m, self.membership.conf_state.voters,
                                              self.reads.started_at(m.context))
+
+    def _time_step(self, m: Message, received: float | None, committed: int) -> None:
+        sink = self.stage
+        assert sink is not None
+        now = time.perf_counter()
+        if received is not None:
+            sink(stages.RECEIVE, now - received, now)
+        if m.type is MessageType.APP_RESP and not m.reject:
+            took = self.dispatcher.replication.acked(m.from_, m.index, now)
+            if took is not None:
+                sink(stages.REPLICATE, took, now)
+            if self.node.raft.log.committed > committed and self._commit_moved is None:
+                self._commit_moved = now
 
     def _start_read_rounds(self) -> None:
         self.reads.start_rounds(is_leader=self.is_leader(),
@@ -330,7 +369,7 @@ class RunLoop:
                 self._send(rd)
             if rd.snapshot is not None:
                 await self.applier.install_snapshot(rd.snapshot)
-            await self.log_writer.persist(rd)
+            await self.log_writer.persist(rd, parallel=early)
             if rd.entries:
                 self.membership.note_appended(rd.entries)
                 self.gate.note_appended(rd.entries)
@@ -342,16 +381,34 @@ class RunLoop:
             if not early and not late:
                 self._send(rd)
             if rd.committed_entries:
-                await self.applier.apply(rd.committed_entries)
+                if self.stage is None:
+                    await self.applier.apply(rd.committed_entries)
+                else:
+                    await self._timed_apply(rd)
             if late:
                 self._send(rd, defer_commit_only=True)
             self.reads.on_ready(rd)
             self._start_read_rounds()  # the next round starts as soon as one completes
+            committed = node.raft.log.committed
             node.advance(rd)
+            if (self.stage is not None and node.raft.log.committed > committed
+                    and self._commit_moved is None):
+                self._commit_moved = time.perf_counter()  # the leader's own write counted
             self._maybe_snapshot()
             self._refresh_status()
             self.reads.release_applied(self.applier.applied)
         self._refresh_status()
+
+    async def _timed_apply(self, rd: Ready) -> None:
+        sink = self.stage
+        assert sink is not None
+        started = time.perf_counter()
+        if self._commit_moved is not None:
+            sink(stages.COMMIT, started - self._commit_moved, started)
+            self._commit_moved = None
+        await self.applier.apply(rd.committed_entries)
+        self._answer_from = now = time.perf_counter()
+        sink(stages.APPLY, now - started, now)
 
     def _send(self, rd: Ready, defer_commit_only: bool = False) -> None:
         send = self.dispatcher.defer if defer_commit_only else self.dispatcher.send
@@ -413,3 +470,9 @@ class RunLoop:
             return err
 
         self._shutdown(failed)
+
+
+def _replication(m: Message) -> bool:
+    """Whether ``m`` is a replication message whose ``receive`` stage is timed (an append
+    carrying entries, or an append's answer)."""
+    return (m.type is MessageType.APP and bool(m.entries)) or m.type is MessageType.APP_RESP

@@ -3,8 +3,11 @@ happens, and what it can read at any time.
 
 * :class:`EngineObserver` (``OpenConfig.observer``): called by the engine, on its trio thread,
   when something worth a histogram happens: a WAL write (and fsync) finished, a proposal was
-  committed and applied. Calls must be quick and must not raise (an exception is logged and the
-  observer is called again next time: a broken metric never stops the engine).
+  committed and applied, and (a :class:`StageObserver`) a stage of a write or a read ended
+  (``stages.py`` names them; an observer without a ``stage`` method of its own, like
+  :class:`NullObserver`, turns that timing off). Calls must be quick and must not raise (an
+  exception is logged and the observer is called again next time: a broken metric never stops
+  the engine).
   :class:`NullObserver` does nothing; subclass it to observe some events only.
   ``trio_raft.metrics`` implements one.
 * :class:`EngineCounters`: monotonic counts the run loop keeps (snapshots sent and received);
@@ -35,6 +38,19 @@ class EngineObserver(Protocol):
         submitted (``propose``, ``propose_admin``, ``propose_nowait``)."""
 
 
+
+@runtime_checkable
+class StageObserver(EngineObserver, Protocol):
+    """An :class:`EngineObserver` that also takes the stage timings (``stages.py``). The
+    engine looks for the ``stage`` method at open: an observer without one is not told, and
+    nothing is timed."""
+
+    def stage(self, stage: str, seconds: float, ended: float) -> None:
+        """A stage of this node's part of a write or a read took ``seconds`` and ended at the
+        ``time.perf_counter()`` instant ``ended`` (``stage`` is one of ``stages.STAGES``;
+        ``stages.py`` says where each starts and ends)."""
+
+
 class NullObserver:
     """An observer that ignores everything (the default)."""
 
@@ -44,24 +60,33 @@ class NullObserver:
     def proposal(self, seconds: float) -> None:
         pass
 
+    def stage(self, stage: str, seconds: float, ended: float) -> None:
+        pass
+
 
 class SafeObserver:
     """Wraps an observer so that an exception it raises is logged, never propagated."""
 
     def __init__(self, inner: EngineObserver) -> None:
-        self._inner = inner
+        self.inner = inner
 
     def wal_write(self, seconds: float) -> None:
         try:
-            self._inner.wal_write(seconds)
+            self.inner.wal_write(seconds)
         except Exception:
             logger.exception("engine observer failed (wal_write)")
 
     def proposal(self, seconds: float) -> None:
         try:
-            self._inner.proposal(seconds)
+            self.inner.proposal(seconds)
         except Exception:
             logger.exception("engine observer failed (proposal)")
+
+    def stage(self, stage: str, seconds: float, ended: float) -> None:
+        try:
+            self.inner.stage(stage, seconds, ended)  # type: ignore[attr-defined]
+        except Exception:
+            logger.exception("engine observer failed (stage)")
 
 
 def safe_observer(observer: EngineObserver | None) -> EngineObserver:

@@ -8,7 +8,10 @@ write returned are the entries appended to the in-memory ``MemoryStorage`` raft 
 
 A hard state that only moves the commit index needs no fsync (the commit index is recomputed
 from a quorum after a restart): it is written on the trio thread when no other writer holds the
-WAL, skipping a worker-thread round trip that would cost more than the write.
+WAL, skipping a worker-thread round trip that would cost more than the write. Small Readys are
+written (and fsynced) on the trio thread too while the disk is fast and the thread is idle
+(``diskio.InlineWrites``), except a leader's write made while its appends travel (off the
+commit's critical path); everything else goes to a worker thread.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ import trio
 
 from trio_raft.core.messages import Ready
 from trio_raft.core.storage import MemoryStorage
-from trio_raft.engine.diskio import DiskRunner
+from trio_raft.engine import stages
+from trio_raft.engine.diskio import DiskRunner, InlineWrites
 from trio_raft.storage.recovery import DiskPersistence
+
+#: Tasks ready to run beside the loop on a node that is otherwise idle: a follower's inbound
+#: consumer and the sender of its last answer, or a leader's two sender tasks.
+IDLE_RUNNABLE = 2
 
 
 class LogWriter:
@@ -29,18 +37,28 @@ class LogWriter:
 
     def __init__(self, *, disk: DiskPersistence, storage: MemoryStorage, io: DiskRunner,
                  observer: Callable[[float], None] | None = None,
-                 test_delay: Callable[[], float] | None = None) -> None:
+                 stage: stages.StageSink | None = None,
+                 test_delay: Callable[[], float] | None = None,
+                 inline: InlineWrites | None = None) -> None:
         self._disk = disk
+        #: When a write may run on the trio thread (None: never).
+        self.inline = inline
         self._storage = storage
         self._io = io
         #: Called with the seconds each WAL write (and fsync) took.
         self._observer = observer
+        #: Told of the ``wal`` and ``wal_handoff`` stages (None: not timed).
+        self._stage = stage
         #: Tests only: seconds to wait before each WAL write (a slow disk).
         self._test_delay = test_delay
 
-    async def persist(self, rd: Ready) -> None:
+    async def persist(self, rd: Ready, *, parallel: bool = False) -> None:
         """Make ``rd``'s entries, hard state and snapshot marker durable (the snapshot's
-        payload and ``.snap`` file are installed before, by the applier)."""
+        payload and ``.snap`` file are installed before, by the applier).
+
+        ``parallel``: a leader's write that runs while its appends travel to the followers
+        (``loop.py``, Raft thesis §10.2.1). It is off the commit's critical path, so it always
+        goes to a worker thread: the trio thread stays free for the followers' answers."""
         hs = rd.hard_state
         if (
             hs is not None
@@ -57,11 +75,46 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        started = time.perf_counter()
-        await self._io.run(self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
-        if self._observer is not None:
-            self._observer(time.perf_counter() - started)
+        if not (rd.snapshot is None and not parallel and await self._write_inline(rd)):
+            _, t = await self._io.run_timed(
+                self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
+            if self.inline is not None and rd.snapshot is None:
+                self.inline.record(False, t.inside, trio.current_time())
+            self._observed(t.resumed - t.called, t.inside, t.handoff, t.ended, t.resumed)
         if rd.entries:
             self._storage.append(rd.entries)
         if hs is not None:
             self._storage.set_hard_state(hs)
+
+    async def _write_inline(self, rd: Ready) -> bool:
+        """Write ``rd`` on this thread when the policy allows it and no other writer holds the
+        WAL; returns whether it did.
+
+        Only when at most :data:`IDLE_RUNNABLE` other tasks are ready to run: under load the
+        trio thread has work to do during the fsync, which a worker thread lets it do. Then a
+        checkpoint: tasks woken so far (sender tasks given messages just before) run before this
+        thread spends the fsync here."""
+        policy = self.inline
+        if policy is None or self._io.blocking:
+            return False
+        now = trio.current_time()
+        if not policy.allows(sum(len(e.data) for e in rd.entries), now):
+            return False
+        if trio.lowlevel.current_statistics().tasks_runnable > IDLE_RUNNABLE:
+            return False
+        await trio.lowlevel.checkpoint()
+        began = time.perf_counter()
+        if not self._disk.try_save_ready(rd.hard_state, rd.entries, rd.must_sync):
+            return False
+        ended = time.perf_counter()
+        policy.record(True, ended - began, now)
+        self._observed(ended - began, ended - began, 0.0, ended, ended)
+        return True
+
+    def _observed(self, total: float, inside: float, handoff: float, ended: float,
+                  resumed: float) -> None:
+        if self._observer is not None:
+            self._observer(total)
+        if self._stage is not None:
+            self._stage(stages.WAL, inside, ended)
+            self._stage(stages.WAL_HANDOFF, handoff, resumed)

@@ -26,16 +26,26 @@ Rounds that never answer (the forward to the leader lost, the leader gone) are s
 after an election timeout with every read they held, plus any that arrived meanwhile; the new
 round is started after all of them arrived, so the argument above holds for it too.
 
+The leader batches too (``trio_raft/core/readonly.py``, "Batching"): while one heartbeat
+broadcast for rounds is in flight, rounds that reach it (its own, and those followers forward)
+wait for the next broadcast, which carries the newest of their contexts. Every round is still
+confirmed only by a broadcast sent after it reached the leader, which is after it was started
+here, so the argument above is unchanged.
+
 ``verify_leader`` uses the same rounds, without waiting for apply, and only on the leader. The
 leader's lease (``lease.py``) is fed by the same rounds: a round this node started is stamped
 with the trio clock instant it started (``started_at``), and every voter that echoes it in a
-heartbeat answer heard from this leader after that instant. When no round was started for a
-heartbeat interval, the leader starts one with no reads in it (the lease probe).
+heartbeat answer heard from this leader after that instant. A round a follower forwarded is
+stamped with the instant the leader's loop took it (``note_forwarded``): its context, too, is
+only broadcast after that, and with batching the broadcast may carry a follower's context
+rather than the leader's own. When no round was started for a heartbeat interval, the leader
+starts one with no reads in it (the lease probe).
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -47,6 +57,7 @@ from trio_raft.core.messages import Ready
 from trio_raft.core.rawnode import RawNode
 from trio_raft.engine.contexts import decode_read_context, encode_read_context
 from trio_raft.engine.requests import ReadRequest
+from trio_raft.engine.stages import READ_ROUND, StageSink
 from trio_raft.engine.waiters import Waiter
 
 #: Rounds whose start instant is remembered for crediting late heartbeat answers.
@@ -71,8 +82,11 @@ class _Round:
 class Reads:
     """Pending reads of this node and its ReadIndex rounds (see the module docstring)."""
 
-    def __init__(self, node: RawNode, *, retry_after: float, probe_interval: float) -> None:
+    def __init__(self, node: RawNode, *, retry_after: float, probe_interval: float,
+                 stage: StageSink | None = None) -> None:
         self._node = node
+        #: Told of the ``read_round`` stage (None: not timed).
+        self._stage = stage
         self._retry_after = retry_after
         self._probe_interval = probe_interval
         self._pending: dict[int, _PendingRead] = {}
@@ -83,6 +97,8 @@ class Reads:
         self._last_start = float("-inf")
         #: Start instants of recent rounds this node started, for the lease.
         self._started: OrderedDict[int, float] = OrderedDict()
+        #: When this node (as leader) took recent rounds followers forwarded, by context.
+        self._forwarded: OrderedDict[bytes, float] = OrderedDict()
         #: Rounds started so far (for tests and metrics).
         self.rounds = 0
 
@@ -154,6 +170,9 @@ class Reads:
             if round_id is None or current is None or round_id != current.round_id:
                 continue
             self._in_flight = None
+            if self._stage is not None:
+                self._stage(READ_ROUND, trio.current_time() - current.started_at,
+                            time.perf_counter())
             for rid in current.reads:
                 p = self._pending.get(rid)
                 if p is None:
@@ -173,10 +192,21 @@ class Reads:
                 del self._pending[rid]
                 p.waiter.resolve(p.index)
 
+    def note_forwarded(self, ctx: bytes) -> None:
+        """A follower's round ``ctx`` reached this node's loop now (the first time counts: a
+        heartbeat carrying it may have left since)."""
+        if ctx in self._forwarded:
+            return
+        self._forwarded[ctx] = trio.current_time()
+        while len(self._forwarded) > _REMEMBERED_ROUNDS:
+            self._forwarded.popitem(last=False)
+
     def started_at(self, ctx: bytes) -> float | None:
-        """When this node started the round ``ctx`` names (None: not one of its rounds)."""
+        """When this node started the round ``ctx`` names, or took it from a follower (None:
+        neither)."""
         round_id = decode_read_context(ctx)
-        return None if round_id is None else self._started.get(round_id)
+        started = None if round_id is None else self._started.get(round_id)
+        return started if started is not None else self._forwarded.get(ctx)
 
     def has_work(self) -> bool:
         return bool(self._waiting) or self._in_flight is not None

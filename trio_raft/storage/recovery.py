@@ -168,6 +168,19 @@ class DiskPersistence:
                 self._save_snapshot(snapshot, hard_state)
             self.wal.save(hard_state, entries, sync=must_sync)
 
+    def try_save_ready(self, hard_state: HardState | None, entries: Sequence[Entry],
+                       must_sync: bool) -> bool:
+        """:meth:`save_ready` without a snapshot, when no other writer holds the lock; returns
+        False (nothing written) otherwise. For a caller that must not wait behind another
+        writer (the engine's run loop writing a small Ready on its own thread)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self.wal.save(hard_state, entries, sync=must_sync)
+        finally:
+            self._lock.release()
+        return True
+
     def try_save_state(self, hard_state: HardState) -> bool:
         """Write a hard state whose term and vote are unchanged (a commit-index update), without
         fsync, when no other writer holds the lock; returns False (nothing written) otherwise.

@@ -17,7 +17,9 @@ needs exactly :class:`Transport`:
 * :meth:`Transport.send` (every message but ``MsgSnap``) and :meth:`Transport.send_snapshot`
   (``MsgSnap`` with its payload) are called from the engine's per-peer sender tasks. They return
   once the message is handed to the network (for gRPC: written to the peer's stream, or
-  acknowledged) and raise on failure. Every failure raised is a
+  acknowledged) and raise on failure. ``send`` may return the ``time.perf_counter()`` instant
+  the message was written (None when it does not know); the engine times its ``send`` stage
+  with it (``trio_raft/engine/stages.py``). Every failure raised is a
   :class:`~trio_raft.errors.RaftError` whose counter key :func:`error_code` gives (gRPC status
   names in CamelCase). Cancellation (``trio.Cancelled``) is never counted and always propagates;
   cancelling a ``send_snapshot`` stops the transfer and closes the payload file before it
@@ -33,6 +35,7 @@ checks it through the assignments at the bottom of :mod:`trio_raft.transport`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -44,6 +47,11 @@ from trio_raft.storage.snapshot_exchange import SnapshotExchange
 
 #: The inbound handler: accept a message or raise.
 Handler = Callable[[Message], Awaitable[None]]
+
+#: Set by a transport, in the task that calls the inbound handler, right before the call: the
+#: ``time.perf_counter()`` instant the message was read from the network (decoded); None when
+#: the transport does not say. The engine times its ``receive`` stage with it.
+RECEIVED_AT: ContextVar[float | None] = ContextVar("trio_raft_received_at", default=None)
 
 #: gRPC status code names in CamelCase (as Go's ``codes.Code.String()`` spells them), by number.
 GRPC_CODE_NAMES: dict[int, str] = {
@@ -128,8 +136,9 @@ class Transport(Protocol):
     def remove_peer(self, node_id: int) -> None:
         """Forget a peer and close what the transport holds for it."""
 
-    async def send(self, message: Message) -> None:
-        """Send a message that is not ``MsgSnap`` to ``message.to``; raises on failure."""
+    async def send(self, message: Message) -> float | None:
+        """Send a message that is not ``MsgSnap`` to ``message.to``; raises on failure. May
+        return the ``time.perf_counter()`` instant it was written."""
 
     async def send_snapshot(self, message: Message) -> None:
         """Send a ``MsgSnap`` and its payload to ``message.to``; raises on failure."""
@@ -151,6 +160,7 @@ class ServingTransport(Transport, Protocol):
 
 __all__ = [
     "GRPC_CODE_NAMES",
+    "RECEIVED_AT",
     "DispatchError",
     "ErrorCounter",
     "Handler",

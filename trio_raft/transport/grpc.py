@@ -58,6 +58,7 @@ from trio_raft.storage.snapshot_exchange import (
 )
 from trio_raft.transport.base import (
     GRPC_CODE_NAMES,
+    RECEIVED_AT,
     ErrorCounter,
     Handler,
     TransportPeer,
@@ -387,9 +388,10 @@ class GRPCTransport:
         err.__cause__ = exc
         return err
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message) -> float:
         """Send one message (not ``MsgSnap``) to ``message.to``. Returns when the message is
-        written to the peer's stream or acknowledged by a unary call; raises
+        written to the peer's stream or acknowledged by a unary call, with the
+        ``time.perf_counter()`` instant that happened; raises
         :class:`DispatchError` (with ``code``), :class:`TransportPeerUnknownError` or
         :class:`TransportClosedError` on failure."""
         if message.type == MessageType.SNAP:
@@ -407,11 +409,12 @@ class GRPCTransport:
                                 f"{self._max_message_bytes}", code="ResourceExhausted")
         priority = message.type in PRIORITY_MESSAGE_TYPES
         try:
-            await bridge.run(client.deliver, peer.address, frame, priority,
-                             self._dispatch_timeout)
+            written = await bridge.run(client.deliver, peer.address, frame, priority,
+                                       self._dispatch_timeout)
         except Exception as exc:
             raise self._failure(exc) from None
         self._counters.dispatched += 1
+        return written
 
     async def send_snapshot(self, message: Message) -> None:
         """Stream a ``MsgSnap`` and its payload: the ``.fsm`` file its token names (through the
@@ -485,10 +488,11 @@ class GRPCTransport:
     def server_limits(self) -> ServerLimits:
         return self._limits
 
-    async def deliver_inbound(self, message: Message) -> None:
+    async def deliver_inbound(self, message: Message, received_at: float | None = None) -> None:
         handler = self._handler
         if handler is None:
             raise TransportHandlerNilError()
+        RECEIVED_AT.set(received_at)
         await handler(message)
 
     async def receive_snapshot(self, header: Message, pipe: ChunkPipe) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import Any
 
 import attrs
@@ -309,9 +310,11 @@ class ClientSide:
 
     # -- regular messages -------------------------------------------------------------------------
 
-    async def deliver(self, address: str, frame: bytes, priority: bool, timeout: float) -> None:
+    async def deliver(self, address: str, frame: bytes, priority: bool,
+                      timeout: float) -> float:
         """Send one frame on its lane: the priority lane for a priority type, else the bulk
-        lane; by a unary call where the lane does not stream."""
+        lane; by a unary call where the lane does not stream. Returns the
+        ``time.perf_counter()`` instant the frame was written (or the call answered)."""
         msg = RaftMessage(message=frame)
         if priority:
             lane, streaming = PRIORITY, self.priority_enabled
@@ -321,7 +324,7 @@ class ClientSide:
             if streaming and not self._marked_unsupported(lane, address):
                 try:
                     await self._stream_send(lane, address, msg)
-                    return
+                    return time.perf_counter()
                 except GRPCError as exc:
                     if exc.status is not Status.UNIMPLEMENTED:
                         raise
@@ -332,6 +335,7 @@ class ClientSide:
             channel = self._lane_channel(lane, address) if streaming else self.channel(address)
             await RaftTransportStub(channel).send(msg)
             self.counters.unary_messages += 1
+            return time.perf_counter()
 
     def _marked_unsupported(self, lane: Lane, address: str) -> bool:
         key = (lane.name, address)

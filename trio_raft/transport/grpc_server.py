@@ -44,6 +44,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -175,7 +176,8 @@ class ServerHost(Protocol):
     @property
     def server_limits(self) -> ServerLimits: ...
 
-    async def deliver_inbound(self, message: Message) -> None: ...
+    async def deliver_inbound(self, message: Message,
+                              received_at: float | None = None) -> None: ...
 
     async def receive_snapshot(self, header: Message, pipe: ChunkPipe) -> None: ...
 
@@ -240,7 +242,7 @@ class RaftTransportService(RaftTransportBase):
     async def _handle_frame(self, portal: TrioPortal, frame: bytes) -> None:
         try:
             message = decode_message(frame, max_bytes=self._host.max_message_bytes)
-            await portal.run(self._host.deliver_inbound, message)
+            await portal.run(self._host.deliver_inbound, message, time.perf_counter())
         except GRPCError:
             self.counters.messages_rejected += 1
             raise
@@ -278,7 +280,7 @@ class RaftTransportService(RaftTransportBase):
                 except Exception as exc:
                     self.counters.messages_rejected += 1
                     raise to_grpc_error(exc) from None
-                await pipe.put(decoded, len(message.message))
+                await pipe.put(decoded, len(message.message), time.perf_counter())
             pipe.close()
             await consumer
         except GRPCError:
@@ -308,8 +310,8 @@ class RaftTransportService(RaftTransportBase):
                 continue
             batch, pipe.items = pipe.items, collections.deque()
             size = 0
-            for message, n in batch:
-                await deliver(message)
+            for message, n, received_at in batch:
+                await deliver(message, received_at)
                 size += n
                 self.counters.messages_received += 1
             pipe.release_soon(len(batch), size)
@@ -381,7 +383,8 @@ class _Pipe:
     def __init__(self, loop: asyncio.AbstractEventLoop, portal: TrioPortal) -> None:
         self.loop = loop
         self.portal = portal
-        self.items: collections.deque[tuple[Message, int]] = collections.deque()
+        #: (message, frame size, the instant it was decoded)
+        self.items: collections.deque[tuple[Message, int, float]] = collections.deque()
         self.eof = False
         self.wake: trio.Event | None = None
         self.pending = 0
@@ -389,8 +392,8 @@ class _Pipe:
         self.space = asyncio.Event()
         self.dead = False
 
-    def _push(self, message: Message, size: int) -> None:  # trio thread
-        self.items.append((message, size))
+    def _push(self, message: Message, size: int, received_at: float) -> None:  # trio thread
+        self.items.append((message, size, received_at))
         if self.wake is not None:
             self.wake.set()
 
@@ -409,7 +412,7 @@ class _Pipe:
         return self.pending > 0 and (self.pending >= self.LIMIT
                                      or self.pending_bytes + size > self.LIMIT_BYTES)
 
-    async def put(self, message: Message, size: int) -> None:  # loop
+    async def put(self, message: Message, size: int, received_at: float) -> None:  # loop
         while self._full(size) and not self.dead:
             self.space.clear()
             await self.space.wait()
@@ -417,7 +420,7 @@ class _Pipe:
             return
         self.pending += 1
         self.pending_bytes += size
-        self.portal.call_soon(self._push, message, size)
+        self.portal.call_soon(self._push, message, size, received_at)
 
     def close(self) -> None:  # loop
         self.portal.call_soon(self._finish)

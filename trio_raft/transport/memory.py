@@ -35,6 +35,7 @@ import heapq
 import itertools
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,7 +52,7 @@ from trio_raft.errors import (
     TransportPeerUnknownError,
 )
 from trio_raft.storage.snapshot_exchange import DEFAULT_MAX_SNAPSHOT_BYTES, SnapshotExchange
-from trio_raft.transport.base import ErrorCounter, Handler, TransportPeer
+from trio_raft.transport.base import RECEIVED_AT, ErrorCounter, Handler, TransportPeer
 from trio_raft.transport.snapshot_transfer import TransferRegistry, land_snapshot
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ class MemoryTransport:
                 if payload is not None:
                     await self._land(message, payload, handler)
                 else:
+                    RECEIVED_AT.set(time.perf_counter())
                     await handler(message)
             except Exception as exc:
                 network.stats.handler_errors += 1

@@ -1,0 +1,119 @@
+"""Where one write's time goes: the per-stage timing of proposals, replication and reads.
+
+The run loop and its collaborators time the stages below and report each as
+``StageObserver.stage(name, seconds, ended)`` (``observer.py``; ``trio_raft.metrics`` turns
+them into one histogram with a ``stage`` label). Every node reports what happens in its own
+process, with ``time.perf_counter()``; a stage that spans two processes (a message's trip
+between them) is the gap between one node's stage and the other's, which only a reader with a
+clock both share can measure (``bench/latency_bench.py`` does, on one machine).
+
+=================  ===============================================================================
+stage              from -> to
+=================  ===============================================================================
+``queue``          a request put in the inbox -> taken by the run loop (the oldest one of a turn)
+``wal``            one Ready's WAL write and fsync, inside the storage call
+``wal_handoff``    the thread hand-offs around ``wal``: trio -> worker thread -> trio (what the
+                   run loop waited minus ``wal``, ending when the loop resumed; 0 when storage
+                   runs on the trio thread)
+``send``           a replication message (an append carrying entries, or an append's answer)
+                   handed to its peer's lane -> written to the peer's stream
+``send_handoff``   the end of ``send`` from the moment the sender task handed the message to the
+                   transport: encoding, trio -> asyncio hop, the write
+``receive``        a replication message read from the network (decoded) -> stepped by the loop
+``receive_handoff``  the start of ``receive`` until the trio side has the message (asyncio ->
+                   trio hop)
+``replicate``      leader: an append written to a follower's stream -> that follower's answer
+                   stepped (the follower's whole part: network both ways, its receive, fsync
+                   and answer)
+``commit``         leader: the commit index moved -> applying those entries begins
+``apply``          one Ready's committed entries given to the state machine
+``answer``         leader: a proposer's entry applied -> the proposer resumed (the first
+                   ``Engine.propose`` caller of each Ready)
+``read_round``     a ReadIndex round started on this node -> its read index known
+=================  ===============================================================================
+
+Per-request stages are sampled once per turn of the run loop (the oldest request queued, the
+first caller answered), so their cost does not grow with the load; at one request in flight
+every request is timed. Nothing is timed unless the observer has a ``stage`` method of its own
+(:func:`stage_sink`): the default observer costs nothing here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+QUEUE: Final = "queue"
+WAL: Final = "wal"
+WAL_HANDOFF: Final = "wal_handoff"
+SEND: Final = "send"
+SEND_HANDOFF: Final = "send_handoff"
+RECEIVE: Final = "receive"
+RECEIVE_HANDOFF: Final = "receive_handoff"
+REPLICATE: Final = "replicate"
+COMMIT: Final = "commit"
+APPLY: Final = "apply"
+ANSWER: Final = "answer"
+READ_ROUND: Final = "read_round"
+
+#: Every stage, in the order a write meets them.
+STAGES: Final = (QUEUE, WAL, WAL_HANDOFF, SEND, SEND_HANDOFF, RECEIVE, RECEIVE_HANDOFF,
+                 REPLICATE, COMMIT, APPLY, ANSWER, READ_ROUND)
+
+#: ``sink(stage, seconds, ended)``: ``ended`` is the ``time.perf_counter()`` instant the stage
+#: ended. Never raises (``observer.SafeObserver`` logs instead).
+StageSink = Callable[[str, float, float], None]
+
+
+def stage_sink(observer: object) -> StageSink | None:
+    """The observer's ``stage`` method when it has one that does something (None otherwise:
+    nothing is timed). ``observer.NullObserver.stage`` (and a subclass that keeps it) does
+    nothing."""
+    from trio_raft.engine.observer import NullObserver, SafeObserver
+
+    inner = observer.inner if isinstance(observer, SafeObserver) else observer
+    fn = getattr(type(inner), "stage", None)
+    if fn is None or fn is NullObserver.stage:
+        return None
+    sink: StageSink = observer.stage  # type: ignore[attr-defined]
+    return sink
+
+
+class ReplicationClock:
+    """Leader side of ``replicate``: when each append (by the index of its last entry) was
+    written to each follower's stream, until that follower acknowledges it.
+
+    Bounded per follower (:data:`KEEP` appends): a follower that never answers costs nothing
+    more than that.
+    """
+
+    KEEP: Final = 64
+
+    __slots__ = ("_written",)
+
+    def __init__(self) -> None:
+        self._written: dict[int, deque[tuple[int, float]]] = {}
+
+    def written(self, peer: int, last_index: int, at: float) -> None:
+        q = self._written.get(peer)
+        if q is None:
+            q = self._written[peer] = deque(maxlen=self.KEEP)
+        q.append((last_index, at))
+
+    def acked(self, peer: int, index: int, now: float) -> float | None:
+        """``peer`` holds the log up to ``index``: the seconds since the newest append this
+        answers was written (None when none was timed). Older appends it covers are dropped."""
+        q = self._written.get(peer)
+        if not q:
+            return None
+        last: float | None = None
+        while q and q[0][0] <= index:
+            last = q.popleft()[1]
+        return None if last is None else now - last
+
+    def forget(self, peer: int) -> None:
+        self._written.pop(peer, None)

@@ -317,7 +317,7 @@ async def test_inbound_queue_full_is_counted_and_refused(tmp_path, clock):
         for _ in range(1100):
             m = Message(MessageType.HEARTBEAT, to=me, from_=leader_id, term=1)
             try:
-                await follower._loop.handle_inbound(m)
+                await follower._loop.links.handle_inbound(m)
             except errors.StepQueueFullError:
                 refused += 1
         assert refused == 1100 - 1024

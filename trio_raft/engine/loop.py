@@ -21,9 +21,10 @@ the leader does; a Ready with no new entries is applied before its messages (whi
 the new commit index) are handed out, so proposers are answered first, except when it applies a
 configuration change (which may remove the very peer that must learn of its commit).
 
-Collaborators (each in its own module, built once, called explicitly): ``Inbox``,
-``Pending``, ``Admission`` (with ``AdminHandler``), ``LogWriter``, ``Applier``, ``Snapshots``,
-``Membership``, ``Reads``, ``Lease``, ``EnvelopeGate``, ``StatusView``, ``Dispatcher``.
+Collaborators (each in its own module, built once, called explicitly): ``Inbox``, ``Links``
+(the transport, the tick, inbound messages and send reports), ``Pending``, ``Admission``
+(with ``AdminHandler``), ``LogWriter``, ``Applier``, ``Snapshots``, ``Membership``, ``Reads``,
+``Lease``, ``EnvelopeGate``, ``StatusView``, ``Dispatcher``, ``LoopTimer`` (``stages.py``).
 ``docs/architecture.md`` lists the tasks and who cancels them.
 
 Lifecycle: ``run`` (a task of the engine's nursery) starts the transport link, the tick task and
@@ -37,7 +38,6 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +58,7 @@ from trio_raft.engine.dispatch import Dispatcher, SendReport
 from trio_raft.engine.envelope_gate import EnvelopeGate
 from trio_raft.engine.inbox import Inbox, bulk_queue_capacity
 from trio_raft.engine.lease import Lease
+from trio_raft.engine.links import Links
 from trio_raft.engine.membership import Membership
 from trio_raft.engine.observer import EngineCounters, safe_observer
 from trio_raft.engine.opening import OpenedState
@@ -75,7 +76,7 @@ from trio_raft.errors import (
     LeadershipLostError,
 )
 from trio_raft.storage.snapshot_exchange import SnapshotExchange
-from trio_raft.transport.base import RECEIVED_AT, ServingTransport, Transport
+from trio_raft.transport.base import ServingTransport, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ class RunLoop:
         self.node_id = cfg.node_id
         self.local_id = cfg.local_id
         self.transport = transport
-        #: The transport when the engine built it and runs it itself (else None).
-        self.owned_transport = owned
         self.disk = opened.disk
         self.storage = opened.storage
         self._io = io
@@ -128,17 +127,23 @@ class RunLoop:
         #: Told of WAL writes, proposals and stages (``observer.py``); counts kept here.
         self.observer = safe_observer(cfg.observer)
         self.counters = EngineCounters()
+        #: The transport, the tick and what comes back in (``links.py``).
+        self.links = Links(transport=transport, owned=owned, inbox=self.inbox,
+                           counters=self.counters, closed=lambda: self.closed,
+                           tick_interval=cfg.tick_interval)
         #: Where stage timings go (``stages.py``); None: nothing is timed.
         self.stage = stages.stage_sink(self.observer)
-        self._commit_moved: float | None = None
-        self._answer_from: float | None = None
         self.reads = Reads(self.node, retry_after=cfg.election_tick * cfg.tick_interval,
                            probe_interval=cfg.heartbeat_tick * cfg.tick_interval,
                            stage=self.stage)
         self.pending = Pending(self.reads)
         self.lease = Lease(self.node, cfg.node_id)
-        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg, self._on_send_report,
-                                     self.stage)
+        self.dispatcher = Dispatcher(transport, cfg.max_inflight_msg,
+                                     self.links.on_send_report, self.stage)
+        #: The loop's own stages (None: not timed).
+        self.timer = self.links.timer = (
+            None if self.stage is None
+            else stages.LoopTimer(self.stage, self.dispatcher.replication))
         self.status_view = StatusView(self.node, self.membership, self.storage)
         self.gate = EnvelopeGate(
             cipher=cfg.raft_cipher, configured=cfg.raft_cutover_index, recorded=opened.cutover,
@@ -170,7 +175,6 @@ class RunLoop:
                                applied=lambda: self.applier.applied))
         self.gate.note_unapplied(self.storage, opened.applied)
         self._nursery: trio.Nursery | None = None
-        self._started = trio.Event()
         self.done = trio.Event()
         self.closed = False
         self.error: BaseException | None = None
@@ -215,27 +219,9 @@ class RunLoop:
             result = await req.waiter.wait()
         finally:
             self.pending.forget(req)
-        if self._answer_from is not None and isinstance(req, ProposeRequest):
-            if self.stage is not None:
-                now = time.perf_counter()
-                self.stage(stages.ANSWER, now - self._answer_from, now)
-            self._answer_from = None
+        if self.timer is not None and isinstance(req, ProposeRequest):
+            self.timer.answered()
         return result
-
-    async def handle_inbound(self, m: Message) -> None:
-        """The transport's inbound handler: queue ``m`` for the loop, or raise."""
-        if not self._started.is_set():
-            with trio.move_on_after(5):
-                await self._started.wait()
-        if self.closed or not self._started.is_set():
-            raise EngineClosedError()
-        received = RECEIVED_AT.get()
-        self.inbox.put_message(m, received)
-        if received is not None and self.stage is not None and _replication(m):
-            now = time.perf_counter()
-            self.stage(stages.RECEIVE_HANDOFF, now - received, now)
-        if m.type is MessageType.SNAP:
-            self.counters.snapshots_received += 1
 
     def request_close(self) -> None:
         self.inbox.request_close()
@@ -245,13 +231,14 @@ class RunLoop:
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._nursery = nursery
         try:
-            await self._start_links(nursery)
-            nursery.start_soon(self._tick_forever)
+            await self.links.start(nursery, exchange=self.exchange, dispatcher=self.dispatcher,
+                                   membership=self.membership,
+                                   commit_broadcast_delay=self.cfg.commit_broadcast_delay)
             await self._drain_ready()
             if self.membership.conf_state.voters == (self.node_id,) and not self.is_leader():
                 self.node.campaign()
                 await self._drain_ready()
-            self._started.set()
+            self.links.started.set()
             task_status.started()
             while not self.inbox.close_requested:
                 await self.inbox.wait()
@@ -265,35 +252,10 @@ class RunLoop:
             raise
         except BaseException as exc:  # fatal: record, fail everyone, tear the engine down
             self.fail(exc)
-            if not self._started.is_set():
+            if not self.links.started.is_set():
                 task_status.started()
             return
         self._shutdown(EngineClosedWhileWaitingError)
-
-    async def _start_links(self, nursery: trio.Nursery) -> None:
-        t = self.transport
-        if t is None:
-            return
-        t.attach(self.handle_inbound, self.exchange)
-        if self.owned_transport is not None:
-            await nursery.start(self.owned_transport.serve)
-        self.dispatcher.start(nursery, self.cfg.commit_broadcast_delay)
-        for p in self.membership.remote_peers():
-            self.dispatcher.add_peer(p)
-
-    async def _tick_forever(self) -> None:
-        interval = self.cfg.tick_interval
-        deadline = trio.current_time()
-        while True:
-            deadline += interval
-            await trio.sleep_until(deadline)
-            self.inbox.put_tick()
-
-    def _on_send_report(self, node_id: int, report: SendReport) -> None:
-        if report is SendReport.SNAPSHOT_SENT:
-            self.counters.snapshots_sent += 1
-        if not self.closed:
-            self.inbox.put_report(node_id, report)
 
     # -- one turn -----------------------------------------------------------------------------
     def _take_inbox(self) -> None:
@@ -317,9 +279,8 @@ class RunLoop:
             else:
                 node.report_snapshot(node_id, report is SendReport.SNAPSHOT_SENT)
         if inbox.requests:
-            if self.stage is not None:
-                now = time.perf_counter()
-                self.stage(stages.QUEUE, now - inbox.requests_since, now)
+            if self.timer is not None:
+                self.timer.queued(inbox.requests_since)
             self.admission.take(inbox.requests)
         self._start_read_rounds()
 
@@ -333,26 +294,13 @@ class RunLoop:
         except CoreRaftError as exc:
             logger.debug("ignored %s from %x: %s", m.type.name, m.from_, exc)
             return
-        if self.stage is not None and _replication(m):
-            self._time_step(m, received, committed)
+        if self.timer is not None:
+            self.timer.stepped(m, received, committed, self.node.raft.log.committed)
         if m.type is MessageType.READ_INDEX and m.entries and self.is_leader():
             self.reads.note_forwarded(m.entries[0].data)
         elif m.context:
             self.lease.on_heartbeat_response(m, self.membership.conf_state.voters,
                                              self.reads.started_at(m.context))
-
-    def _time_step(self, m: Message, received: float | None, committed: int) -> None:
-        sink = self.stage
-        assert sink is not None
-        now = time.perf_counter()
-        if received is not None:
-            sink(stages.RECEIVE, now - received, now)
-        if m.type is MessageType.APP_RESP and not m.reject:
-            took = self.dispatcher.replication.acked(m.from_, m.index, now)
-            if took is not None:
-                sink(stages.REPLICATE, took, now)
-            if self.node.raft.log.committed > committed and self._commit_moved is None:
-                self._commit_moved = now
 
     def _start_read_rounds(self) -> None:
         self.reads.start_rounds(is_leader=self.is_leader(),
@@ -381,34 +329,22 @@ class RunLoop:
             if not early and not late:
                 self._send(rd)
             if rd.committed_entries:
-                if self.stage is None:
+                if self.timer is None:
                     await self.applier.apply(rd.committed_entries)
                 else:
-                    await self._timed_apply(rd)
+                    await self.timer.apply(self.applier.apply, rd.committed_entries)
             if late:
                 self._send(rd, defer_commit_only=True)
             self.reads.on_ready(rd)
             self._start_read_rounds()  # the next round starts as soon as one completes
             committed = node.raft.log.committed
             node.advance(rd)
-            if (self.stage is not None and node.raft.log.committed > committed
-                    and self._commit_moved is None):
-                self._commit_moved = time.perf_counter()  # the leader's own write counted
+            if self.timer is not None and node.raft.log.committed > committed:
+                self.timer.commit_moved()  # the leader's own write counted
             self._maybe_snapshot()
             self._refresh_status()
             self.reads.release_applied(self.applier.applied)
         self._refresh_status()
-
-    async def _timed_apply(self, rd: Ready) -> None:
-        sink = self.stage
-        assert sink is not None
-        started = time.perf_counter()
-        if self._commit_moved is not None:
-            sink(stages.COMMIT, started - self._commit_moved, started)
-            self._commit_moved = None
-        await self.applier.apply(rd.committed_entries)
-        self._answer_from = now = time.perf_counter()
-        sink(stages.APPLY, now - started, now)
 
     def _send(self, rd: Ready, defer_commit_only: bool = False) -> None:
         send = self.dispatcher.defer if defer_commit_only else self.dispatcher.send
@@ -470,9 +406,3 @@ class RunLoop:
             return err
 
         self._shutdown(failed)
-
-
-def _replication(m: Message) -> bool:
-    """Whether ``m`` is a replication message whose ``receive`` stage is timed (an append
-    carrying entries, or an append's answer)."""
-    return (m.type is MessageType.APP and bool(m.entries)) or m.type is MessageType.APP_RESP

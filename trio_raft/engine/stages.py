@@ -41,9 +41,12 @@ every request is timed. Nothing is timed unless the observer has a ``stage`` met
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
+
+from trio_raft.core.messages import Entry, Message, MessageType
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +120,76 @@ class ReplicationClock:
 
     def forget(self, peer: int) -> None:
         self._written.pop(peer, None)
+
+
+def is_replication(m: Message) -> bool:
+    """Whether ``m`` is a replication message whose ``receive`` stage is timed (an append
+    carrying entries, or an append's answer)."""
+    return (m.type is MessageType.APP and bool(m.entries)) or m.type is MessageType.APP_RESP
+
+
+class LoopTimer:
+    """The run loop's stages (``loop.py``): ``queue``, ``receive``, ``receive_handoff``,
+    ``replicate``, ``commit``, ``apply`` and ``answer``; the loop holds one only when stages
+    are timed, and tells it what happened.
+
+    Between turns it remembers two instants: when the commit index last moved (``commit``
+    ends when applying begins) and when the last applied Ready finished (``answer`` ends when
+    the first proposer of it resumes).
+    """
+
+    __slots__ = ("_answer_from", "_commit_moved", "_replication", "_sink")
+
+    def __init__(self, sink: StageSink, replication: ReplicationClock) -> None:
+        self._sink = sink
+        self._replication = replication
+        self._commit_moved: float | None = None
+        self._answer_from: float | None = None
+
+    def queued(self, since: float) -> None:
+        """The loop took the requests queued since ``since``."""
+        now = time.perf_counter()
+        self._sink(QUEUE, now - since, now)
+
+    def handed_over(self, m: Message, received: float | None) -> None:
+        """The transport's handler queued ``m``, read from the network at ``received``."""
+        if received is not None and is_replication(m):
+            now = time.perf_counter()
+            self._sink(RECEIVE_HANDOFF, now - received, now)
+
+    def stepped(self, m: Message, received: float | None, committed_before: int,
+                committed_after: int) -> None:
+        """Raft stepped ``m``; the commit index went from ``committed_before`` to
+        ``committed_after``."""
+        if not is_replication(m):
+            return
+        now = time.perf_counter()
+        if received is not None:
+            self._sink(RECEIVE, now - received, now)
+        if m.type is MessageType.APP_RESP and not m.reject:
+            took = self._replication.acked(m.from_, m.index, now)
+            if took is not None:
+                self._sink(REPLICATE, took, now)
+            if committed_after > committed_before:
+                self.commit_moved(now)
+
+    def commit_moved(self, now: float | None = None) -> None:
+        if self._commit_moved is None:
+            self._commit_moved = time.perf_counter() if now is None else now
+
+    async def apply(self, apply: Callable[[Sequence[Entry]], Awaitable[None]],
+                    entries: Sequence[Entry]) -> None:
+        started = time.perf_counter()
+        if self._commit_moved is not None:
+            self._sink(COMMIT, started - self._commit_moved, started)
+            self._commit_moved = None
+        await apply(entries)
+        self._answer_from = now = time.perf_counter()
+        self._sink(APPLY, now - started, now)
+
+    def answered(self) -> None:
+        """A proposer resumed with its result."""
+        if self._answer_from is not None:
+            now = time.perf_counter()
+            self._sink(ANSWER, now - self._answer_from, now)
+            self._answer_from = None

@@ -37,10 +37,8 @@ import time
 from typing import IO, Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))
 
-import engine_bench as eb  # noqa: E402
+import engine_bench as eb  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 
 ENV = "TRIO_RAFT_BENCH_ENVELOPE"
 KEK_ENV = "TRIO_RAFT_BENCH_KEK"

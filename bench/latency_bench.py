@@ -43,7 +43,6 @@ import time
 from typing import IO, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from engine_bench import CounterFSM, percentile  # noqa: E402  (bench/ is sys.path[0])
 

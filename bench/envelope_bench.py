@@ -38,7 +38,7 @@ from typing import IO, Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-import engine_bench as eb  # noqa: E402  (bench/ is sys.path[0] when a script runs)
+import engine_bench as eb  # noqa: E402  (a script's own directory is on the import path)
 
 ENV = "TRIO_RAFT_BENCH_ENVELOPE"
 KEK_ENV = "TRIO_RAFT_BENCH_KEK"

@@ -44,7 +44,7 @@ from typing import IO, Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from engine_bench import CounterFSM, percentile  # noqa: E402  (bench/ is sys.path[0])
+from engine_bench import CounterFSM, percentile  # noqa: E402  (a script's own directory is on the import path)
 
 Event = tuple[str, float, float]  # (stage, seconds, ended)
 

@@ -229,7 +229,6 @@ async def run(args: argparse.Namespace) -> None:
         print()
         print(table(rows), flush=True)
         if args.plot:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from plot import plot_rows
 
             for path in plot_rows(rows, args.plot, "reads",

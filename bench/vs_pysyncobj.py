@@ -593,7 +593,6 @@ async def orchestrate(args: argparse.Namespace) -> None:
     print(table(rows), flush=True)
     shutil.rmtree(base, ignore_errors=True)
     if args.plot:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from plot import plot_rows
 
         for path in plot_rows(rows, args.plot, "vs_pysyncobj",

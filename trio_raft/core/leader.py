@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from trio_raft.core import replication as _replication
 from trio_raft.core.errors import ConfChangeError, ProposalDroppedError
 from trio_raft.core.messages import (
     NONE,
@@ -48,7 +49,7 @@ def step_leader(r: Raft, m: Message) -> None:
 
 
 def _beat(r: Raft, m: Message) -> None:
-    r.bcast_heartbeat()
+    _replication.bcast_heartbeat(r)
 
 
 def _check_quorum(r: Raft, m: Message) -> None:
@@ -132,7 +133,7 @@ def _broadcast_next_round(r: Raft) -> None:
     requests then wait for the broadcast after it: readonly.py, "Batching")."""
     ctx = r.read_only.take_round()
     if ctx is not None:
-        r.bcast_heartbeat(ctx)
+        _replication.bcast_heartbeat(r, ctx)
 
 
 def _respond_read_index(r: Raft, req: Message, index: int) -> None:
@@ -169,7 +170,7 @@ def _transfer_leader(r: Raft, m: Message) -> None:
     if pr.match == r.log.last_index():
         r._send(Message(MT.TIMEOUT_NOW, to=target))
     else:
-        r.send_append(target)
+        _replication.send_append(r, target)
 
 
 _LOCAL: dict[MessageType, Callable[[Raft, Message], None]] = {
@@ -193,7 +194,7 @@ def _app_resp(r: Raft, m: Message) -> None:
         if pr.maybe_decr_to(m.index, next_probe):
             if pr.state is ProgressState.REPLICATE:
                 pr.become_probe()
-            r.send_append(m.from_)
+            _replication.send_append(r, m.from_)
         return
     if m.index > r.log.last_index():
         # Acknowledges entries we never sent: a confused or malicious peer. Ignore it.
@@ -216,10 +217,10 @@ def _app_resp(r: Raft, m: Message) -> None:
         pr.inflights.free_le(m.index)
     if r.maybe_commit():
         release_pending_read_index_messages(r)
-        r.bcast_append()
+        _replication.bcast_append(r)
     elif old_paused:
-        r.send_append(m.from_)
-    while r.maybe_send_append(m.from_, False):
+        _replication.send_append(r, m.from_)
+    while _replication.maybe_send_append(r, m.from_, False):
         pass
     if m.from_ == r.lead_transferee and pr.match == r.log.last_index():
         r._send(Message(MT.TIMEOUT_NOW, to=m.from_))
@@ -232,7 +233,7 @@ def _heartbeat_resp(r: Raft, m: Message) -> None:
     if pr.state is ProgressState.REPLICATE and pr.inflights.full():
         pr.inflights.free_first_one()
     if pr.match < r.log.last_index():
-        r.send_append(m.from_)
+        _replication.send_append(r, m.from_)
     if not m.context:
         return
     acks = r.read_only.recv_ack(m.from_, m.context)

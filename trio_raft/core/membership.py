@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from trio_raft.core import leader as _leader
+from trio_raft.core import replication as _replication
 from trio_raft.core.messages import (
     NONE,
     ConfChange,
@@ -67,11 +68,11 @@ def apply_conf_change(self: Raft, cc: ConfChange) -> ConfState:
         return cs
     if self.maybe_commit():
         _leader.release_pending_read_index_messages(self)
-        self.bcast_append()
+        _replication.bcast_append(self)
     else:
         for i in list(prs.progress):
             if i != self.id:
-                self.maybe_send_append(i, False)
+                _replication.maybe_send_append(self, i, False)
     if self.lead_transferee != NONE and self.lead_transferee not in prs.voters:
         self.abort_leader_transfer()
     if self.step_down_on_removal and not self._is_voter():

@@ -40,6 +40,7 @@ import attrs
 
 from trio_raft.core import leader as _leader
 from trio_raft.core import membership as _membership
+from trio_raft.core import replication as _replication
 from trio_raft.core.errors import (
     CoreConfigError,
     ProposalDroppedError,
@@ -62,7 +63,6 @@ from trio_raft.core.messages import (
 from trio_raft.core.progress import Progress
 from trio_raft.core.quorum import VoteResult
 from trio_raft.core.readonly import ReadOnly
-from trio_raft.core.replication import ReplicationMixin
 from trio_raft.core.storage import Storage
 from trio_raft.core.tracker import ProgressTracker
 
@@ -123,7 +123,7 @@ class Config:
             raise CoreConfigError("max inflight messages must be greater than 0")
 
 
-class Raft(ReplicationMixin):
+class Raft:
     def __init__(self, c: Config) -> None:
         c.validate()
         self.id = c.id
@@ -531,7 +531,7 @@ class Raft(ReplicationMixin):
                     self.campaign(CampaignType.ELECTION)
                 else:
                     self.become_leader()
-                    self.bcast_append()
+                    _replication.bcast_append(self)
             elif res is VoteResult.LOST:
                 # A pre-vote rejection may carry a higher term; we still stay at ours.
                 self.become_follower(self.term, NONE)

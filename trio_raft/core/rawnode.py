@@ -22,6 +22,7 @@ import logging
 
 import attrs
 
+from trio_raft.core import replication as _replication
 from trio_raft.core.errors import (
     ProposalDroppedError,
     StepLocalMsgError,
@@ -179,7 +180,7 @@ class RawNode:
     def has_ready(self) -> bool:
         r = self.raft
         if r.bcast_pending:
-            r.flush_pending_bcast()
+            _replication.flush_pending_bcast(r)
         if r.msgs or r.read_states:
             return True
         log = r.log
@@ -195,7 +196,7 @@ class RawNode:
     def ready(self) -> Ready:
         r = self.raft
         if r.bcast_pending:
-            r.flush_pending_bcast()
+            _replication.flush_pending_bcast(r)
         log = r.log
         soft = r.soft_state()
         hard = r.hard_state()

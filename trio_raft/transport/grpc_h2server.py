@@ -241,6 +241,7 @@ class LimitedProtocol(H2Protocol):
         self._server = server
         self._refused = False
         self._counted = False
+        self._accepted: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
@@ -250,6 +251,8 @@ class LimitedProtocol(H2Protocol):
             return
         server.open_connections += 1
         self._counted = True
+        server.connections.add(transport)
+        self._accepted = transport
         limits = server.limits
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -299,6 +302,9 @@ class LimitedProtocol(H2Protocol):
         if self._counted:
             self._counted = False
             self._server.open_connections -= 1
+        if self._accepted is not None:
+            self._server.connections.discard(self._accepted)
+            self._accepted = None
         if not self._refused:
             super().connection_lost(exc)
 
@@ -320,6 +326,18 @@ class LimitedServer(Server):
         self._route_caps = dict(route_caps)
         self.open_connections = 0
         self.refused_connections = 0
+        #: The accepted connections still open.
+        self.connections: set[asyncio.Transport] = set()
+
+    async def wait_closed(self) -> None:
+        """Wait for the handlers to end, then close every connection still open: grpclib
+        stops listening and cancels requests but leaves accepted connections to their peers,
+        whose sockets would then outlive the event loop."""
+        await super().wait_closed()
+        for transport in list(self.connections):
+            transport.close()
+        self.connections.clear()
+        await asyncio.sleep(0)  # the loop runs the close callbacks (the sockets close there)
 
     def cap_for(self, path: str) -> int:
         return self._route_caps.get(path, self.limits.max_app_message_bytes)

@@ -59,13 +59,12 @@ from trio_raft.storage.cluster_id import load_cluster_id
 from trio_raft.storage.fileio import OS_FILE_IO, FileIO
 from trio_raft.storage.fileutil import (
     close_quietly,
+    commit_temp_file,
     create_temp_file,
     discard_temp_file,
-    fsync_dir,
     io_errors,
     make_dirs,
     pread_exact,
-    write_all,
 )
 from trio_raft.storage.peers import load_persisted_peers
 from trio_raft.storage.recovery import FSM_DIR, SNAP_DIR, WAL_DIR
@@ -138,35 +137,25 @@ def write_backup(path: str | os.PathLike[str], info: BackupInfo, snapshot: fsm.F
     make_dirs(directory, file_io=file_io)
     fd, tmp = create_temp_file(directory, os.path.basename(path) + ".tmp-", file_io=file_io)
     try:
-        try:
-            writer = FDWriter(file_io, fd, tmp, fsm.BUFFER_SIZE, checksum=True)
-            writer.write(_prefix(head) + head)
-            start = writer.count
-            if seal is None:
-                snapshot.write_to(cast(BinaryIO, writer))
-            else:
-                sealer = seal.seal_payload(writer, info.index, info.term)
-                snapshot.write_to(cast(BinaryIO, sealer))
-                sealer.finish()
-            payload = writer.count - start
-            writer.write(_U64.pack(payload))
-            writer.finish()
-            total = writer.count + _CRC.size
-            with io_errors("write", tmp):
-                write_all(fd, _CRC.pack(writer.crc), file_io=file_io)
-            with io_errors("fsync", tmp):
-                file_io.fsync(fd)
-        except BaseException:
-            close_quietly(fd, tmp, file_io=file_io)
-            raise
-        with io_errors("close", tmp):
-            file_io.close(fd)
-        with io_errors("rename", f"{tmp} -> {path}"):
-            file_io.replace(tmp, path)
+        writer = FDWriter(file_io, fd, tmp, fsm.BUFFER_SIZE, checksum=True)
+        writer.write(_prefix(head) + head)
+        start = writer.count
+        if seal is None:
+            snapshot.write_to(cast(BinaryIO, writer))
+        else:
+            sealer = seal.seal_payload(writer, info.index, info.term)
+            snapshot.write_to(cast(BinaryIO, sealer))
+            sealer.finish()
+        payload = writer.count - start
+        writer.write(_U64.pack(payload))
+        writer.finish()
+        total = writer.count + _CRC.size
     except BaseException:
+        close_quietly(fd, tmp, file_io=file_io)
         discard_temp_file(tmp, file_io=file_io)
         raise
-    fsync_dir(directory, file_io=file_io)
+    # the CRC footer, fsync, rename over ``path``, directory fsync (or nothing left on error)
+    commit_temp_file(fd, tmp, path, _CRC.pack(writer.crc), file_io=file_io)
     return attrs.evolve(info, payload_bytes=payload, file_bytes=total)
 
 

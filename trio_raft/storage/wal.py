@@ -313,11 +313,17 @@ class WAL:
     def _maybe_cut(self) -> None:
         if self._size < self.segment_size:
             return
+        seg = self._start_segment(self._last_index + 1, "cutting segment")
+        log.debug("wal: cut segment %s", seg.path)
+
+    def _start_segment(self, first_index: int, what: str) -> Segment:
+        """Fdatasync the open segment, write and open a new one starting at ``first_index``
+        (with the metadata and hard state), switch appends to it and close the old one."""
         old_fd = self._fd
         assert old_fd is not None
         last = self._segments[-1]
-        seg = Segment(last.seq + 1, self._last_index + 1,
-                      os.path.join(self.dir, segment_name(last.seq + 1, self._last_index + 1)))
+        seg = Segment(last.seq + 1, first_index,
+                      os.path.join(self.dir, segment_name(last.seq + 1, first_index)))
         try:
             with io_errors("fdatasync", last.path):
                 self._io.fdatasync(old_fd)
@@ -325,12 +331,12 @@ class WAL:
             new_fd = ws.open_for_append(seg.path, self._io)
         except StorageIOError as exc:
             raise self._poison(ws.to_wal_error(
-                exc, f"wal: cutting segment {seg.path}")) from exc.__cause__
+                exc, f"wal: {what} {seg.path}")) from exc.__cause__
         self._fd = new_fd
         self._segments.append(seg)
         self._size = size
         close_quietly(old_fd, last.path, file_io=self._io)  # fdatasynced above
-        log.debug("wal: cut segment %s", seg.path)
+        return seg
 
     def restart_after(self, meta: SnapshotMetadata) -> list[str]:
         """Start a new segment named ``meta.index + 1`` holding everything recovery needs from
@@ -345,23 +351,7 @@ class WAL:
         """
         self._check_usable()
         contents = self.read_all(meta.index, meta.term)
-        old_fd = self._fd
-        assert old_fd is not None
-        last = self._segments[-1]
-        seg = Segment(last.seq + 1, meta.index + 1,
-                      os.path.join(self.dir, segment_name(last.seq + 1, meta.index + 1)))
-        try:
-            with io_errors("fdatasync", last.path):
-                self._io.fdatasync(old_fd)
-            size = ws.write_new_segment(seg, self.metadata, self._hard_state, self._io)
-            new_fd = ws.open_for_append(seg.path, self._io)
-        except StorageIOError as exc:
-            raise self._poison(ws.to_wal_error(
-                exc, f"wal: restarting in segment {seg.path}")) from exc.__cause__
-        self._fd = new_fd
-        self._segments.append(seg)
-        self._size = size
-        close_quietly(old_fd, last.path, file_io=self._io)
+        seg = self._start_segment(meta.index + 1, "restarting in segment")
         payload = bytearray()
         encode_snapshot_metadata(meta, payload)
         buf = bytearray()

@@ -296,7 +296,11 @@ class KVClient:
         return await self.call(ADMIN + "Transfer", pb.TransferRequest(id=node_id),
                                pb.AdminResponse)
 
-    async def members(self) -> pb.MembersResponse:
+    async def members(self, address: str | None = None) -> pb.MembersResponse:
+        """The membership as the node at ``address`` knows it (default: the leader's)."""
+        if address is not None:
+            return await self.call_at(address, ADMIN + "Members", pb.MembersRequest(),
+                                      pb.MembersResponse)
         return await self.call(ADMIN + "Members", pb.MembersRequest(), pb.MembersResponse)
 
     async def announce(self, node_id: str) -> pb.AdminResponse:

@@ -13,6 +13,11 @@ remembers it, its data dir was wiped, and it refuses to start
 (:class:`~trio_raft_kv.errors.StartRefusedError`) instead of rejoining with a forgotten vote and
 log: remove it and add it back as a learner (``--join-as-learner``), see docs/operations.md.
 
+Join discovery: a node started with ``--join-as-learner`` on an empty data dir asks the peers
+it lists for the membership (``Members``) and adds the members it was not told of, with their
+addresses, to its ``--peers`` (its own entries win). Until a snapshot naming every member
+reaches it, those addresses are the only way it can answer a leader it was not told of.
+
 Encryption at rest (``--key-dir`` with ``--kek-file`` or ``--kek-env``): the node's key store
 is opened with the KEK before anything else (``trio_raft_kv/encryption.py``; a wrong KEK is
 the key store's error and nothing is served); its cipher is the engine's ``raft_cipher`` and
@@ -109,6 +114,45 @@ def bootstrap_guard(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> No
             f"{args.id} as a member: its data was wiped. Remove it (`kvnode remove "
             f"{args.id}`), then start it with --join-as-learner and add it back "
             f"(`add-learner`, `promote`).")
+
+
+async def _ask_members(args: argparse.Namespace, peers: list[trio_raft.Peer]
+                       ) -> tuple[str, list[trio_raft.Peer]] | None:
+    """(who answered, the members it knows) from the first listed peer that answers."""
+    others = [p for p in peers if p.id != args.id]
+    if not others:
+        return None
+    client = KVClient(others[0].address, ssl_context=client_ssl(args.tls_dir), timeout=5.0)
+    try:
+        for p in others:
+            try:
+                r = await client.members(p.address)
+            except KVError as exc:
+                log.info("join discovery: %s (%s) did not answer: %s", p.id, p.address, exc)
+                continue
+            return p.id, [trio_raft.Peer(m.id, m.address) for m in r.members if m.address]
+    finally:
+        client.close()
+    return None
+
+
+def join_discovery(args: argparse.Namespace, peers: list[trio_raft.Peer]
+                   ) -> list[trio_raft.Peer]:
+    """``peers`` with the members a listed peer knows of added (see the module docstring)."""
+    if not (args.join_as_learner and data_dir_is_empty(args.data_dir)):
+        return peers
+    found = asyncio.run(_ask_members(args, peers))
+    if found is None:
+        log.warning("join discovery: no listed peer answered; this node knows only its "
+                    "--peers until a snapshot names every member")
+        return peers
+    witness, members = found
+    known = {p.id for p in peers}
+    added = [m for m in members if m.id not in known and m.id != args.id]
+    if added:
+        log.info("join discovery: %s named %s", witness,
+                 ", ".join(f"{m.id}={m.address}" for m in added))
+    return [*peers, *added]
 
 
 class PinnedTransport(GRPCTransport):
@@ -225,7 +269,9 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope,
 
 
 async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer],
-                   cipher: Cipher | None = None) -> int:
+                   cipher: Cipher | None = None, pinned: dict[str, str] | None = None) -> int:
+    """Serve until stopped. ``pinned``: the addresses this node was told (``--peers``);
+    by default every peer's."""
     local = next((p for p in peers if p.id == args.id), None)
     local_address = local.address if local is not None else args.listen
     host, port = split_address(args.listen, "--listen", any_port=True)
@@ -237,7 +283,8 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer],
     transport = PinnedTransport(local_address=local_address,
                                 server_ssl=server_ssl(args.tls_dir),
                                 client_ssl=client_ssl(args.tls_dir),
-                                pinned={p.id: p.address for p in peers if p.id != args.id},
+                                pinned=pinned if pinned is not None else
+                                {p.id: p.address for p in peers if p.id != args.id},
                                 limits=server_limits(args))
     announcer = MembershipAnnouncer(ctx, transport)
     fsm.on_members_changed = announcer.members_changed
@@ -297,4 +344,5 @@ def serve_main(args: argparse.Namespace) -> int:
     peers = trio_raft.parse_peers(args.peers) if args.peers else []
     cipher = open_cipher(args)  # a wrong or exposed KEK stops here: nothing is served
     bootstrap_guard(args, peers)
-    return trio.run(run_node, args, peers, cipher)
+    pinned = {p.id: p.address for p in peers if p.id != args.id}
+    return trio.run(run_node, args, join_discovery(args, peers), cipher, pinned)

@@ -74,23 +74,23 @@ async def test_proxy_cuts_delays_and_heals_links() -> None:
 
 
 def test_three_nodes_mixed_faults() -> None:
-    r = _run(RunConfig(seed=101, nodes=3, faults=8))
-    assert sum(r.faults.values()) >= 8
+    r = _run(RunConfig(seed=101, nodes=3, faults=6))
+    assert sum(r.faults.values()) >= 6
 
 
 def test_five_nodes_mixed_faults() -> None:
-    r = _run(RunConfig(seed=202, nodes=5, faults=7, clients=5))
-    assert sum(r.faults.values()) >= 7
+    r = _run(RunConfig(seed=202, nodes=5, faults=5, clients=5))
+    assert sum(r.faults.values()) >= 5
 
 
 def test_three_nodes_crashes_pauses_and_membership_churn() -> None:
-    r = _run(RunConfig(seed=303, nodes=3, faults=7,
+    r = _run(RunConfig(seed=303, nodes=3, faults=5,
                        kinds=("kill-all", "kill-leader", "pause", "churn", "transfer")))
     assert r.faults
 
 
 def test_five_nodes_partitions_and_slow_disk() -> None:
-    r = _run(RunConfig(seed=404, nodes=5, faults=6, clients=5,
+    r = _run(RunConfig(seed=404, nodes=5, faults=4, clients=5,
                        kinds=("partition", "asymmetric", "bridge", "slow-disk", "combo")))
     assert r.faults
 
@@ -99,6 +99,6 @@ def test_three_nodes_on_the_sqlite_store_crashes_and_pauses() -> None:
     """kvnode's SQLite store under crashes (kill -9 of the leader and of every node) and pauses:
     restarts skip the snapshot restore when the store holds it, and nothing acknowledged is
     lost."""
-    r = _run(RunConfig(seed=505, nodes=3, faults=4, store="sqlite",
+    r = _run(RunConfig(seed=505, nodes=3, faults=3, store="sqlite",
                        kinds=("kill-all", "kill-leader", "pause")))
     assert r.faults

@@ -15,8 +15,8 @@ import pytest
 from trio_raft.testing.simulator import SimOptions, Simulator, run
 
 CHUNK = 25
-THREE = [(lo, 3) for lo in range(0, 200, CHUNK)]      # seeds 0..199, 3 nodes
-FIVE = [(lo, 5) for lo in range(1000, 1125, CHUNK)]   # seeds 1000..1124, 5 nodes
+THREE = [(lo, 3) for lo in range(0, 150, CHUNK)]      # seeds 0..149, 3 nodes
+FIVE = [(lo, 5) for lo in range(1000, 1100, CHUNK)]   # seeds 1000..1099, 5 nodes
 STEPS = {3: 800, 5: 600}
 
 

@@ -176,11 +176,16 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         put_many(procs.addrs[leader], {"barrier": b"1"})
         poll(lambda: caught_up(procs, [victim], leader), 60, "the restarted node to catch up")
         assert read_all(procs.addrs[victim], sorted(acked), pb.ReadMode.LOCAL) == acked
-        # n5 knows n1 only (a --peers list written before n4 existed, trimmed to one member);
-        # it catches up through a snapshot that names every member with its address.
+        # n5 knows one follower only (a --peers list written before n4 existed, trimmed to one
+        # member): it asks that member for the membership at its start (join discovery), so it
+        # can answer the leader it was not told of, and catches up through a snapshot that
+        # names every member with its address.
+        known = next(n for n in N3 if n != leader)
         procs.add_addresses(["n5"])
-        procs.serve("n5", ["n1", "n5"], "--join-as-learner", "--metrics-listen",
+        procs.serve("n5", [known, "n5"], "--join-as-learner", "--metrics-listen",
                     "127.0.0.1:0")
+        assert f"join discovery: {known} named" in procs.log("n5")
+        assert f"{leader}={procs.addrs[leader]}" in procs.log("n5")
         assert kvnode("add-learner", "n5", procs.addrs["n5"],
                       "--addr", procs.addrs[leader]).returncode == 0
         put_many(procs.addrs[leader], {"joined": b"n5"})

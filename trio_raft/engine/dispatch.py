@@ -74,10 +74,10 @@ class DispatchStats:
         self.error_count = 0
         self.errors_by_code: dict[str, int] = {}
 
-    def record_drop(self) -> None:
+    def record_drop(self, why: str = "lane full") -> None:
         self.drop_count += 1
         if self.drop_count == 1 or self.drop_count % 128 == 0:
-            logger.warning("dropped outbound raft message (total %d): lane full", self.drop_count)
+            logger.warning("dropped outbound raft message (total %d): %s", self.drop_count, why)
 
     def record_error(self, exc: BaseException) -> None:
         self.error_count += 1
@@ -241,7 +241,7 @@ class Dispatcher:
             self._deferred.pop(m.to, None)  # m carries the commit index the deferred one had
         lanes = self._lanes.get(m.to)
         if lanes is None:
-            self.stats.record_drop()
+            self.stats.record_drop(f"no address known for node {m.to:x}")
             self._report(m.to, failure_report(m))
             return
         timed = self.stage is not None and _timed(m)

@@ -1,7 +1,7 @@
 """Envelope benchmark: what encryption at rest costs (docs/benchmarks.md, docs/envelope.md).
 
     python bench/envelope_bench.py [--duration 5] [--concurrency 1,64,1024] [--size 100]
-                                   [--snapshot-every 1000] [--snapshot-kb 1024]
+                                   [--snapshot-every 1000] [--snapshot-kb 1024] [--rounds 3]
                                    [--state-mb 100] [--runs 3] [--skip-cluster]
 
 Two parts, figures only (nothing is asserted):
@@ -11,8 +11,9 @@ Two parts, figures only (nothing is asserted):
    AES-256-GCM, unwrapped on every node's apply). In both runs every node takes a snapshot
    every ``--snapshot-every`` entries while the load runs, with a state machine whose payload
    is ``--snapshot-kb`` KiB, so with the envelope on the snapshots are *sealed* (chunked
-   AES-256-GCM, ``trio_raft/envelope/stream.py``). One ``envelope_overhead`` line per
-   concurrency gives the throughput change.
+   AES-256-GCM, ``trio_raft/envelope/stream.py``). The two modes alternate for ``--rounds``
+   rounds (each round starts with the other mode than the last one); one
+   ``envelope_overhead`` line per concurrency compares the medians.
 2. Snapshot write and restore of a ``--state-mb`` MB state, in this process, through the same
    storage functions the engine uses (``write_fsm_snapshot_file`` with fsync, then
    ``open_and_restore_fsm_snapshot`` with the CRC checks), unsealed and sealed; the median of
@@ -109,30 +110,37 @@ def cluster_part(args: argparse.Namespace) -> None:
     os.environ[KB_ENV] = str(args.snapshot_kb)
     argv = [sys.argv[0], "--duration", str(args.duration), "--concurrency", args.concurrency,
             "--size", str(args.size)]
-    results: dict[str, dict[int, float]] = {}
-    for mode in ("off", "on"):
-        os.environ[ENV] = "1" if mode == "on" else "0"
-        buf = io.StringIO()
-        saved, sys.argv = sys.argv, argv
-        try:
-            with contextlib.redirect_stdout(buf):
-                eb.main()
-        finally:
-            sys.argv = saved
-        for line in buf.getvalue().splitlines():
-            rec = json.loads(line)
-            rec["envelope"] = mode
-            if rec.get("bench"):
-                results.setdefault(mode, {})[rec["concurrency"]] = rec["proposals_per_s"]
-            elif mode == "on":
-                continue  # the machine line once
-            print(json.dumps(rec), flush=True)
-    for conc, off in sorted(results.get("off", {}).items()):
-        on = results.get("on", {}).get(conc)
-        if on is None or not off:
+    results: dict[str, dict[int, list[float]]] = {}
+    machine_printed = False
+    for rnd in range(args.rounds):
+        # Alternate which mode goes first, so neither always runs on a warmer or busier
+        # machine; the medians over the rounds are compared.
+        for mode in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
+            os.environ[ENV] = "1" if mode == "on" else "0"
+            buf = io.StringIO()
+            saved, sys.argv = sys.argv, argv
+            try:
+                with contextlib.redirect_stdout(buf):
+                    eb.main()
+            finally:
+                sys.argv = saved
+            for line in buf.getvalue().splitlines():
+                rec = json.loads(line)
+                if rec.get("bench"):
+                    rec["envelope"], rec["round"] = mode, rnd
+                    results.setdefault(mode, {}).setdefault(rec["concurrency"], []).append(
+                        rec["proposals_per_s"])
+                elif machine_printed:
+                    continue  # the machine line once
+                machine_printed = True
+                print(json.dumps(rec), flush=True)
+    for conc, offs in sorted(results.get("off", {}).items()):
+        ons = results.get("on", {}).get(conc)
+        if not ons or not offs:
             continue
+        off, on = statistics.median(offs), statistics.median(ons)
         print(json.dumps({"bench": "envelope_overhead", "concurrency": conc,
-                          "snapshot_every": args.snapshot_every,
+                          "rounds": args.rounds, "snapshot_every": args.snapshot_every,
                           "snapshot_kb": args.snapshot_kb,
                           "off_per_s": off, "on_per_s": on,
                           "throughput_change_pct": round((on - off) / off * 100, 1)}),
@@ -258,6 +266,8 @@ def main() -> None:
     ap.add_argument("--snapshot-kb", type=int, default=1024)
     ap.add_argument("--state-mb", type=int, default=100)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="cluster runs per mode, alternating off/on; medians compared")
     ap.add_argument("--skip-cluster", action="store_true")
     args = ap.parse_args()
     if not args.skip_cluster:

@@ -89,6 +89,7 @@ async def run_workload(engine: Any, concurrency: int, duration: float, size: int
             nursery.start_soon(worker)
     elapsed = time.perf_counter() - t_start
     latencies.sort()
+    counters = engine.counters()
     return {
         "bench": "engine_propose",
         "nodes": 3,
@@ -102,6 +103,9 @@ async def run_workload(engine: Any, concurrency: int, duration: float, size: int
         "proposals_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+        # The leader's totals so far (the levels run one after another).
+        "snapshots_written": counters.snapshots_written,
+        "snapshots_sent": counters.snapshots_sent,
     }
 
 

@@ -244,3 +244,62 @@ async def test_leader_crash_during_cutover_never_mixes_regimes(tmp_path, clock, 
         logs = [[d for _, d in c.nodes[n_].fsm.log if b"w" in d] for n_ in NAMES]
         for data in acked:
             assert all(data in log for log in logs)
+
+
+async def test_the_leader_applies_its_own_entries_without_decrypting_them(tmp_path, clock, kek):
+    async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
+        ciphers = await start_all(c, tmp_path, kek)
+        leader = await c.wait_for_leader()
+        lname = c.leader_name()
+        assert lname is not None
+        cutover = await leader.enable_raft_envelope(ciphers[lname])
+        await c.wait_applied(leader.applied_index())
+        before = {n: ciphers[n].counters() for n in NAMES}
+        for i in range(20):
+            await leader.propose(b"set k%d v%d" % (i, i))
+        await c.wait_applied(leader.applied_index())
+        for n in NAMES:
+            done = ciphers[n].counters()
+            wraps = done.wraps - before[n].wraps
+            unwraps = done.unwraps - before[n].unwraps
+            # The leader made these envelopes and kept their plaintexts; the others decrypt.
+            assert (wraps, unwraps) == ((20, 0) if n == lname else (0, 20)), n
+            assert [d for _, d in c.nodes[n].fsm.log][-20:] == [
+                b"set k%d v%d" % (i, i) for i in range(20)]
+        # The kept plaintext is used only for the very envelope it was kept with.
+        gate = leader._loop.gate
+        mine = gate.wrap_admitted(4242, b"set x 1")
+        other = ciphers[lname].wrap(b"set y 2")
+        assert gate.unwrap(cutover + 100, other, 4242) == b"set y 2"  # decrypted
+        assert gate.unwrap(cutover + 100, mine, 4242) == b"set x 1"  # decrypted too: dropped
+        assert ciphers[lname].counters().unwraps == before[lname].unwraps + 2
+
+
+async def test_a_batch_holding_a_rotation_and_entries_under_the_new_key_applies(
+        tmp_path, clock, kek):
+    # A follower cut off while the key rotates gets, once healed, the rotation record and the
+    # entries wrapped under the new key in one batch: what the batch decryption ahead of the
+    # apply cannot open yet (the new key installs when the record applies) is decrypted in
+    # its turn, and tampering is still caught entry by entry.
+    async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
+        ciphers = await start_all(c, tmp_path, kek)
+        leader = await c.wait_for_leader()
+        lname = c.leader_name()
+        assert lname is not None
+        await leader.enable_raft_envelope(ciphers[lname])
+        for i in range(5):
+            await leader.propose(b"set before%d x" % i)
+        await c.wait_applied(leader.applied_index())
+        lagging = next(n for n in NAMES if n != lname)
+        c.isolate(lagging)
+        new_key = await leader.rotate_raft_key()
+        for i in range(30):
+            await leader.propose(b"set after%d y" % i)
+        before = ciphers[lagging].counters()
+        c.heal()
+        await c.wait_applied(leader.applied_index())
+        assert c.engine(lagging).err() is None
+        assert ciphers[lagging].active_key_id == new_key
+        assert [d for _, d in c.nodes[lagging].fsm.log] == [d for _, d in c.nodes[lname].fsm.log]
+        after = ciphers[lagging].counters()
+        assert after.unwraps - before.unwraps == 30 and after.unwrap_failures == 0

@@ -12,6 +12,7 @@ import trio_raft
 from tests.engine.test_single_node import cfg
 from tests.envelope.helpers import RecordingKV, TolerantKV, open_cipher, wal_bytes
 from trio_raft import State, errors
+from trio_raft.engine import envelope_gate
 from trio_raft.engine import lifecycle as engine_mod
 from trio_raft.engine.contexts import decode_proposal
 from trio_raft.engine.envelope_scan import EncryptionScanner
@@ -45,6 +46,10 @@ class FlakyCipher(Cipher):
         if self.fail_unwrap:
             raise errors.IntegrityError("injected")
         return super().unwrap(data)
+
+    def unwrap_batch(self, payloads):  # type: ignore[no-untyped-def]
+        # Nothing opens ahead of the apply: each entry then goes through ``unwrap``.
+        return {} if self.fail_unwrap else super().unwrap_batch(payloads)
 
 
 def payload_at(engine, index: int) -> bytes:
@@ -106,7 +111,10 @@ async def test_cutover_callable_overrides_the_file(tmp_path, kek):
     assert ok.data == {"a": "1", "b": "2"}
 
 
-async def test_unwrap_failure_is_fatal_and_the_entry_replays(tmp_path, kek):
+async def test_unwrap_failure_is_fatal_and_the_entry_replays(tmp_path, kek, monkeypatch):
+    # The node keeps no plaintext of its own proposals: it decrypts every entry it applies
+    # (by default a leader applies its own entries from the plaintexts it kept).
+    monkeypatch.setattr(envelope_gate, "OWN_PLAINTEXTS", 0)
     cipher = FlakyCipher(*_parts(open_cipher(tmp_path, "n1", kek)))
     fsm = RecordingKV()
     seen: list[BaseException] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import struct
+import threading
 
 import pytest
 
@@ -136,13 +137,33 @@ def test_nonces_never_repeat_across_restarts(tmp_path, kek):
 
 
 def test_counter_exhaustion_bumps_the_persisted_epoch(tmp_path):
-    src = NonceSource.open(tmp_path, node_id=1)
-    first = src.epoch
-    src._counter = 0xFFFFFFFF
+    first = NonceSource.open(tmp_path, node_id=1).epoch
+    src = NonceSource(1, first, str(tmp_path), first_counter=0xFFFFFFFF)
     last = src.next()
     nxt = src.next()
     assert struct.unpack(">III", last)[1:] == (first, 0xFFFFFFFF)
     assert struct.unpack(">III", nxt)[1:] == (first + 1, 0)
+    assert NonceSource.open(tmp_path, node_id=1).epoch == first + 2
+
+
+def test_threads_drawing_across_an_epoch_bump_never_share_a_nonce(tmp_path):
+    first = NonceSource.open(tmp_path, node_id=1).epoch
+    src = NonceSource(1, first, str(tmp_path), first_counter=0xFFFFFFFF - 2000)
+    drawn: list[list[bytes]] = [[] for _ in range(4)]
+
+    def draw(out: list[bytes]) -> None:
+        for _ in range(1500):
+            out.append(src.next())
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in drawn]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [n for out in drawn for n in out]
+    assert len(set(every)) == len(every) == 6000
+    epochs = {struct.unpack(">III", n)[1] for n in every}
+    assert epochs == {first, first + 1}  # exactly one bump, however the threads raced
     assert NonceSource.open(tmp_path, node_id=1).epoch == first + 2
 
 
@@ -167,3 +188,28 @@ def test_control_records(kek):
     assert not is_control(b"\x01" + blob[1:])
     with pytest.raises(KeyStoreCorruptError):
         decode_control(blob[:-1])
+
+
+def test_counts_are_exact_across_threads_that_come_and_go(tmp_path, kek):
+    c = Cipher.open(tmp_path, kek, node_id=7)
+    assert c.keystore is not None
+    c.keystore.install(1, os.urandom(32))
+    blob = c.wrap(b"x")
+
+    def work() -> None:
+        for _ in range(300):
+            assert c.unwrap(c.wrap(b"payload")) == b"payload"
+        with pytest.raises(errors.RaftError):
+            c.unwrap(blob[:-1] + bytes([blob[-1] ^ 1]))
+
+    for _ in range(3):  # threads end between rounds: their tallies are kept
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        mid = c.counters()  # read while they run: never more than was done
+        assert mid.wraps <= 1 + 3 * 4 * 300
+        for t in threads:
+            t.join()
+    counts = c.counters()
+    assert (counts.wraps, counts.unwraps, counts.unwrap_failures) == (1 + 3600, 3600, 12)
+    assert counts.wrap_failures == 0

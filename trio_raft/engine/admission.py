@@ -48,10 +48,25 @@ class Admission:
                 self._admin.handle(req)
         if not batch:
             return
+        entries = []
+        admitted = []
+        for r in batch:  # wrapped here back to back (docs/envelope.md, "Cost")
+            if r.seal:
+                try:
+                    payload = self._gate.wrap_admitted(r.request_id, r.data)
+                except Exception as exc:  # no key, nonces exhausted: that proposal fails
+                    self._pending.forget(r)
+                    r.waiter.fail(exc)
+                    continue
+            else:
+                payload = r.data
+            entries.append(Entry(0, 0, data=encode_proposal(r.request_id, payload)))
+            admitted.append(r)
+        if not entries:
+            return
+        batch = admitted
         try:
-            self._node.propose_entries(
-                [Entry(0, 0, data=encode_proposal(r.request_id, r.data)) for r in batch]
-            )
+            self._node.propose_entries(entries)
         except CoreRaftError as exc:
             for r in batch:
                 self._pending.forget(r)

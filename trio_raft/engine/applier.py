@@ -101,13 +101,17 @@ class Applier:
 
     # -- committed entries ---------------------------------------------------------------------
     async def apply(self, entries: Sequence[Entry]) -> None:
-        for ent in entries:
-            if ent.type is not EntryType.NORMAL:
-                await self._apply_conf_entry(ent)
-            elif is_cluster_record(ent.data):
-                await self._apply_cluster_record(ent)
-            else:
-                self.apply_normal(ent)
+        self._gate.prepare(entries, max(self.applied, self.fsm_index))
+        try:
+            for ent in entries:
+                if ent.type is not EntryType.NORMAL:
+                    await self._apply_conf_entry(ent)
+                elif is_cluster_record(ent.data):
+                    await self._apply_cluster_record(ent)
+                else:
+                    self.apply_normal(ent)
+        finally:
+            self._gate.discard_prepared()
         if entries:
             self.identity.maybe_propose(self._node, entries[-1])
 
@@ -138,7 +142,7 @@ class Applier:
         if ent.index <= self.fsm_index:
             self.applied = ent.index  # the state machine's store holds it (cold-start skip)
             return
-        payload = self._gate.unwrap(ent.index, payload)
+        payload = self._gate.unwrap(ent.index, payload, rid)
         if self._set_apply_index is not None:
             self._set_apply_index(ent.index)
         response = self._fsm.apply(payload)

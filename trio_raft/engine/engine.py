@@ -85,7 +85,8 @@ class Engine:
         """
         loop = self._loop
         loop.check_open()
-        payload = loop.gate.payload_for(bytes(data), False)
+        data = bytes(data)
+        seal = loop.gate.must_seal(data, False)  # wrapped when admitted, above the cutover
         started = time.perf_counter()
         observer = loop.observer
 
@@ -94,16 +95,18 @@ class Engine:
                 observer.proposal(time.perf_counter() - started)
             on_done(result)
 
-        loop.submit(ProposeRequest(loop.new_request_id(), payload, CallbackWaiter(done)))
+        loop.submit(ProposeRequest(loop.new_request_id(), data, CallbackWaiter(done),
+                                   seal=seal))
 
     async def _propose(self, data: bytes, *, admin: bool) -> ProposalResult:
         await trio.lowlevel.checkpoint_if_cancelled()
         loop = self._loop
         loop.check_open()
-        payload = loop.gate.payload_for(data, admin)  # wrapped above the cutover
+        data = bytes(data)
+        seal = loop.gate.must_seal(data, admin)  # wrapped when admitted, above the cutover
         started = time.perf_counter()
         result = await loop.run_request(
-            ProposeRequest(loop.new_request_id(), payload, Waiter(), admin))
+            ProposeRequest(loop.new_request_id(), data, Waiter(), admin, seal))
         assert isinstance(result, ProposalResult)
         loop.observer.proposal(time.perf_counter() - started)
         return result

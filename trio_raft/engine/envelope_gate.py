@@ -41,9 +41,10 @@ The invariant the barrier protects: no cleartext user entry may land above the m
   appends, so a new leader with an unapplied marker in its log behaves the same), every
   cleartext proposal is refused when it is built, and cleartext requests already queued are
   failed (they would be admitted after the marker).
-* The payload is wrapped or not synchronously right before the request is queued, and the
-  marker's apply fails whatever cleartext is still queued, so a proposal built in one regime is
-  never admitted in the other.
+* Whether the payload is wrapped is decided synchronously right before the request is queued
+  (``must_seal``; the wrapping itself happens when the loop admits it, ``wrap_admitted``), and
+  the marker's apply fails whatever cleartext is still queued, so a proposal built in one
+  regime is never admitted in the other.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import attrs
 import trio
 
 from trio_raft.core.errors import CompactedError, UnavailableError
-from trio_raft.core.messages import Entry
+from trio_raft.core.messages import Entry, EntryType
 from trio_raft.core.storage import MemoryStorage
 from trio_raft.engine.contexts import decode_proposal
 from trio_raft.engine.envelope_scan import control_payload
@@ -86,6 +87,10 @@ from trio_raft.storage.fileio import FileIO
 logger = logging.getLogger(__name__)
 
 MAX_U64 = (1 << 64) - 1
+#: Plaintexts of this node's own wrapped proposals kept for their apply (``unwrap``); past
+#: this many (proposals that never applied, or a deep pipeline) the oldest is dropped and its
+#: entry is decrypted like any other.
+OWN_PLAINTEXTS = 8192
 
 
 class RequestPort(Protocol):
@@ -167,6 +172,10 @@ class EnvelopeGate:
         self._marker_req: ProposeRequest | None = None
         #: Newest marker appended while cleartext and not yet applied (0: none).
         self._marker_floor = 0
+        #: request id -> (envelope, plaintext) of entries this node wrapped, oldest first.
+        self._own: dict[int, tuple[bytes, bytes]] = {}
+        #: index -> (envelope, plaintext) decrypted ahead by ``prepare`` for this apply.
+        self._prepared: dict[int, tuple[bytes, bytes]] = {}
 
     # -- views ---------------------------------------------------------------------------------
     def cutover_index(self) -> int | None:
@@ -215,17 +224,32 @@ class EnvelopeGate:
         return (req is not None and not req.waiter.done) or self._marker_floor > self._applied()
 
     # -- propose side --------------------------------------------------------------------------
-    def payload_for(self, data: bytes, admin: bool) -> bytes:
-        """The payload to put in the proposal envelope (called right before queueing)."""
+    def must_seal(self, data: bytes, admin: bool) -> bool:
+        """Called right before a proposal is queued: whether its payload is to be wrapped
+        (above the cutover), or why it may not be queued now (the barrier)."""
         if self.cutover_index() is not None:
             if self.cipher is None:
                 raise NilKeystoreError("no raft cipher wired; cannot wrap above the cutover")
-            return bytes(self.cipher.wrap(data))
+            return True
         if is_control(data):
             raise ReservedPrefixError()
         if self._marker_in_flight() or (self._enabling and not admin):
             raise EnvelopeCutoverInProgressError()
-        return data
+        return False
+
+    def wrap_admitted(self, request_id: int, data: bytes) -> bytes:
+        """The envelope of a proposal built above the cutover (``must_seal``), made when the
+        run loop admits it, with the others of its batch back to back (see ``prepare``); the
+        plaintext is kept under ``request_id`` for this node's apply (see :meth:`unwrap`)."""
+        cipher = self.cipher
+        if cipher is None:
+            raise NilKeystoreError("no raft cipher wired; cannot wrap above the cutover")
+        wrapped = cipher.wrap(data)
+        own = self._own
+        own[request_id] = (wrapped, data)
+        if len(own) > OWN_PLAINTEXTS:
+            del own[next(iter(own))]  # the oldest: that entry is decrypted instead
+        return wrapped
 
     def reject_reason(self, admin: bool) -> BaseException | None:
         """Loop side: why a proposal must not be admitted now (None: admit it)."""
@@ -272,7 +296,7 @@ class EnvelopeGate:
         failed = 0
         while queue:
             req = queue.popleft()
-            if isinstance(req, ProposeRequest) and not is_control(req.data):
+            if isinstance(req, ProposeRequest) and not req.seal and not is_control(req.data):
                 self._proposals.discard(req.request_id, req.waiter)
                 req.waiter.fail(EnvelopeCutoverInProgressError())
                 failed += 1
@@ -319,7 +343,36 @@ class EnvelopeGate:
         if ent.data and cutover is not None and ent.index > cutover:
             raise RaftUnwrapFailedError(f"entry {ent.index}: not a proposal envelope")
 
-    def unwrap(self, index: int, payload: bytes) -> bytes:
+    def prepare(self, entries: Sequence[Entry], floor: int) -> None:
+        """Decrypt, back to back, the envelopes among ``entries`` (committed, about to be
+        applied; those at or below ``floor`` are not) that :meth:`unwrap` will be asked for.
+        One decryption between two applies finds the AES code and tables out of the CPU's
+        caches and costs about three times one in a row (docs/envelope.md, "Cost"). What does
+        not open here is left to :meth:`unwrap`, which raises for it in its turn."""
+        cutover = self.cutover_index()
+        cipher = self.cipher
+        if cutover is None or cipher is None or len(entries) < 2:
+            return
+        own = self._own
+        todo: list[tuple[int, bytes]] = []
+        for ent in entries:
+            if ent.index <= cutover or ent.index <= floor or ent.type is not EntryType.NORMAL:
+                continue
+            env = decode_proposal(ent.data)
+            if env is None or (own and env[0] in own) or is_control(env[1]):
+                continue
+            todo.append((ent.index, env[1]))
+        if len(todo) > 1:
+            self._prepared = cipher.unwrap_batch(todo)
+
+    def discard_prepared(self) -> None:
+        if self._prepared:
+            self._prepared = {}
+
+    def unwrap(self, index: int, payload: bytes, request_id: int = 0) -> bytes:
+        """The plaintext of the payload of the entry at ``index``. An entry that holds the very
+        envelope this node made for ``request_id`` (:meth:`wrap_admitted`) is not decrypted:
+        its plaintext is the one kept (AES-GCM opens an envelope to what was sealed in it)."""
         cutover = self.cutover_index()
         if cutover is None or index <= cutover:
             if self.cipher is not None and self.cipher.try_unwrap(payload) is not None:
@@ -328,6 +381,14 @@ class EnvelopeGate:
                     f"{'unknown' if cutover is None else cutover}), but it is an envelope "
                     "under an installed key")
             return payload
+        if self._prepared:
+            ready = self._prepared.pop(index, None)
+            if ready is not None and ready[0] == payload:
+                return ready[1]
+        if request_id and self._own:
+            own = self._own.pop(request_id, None)
+            if own is not None and own[0] == payload:
+                return own[1]
         if self.cipher is None:
             raise RaftUnwrapFailedError(f"entry {index}: no raft cipher wired")
         try:

@@ -20,6 +20,9 @@ class ProposeRequest:
     waiter: Waiter
     #: Admitted while the envelope cutover barrier is up (``Engine.propose_admin``).
     admin: bool = False
+    #: Built above the envelope cutover: ``data`` is the plaintext, wrapped when the request
+    #: is admitted (``EnvelopeGate.wrap_admitted``).
+    seal: bool = False
 
 
 @attrs.frozen(eq=False)

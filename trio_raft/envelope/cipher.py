@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import struct
 import threading
+import weakref
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import attrs
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from trio_raft.envelope import envelope as env
 from trio_raft.envelope import stream
@@ -45,18 +49,69 @@ class CipherCounts:
     payload_failures: int = 0
 
 
+_KEY_ID = struct.Struct(">I")
+_FIELDS = tuple(attrs.fields_dict(CipherCounts))
+_INDEX = {name: i for i, name in enumerate(_FIELDS)}
+_WRAPS, _UNWRAPS = _INDEX["wraps"], _INDEX["unwraps"]
+
+
 class _Counter:
+    """Counts without a lock on the hot path: each thread adds to its own tally, a snapshot
+    sums them. The tallies of threads that ended are folded into ``_retired`` (so their
+    number stays bounded by the live threads)."""
+
     def __init__(self) -> None:
+        self._local = threading.local()
         self._lock = threading.Lock()
-        self._values = dict.fromkeys(attrs.fields_dict(CipherCounts), 0)
+        self._tallies: list[tuple[weakref.ref[threading.Thread], list[int]]] = []
+        self._retired = [0] * len(_FIELDS)
+
+    def _tally(self) -> list[int]:
+        try:
+            tally: list[int] = self._local.tally
+        except AttributeError:
+            tally = [0] * len(_FIELDS)
+            with self._lock:
+                self._fold_ended()
+                self._tallies.append((weakref.ref(threading.current_thread()), tally))
+            self._local.tally = tally
+        return tally
 
     def add(self, name: str) -> None:
-        with self._lock:
-            self._values[name] += 1
+        self.add_at(_INDEX[name])
+
+    def add_at(self, i: int) -> None:
+        try:
+            self._local.tally[i] += 1
+        except AttributeError:
+            self._tally()[i] += 1
+
+    def _fold_ended(self) -> None:
+        live = []
+        for ref, tally in self._tallies:
+            thread = ref()
+            if thread is None or not thread.is_alive():
+                for i, v in enumerate(tally):
+                    self._retired[i] += v
+            else:
+                live.append((ref, tally))
+        self._tallies = live
 
     def snapshot(self) -> CipherCounts:
         with self._lock:
-            return CipherCounts(**self._values)
+            self._fold_ended()
+            totals = list(self._retired)
+            for _, tally in self._tallies:
+                for i, v in enumerate(tally):
+                    totals[i] += v
+        return CipherCounts(*totals)
+
+
+@attrs.frozen
+class _HotKey:
+    aead: AESGCM
+    header: bytes
+    aad: bytes
 
 
 class Cipher:
@@ -64,6 +119,7 @@ class Cipher:
         self.keystore = keystore
         self.nonces = nonces
         self._counts = _Counter()
+        self._hot_keys: dict[int, _HotKey] = {}
 
     @classmethod
     def open(cls, key_dir: str | os.PathLike[str], kek: KEK, *, node_id: int | str) -> Cipher:
@@ -89,18 +145,28 @@ class Cipher:
     def counters(self) -> CipherCounts:
         return self._counts.snapshot()
 
+    def _hot(self, store: KeyStore, key_id: int) -> _HotKey | None:
+        """The hot path's view of an installed key (its AEAD, header and AAD), None when the
+        key id is not installed. Rebuilt when the store's AEAD object for the id changes."""
+        aead = store.cached_aead(key_id)
+        if aead is None:
+            return None
+        hot = self._hot_keys.get(key_id)
+        if hot is None or hot.aead is not aead:
+            hot = _HotKey(aead, env.header(key_id), env.aad(env.VERSION, key_id))
+            self._hot_keys[key_id] = hot
+        return hot
+
     def wrap(self, plaintext: bytes) -> bytes:
         # The hot path (every proposal above the cutover): the active key's AEAD, a nonce,
         # one encryption; the general path below handles (and counts) every failure.
         store, nonces = self.keystore, self.nonces
         if store is not None and nonces is not None:
-            key_id = store.active_key_id
-            aead = store.cached_aead(key_id)
-            if aead is not None:
+            hot = self._hot(store, store.active_key_id)
+            if hot is not None:
                 nonce = nonces.next()
-                out = (env.header(key_id) + nonce
-                       + aead.encrypt(nonce, plaintext, env.aad(env.VERSION, key_id)))
-                self._counts.add("wraps")
+                out = hot.header + nonce + hot.aead.encrypt(nonce, plaintext, hot.aad)
+                self._counts.add_at(_WRAPS)
                 return out
         try:
             store = self._store()
@@ -120,16 +186,15 @@ class Cipher:
         store = self.keystore
         if (store is not None and len(data) >= env.OVERHEAD and data[0] == env.VERSION
                 and data[1] == env.FLAG):
-            key_id = int.from_bytes(data[2:6], "big")
-            aead = store.cached_aead(key_id)
-            if aead is not None:
+            hot = self._hot(store, _KEY_ID.unpack_from(data, 2)[0])
+            if hot is not None:
                 try:
-                    out = aead.decrypt(data[6:env.HEADER_SIZE], data[env.HEADER_SIZE:],
-                                       env.aad(env.VERSION, key_id))
+                    out = hot.aead.decrypt(data[6:env.HEADER_SIZE], data[env.HEADER_SIZE:],
+                                           hot.aad)
                 except InvalidTag:
                     pass  # the general path raises the typed error and counts it
                 else:
-                    self._counts.add("unwraps")
+                    self._counts.add_at(_UNWRAPS)
                     return out
         try:
             store = self._store()
@@ -139,6 +204,36 @@ class Cipher:
             self._counts.add("unwrap_failures")
             raise
         self._counts.add("unwraps")
+        return out
+
+    def unwrap_batch(self, payloads: Iterable[tuple[int, bytes]]
+                     ) -> dict[int, tuple[bytes, bytes]]:
+        """Decrypt many envelopes in a row: ``{tag: (envelope, plaintext)}`` for every
+        ``(tag, envelope)`` that opens under an installed key (counted as unwraps). The others
+        are left out and not counted: :meth:`unwrap` on them raises and counts the failure."""
+        out: dict[int, tuple[bytes, bytes]] = {}
+        store = self.keystore
+        if store is None:
+            return out
+        hot_keys: dict[int, _HotKey | None] = {}
+        header_size, overhead = env.HEADER_SIZE, env.OVERHEAD
+        for tag, data in payloads:
+            if len(data) < overhead or data[0] != env.VERSION or data[1] != env.FLAG:
+                continue
+            key_id = _KEY_ID.unpack_from(data, 2)[0]
+            if key_id in hot_keys:
+                hot = hot_keys[key_id]
+            else:
+                hot = hot_keys[key_id] = self._hot(store, key_id)
+            if hot is None:
+                continue
+            try:
+                plain = hot.aead.decrypt(data[6:header_size], data[header_size:], hot.aad)
+            except InvalidTag:
+                continue
+            out[tag] = (data, plain)
+        for _ in range(len(out)):
+            self._counts.add_at(_UNWRAPS)
         return out
 
     def try_unwrap(self, data: bytes) -> bytes | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import secrets
@@ -37,7 +38,8 @@ LOCK_FILE = "LOCK"
 _MAGIC = b"TRNE"
 _STATE = struct.Struct(">4sBI")
 _CRC = struct.Struct(">I")
-_NONCE = struct.Struct(">III")
+_EPOCH = struct.Struct(">II")
+_U32_BYTES = struct.Struct(">I")
 _U32 = 0xFFFFFFFF
 
 
@@ -91,14 +93,24 @@ def bump_epoch(directory: str) -> int:
 
 
 class NonceSource:
-    """Hands out unique 12-byte nonces for one node (thread-safe)."""
+    """Hands out unique 12-byte nonces for one node (thread-safe).
 
-    def __init__(self, node_id: int, epoch: int, directory: str | None = None) -> None:
+    The hot path takes no lock: ``next`` on an ``itertools.count`` is atomic in CPython, and
+    each counter belongs to one epoch (``_state`` pairs them, replaced as one attribute), so a
+    (epoch, counter) pair is never handed out twice. Running out of counter values takes the
+    lock to bump the epoch once.
+    """
+
+    def __init__(self, node_id: int, epoch: int, directory: str | None = None, *,
+                 first_counter: int = 0) -> None:
         self.prefix = node_prefix(node_id)
-        self.epoch = epoch
         self._directory = directory
-        self._counter = 0
         self._lock = threading.Lock()
+        self._state = (_EPOCH.pack(self.prefix, epoch), epoch, itertools.count(first_counter))
+
+    @property
+    def epoch(self) -> int:
+        return self._state[1]
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str], node_id: int) -> NonceSource:
@@ -109,12 +121,18 @@ class NonceSource:
         return cls(node_id, epoch, directory)
 
     def next(self) -> bytes:
+        while True:
+            state = self._state
+            n = next(state[2])
+            if n <= _U32:
+                return state[0] + _U32_BYTES.pack(n)
+            self._next_epoch(state)
+
+    def _next_epoch(self, exhausted: tuple[bytes, int, itertools.count[int]]) -> None:
         with self._lock:
-            if self._counter > _U32:
-                if self._directory is None:
-                    raise NonceExhaustedError("counter exhausted and no state directory")
-                self.epoch = bump_epoch(self._directory)
-                self._counter = 0
-            n = _NONCE.pack(self.prefix, self.epoch, self._counter)
-            self._counter += 1
-            return n
+            if self._state is not exhausted:
+                return  # another thread bumped it meanwhile
+            if self._directory is None:
+                raise NonceExhaustedError("counter exhausted and no state directory")
+            epoch = bump_epoch(self._directory)
+            self._state = (_EPOCH.pack(self.prefix, epoch), epoch, itertools.count())

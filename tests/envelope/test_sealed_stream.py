@@ -155,3 +155,35 @@ def test_writer_refuses_bad_arguments():
     w.finish()
     with pytest.raises(ValueError):
         w.write(b"more")
+
+
+def test_every_way_of_reading_gives_the_plaintext_across_chunks():
+    # The reader is its own buffer (one chunk of plaintext): reads of any size, lines,
+    # peeks and reads into a buffer cross chunk edges and end exactly at the end.
+    plain = b"".join(b"line %03d %s\n" % (i, b"x" * (i % 23)) for i in range(60))
+    sealed = seal(plain, chunk=37)
+
+    def reader() -> io.BufferedIOBase:
+        r = stream.open_payload(io.BytesIO(sealed), len(sealed), keys=keys, index=10, term=2,
+                                where="/x/0a.fsm")
+        assert isinstance(r, io.BufferedIOBase)
+        return r
+
+    r = reader()
+    got = [r.read(1), r.read(5), r.read(80), r.read1(1000)]
+    done = len(b"".join(got))
+    assert r.peek()[:3] == plain[done:done + 3]  # a peek takes nothing
+    buf = bytearray(50)
+    got.append(bytes(buf[:r.readinto(buf)]))
+    got.append(r.readline())
+    got.append(r.read())
+    assert b"".join(got) == plain
+    assert [len(g) for g in got[:3]] == [1, 5, 80] and got[5].endswith(b"\n")
+    assert r.read() == b"" and r.read(10) == b"" and r.readinto(buf) == 0
+    assert reader().readlines() == plain.splitlines(keepends=True)
+    r7 = reader()
+    assert b"".join(iter(lambda: r7.read(7), b"")) == plain
+    r = reader()
+    r.close()
+    with pytest.raises(ValueError):
+        r.read(1)

@@ -217,14 +217,15 @@ def sealed_size(plain_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
     return HEADER_SIZE + plain_size + chunks * TAG_SIZE
 
 
-class OpeningReader(io.RawIOBase):
-    """A raw, read-only stream of the plaintext of the sealed payload in ``raw``.
+class OpeningReader(io.BufferedIOBase):
+    """A read-only stream of the plaintext of the sealed payload in ``raw``.
 
     ``size`` is the sealed length (the reader must know where the payload ends);
     ``keys(key id)`` returns the data key or raises; ``index`` and ``term`` are the snapshot's
     the payload must have been sealed for. The header is read and checked when the reader is
-    built. Wrap it in :class:`io.BufferedReader`; read it to the end to have every chunk (and
-    the absence of anything after the last) verified.
+    built. Read it to the end to have every chunk (and the absence of anything after the
+    last) verified. It is its own buffer: it holds one chunk's plaintext and hands out slices
+    of it (``read``, ``read1``, ``readinto``, ``peek``), so no buffered reader goes on top.
     """
 
     def __init__(self, raw: RawReader, size: int, *, keys: Callable[[int], bytes], index: int,
@@ -265,45 +266,87 @@ class OpeningReader(io.RawIOBase):
         self._last_len = rest if rest else chunk + TAG_SIZE
         self._chunk_len = chunk + TAG_SIZE
         self._next = 0
-        # One chunk's sealed bytes and its plaintext, reused chunk after chunk (allocated to
-        # the size the payload needs, never more than one chunk each).
+        # One chunk's sealed bytes, reused chunk after chunk (allocated to the size the
+        # payload needs, never more than one chunk), and the current chunk's plaintext: an
+        # immutable ``bytes``, so a read of all of it hands it out without a copy.
         first = self._last_len if self._chunks == 1 else self._chunk_len
         self._sealed_buf = bytearray(first)
-        self._plain_buf = bytearray(max(first - TAG_SIZE, 0))
-        self._plain: memoryview = memoryview(b"")
+        self._plain = b""
         self._pos = 0
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
+    def _available(self) -> int:
+        """Bytes of the current chunk not handed out yet, opening the next chunk when it is
+        used up (0 at the end of the payload)."""
+        if self.closed:
+            raise ValueError("read from a closed sealed payload reader")
         while self._pos >= len(self._plain):
             if self._next >= self._chunks:
                 return 0
             self._open_next()
-        n = min(len(view), len(self._plain) - self._pos)
+        return len(self._plain) - self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):
+            n = self._take_into(view[got:])
+            if not n:
+                break
+            got += n
+        return got
+
+    def readinto1(self, buffer: Any) -> int:
+        return self._take_into(memoryview(buffer).cast("B"))
+
+    def _take_into(self, view: memoryview) -> int:
+        n = min(len(view), self._available())
         view[:n] = memoryview(self._plain)[self._pos:self._pos + n]
         self._pos += n
         return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts: list[bytes] = []
+            while self._available():
+                parts.append(self._plain[self._pos:])
+                self._pos = len(self._plain)
+            return b"".join(parts)
+        if size <= self._available():  # within the current chunk: a slice (all of it: no copy)
+            out = self._plain[self._pos:self._pos + size]
+            self._pos += size
+            return out
+        buf = bytearray(size)
+        return bytes(memoryview(buf)[:self.readinto(buf)])
+
+    def read1(self, size: int = -1) -> bytes:
+        n = self._available() if size < 0 else min(size, self._available())
+        out = self._plain[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def peek(self, size: int = 0) -> bytes:
+        self._available()
+        return self._plain[self._pos:]
 
     def drain(self) -> None:
         """Verify every chunk left (discarding its plaintext)."""
         while self._next < self._chunks:
             self._open_next()
-        self._plain, self._pos = memoryview(b""), 0
+        self._plain, self._pos = b"", 0
 
     def _open_next(self) -> None:
         i = self._next
         last = i == self._chunks - 1
         n = self._last_len if last else self._chunk_len
-        self._plain = memoryview(b"")  # release the buffers' views before reusing them
+        self._plain = b""
         sealed = memoryview(self._sealed_buf)[:n]
         self._read_into(sealed)
-        plain = memoryview(self._plain_buf)[:n - TAG_SIZE]
         aad = self.header + _CHUNK_AAD.pack(i, 1 if last else 0)
         try:
-            self._aead.decrypt_into(_nonce(i), sealed, aad, plain)
+            plain = self._aead.decrypt(_nonce(i), sealed, aad)
         except InvalidTag:
             if self._on_failure is not None:
                 self._on_failure()
@@ -349,9 +392,6 @@ class OpeningReader(io.RawIOBase):
 def open_payload(raw: RawReader, size: int, *, keys: Callable[[int], bytes], index: int,
                  term: int, where: str, on_failure: Callable[[], None] | None = None
                  ) -> BinaryIO:
-    """A buffered plaintext reader over the sealed payload in ``raw`` (see
-    :class:`OpeningReader`)."""
-    return cast(BinaryIO, io.BufferedReader(
-        OpeningReader(raw, size, keys=keys, index=index, term=term, where=where,
-                      on_failure=on_failure),
-        DEFAULT_CHUNK_SIZE))
+    """A plaintext reader over the sealed payload in ``raw`` (see :class:`OpeningReader`)."""
+    return cast(BinaryIO, OpeningReader(raw, size, keys=keys, index=index, term=term,
+                                        where=where, on_failure=on_failure))

@@ -253,9 +253,11 @@ def open_sealed_payload(path: str, info: BackupInfo, cipher: PayloadCipher,
     """Call ``use`` with a plaintext reader over a sealed backup's payload."""
     with _opened(path, file_io) as (fd, size):
         _info, start = _read_info(fd, size, path, file_io)
-        with io.BufferedReader(_RangeReader(file_io, fd, path, start, info.payload_bytes),
-                               fsm.BUFFER_SIZE) as raw:
-            use(cipher.open_payload(raw, info.payload_bytes, info.index, info.term, path))
+        # The sealed reader reads whole chunks into its own buffer: no buffering under it.
+        with _RangeReader(file_io, fd, path, start, info.payload_bytes) as raw, \
+                cipher.open_payload(raw, info.payload_bytes, info.index, info.term,
+                                    path) as plain:
+            use(plain)
 
 
 class _RangeReader(io.RawIOBase):

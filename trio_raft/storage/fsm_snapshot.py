@@ -237,9 +237,10 @@ def open_and_restore_fsm_snapshot(state_machine: Restorable, path: str | os.Path
             state_machine.restore(cast(BinaryIO, reader))
         else:
             cipher, index, term = sealed
-            plain = cipher.open_payload(reader, payload_size, index, term, path)
-            state_machine.restore(plain)
-            drain(plain)
+            # Straight from the descriptor: the reader reads whole chunks into its own buffer.
+            with cipher.open_payload(raw, payload_size, index, term, path) as plain:
+                state_machine.restore(plain)
+                drain(plain)
         _drain(reader)
         if raw.crc != footer:
             raise FSMSnapshotFileCRCError(

@@ -27,6 +27,14 @@ async def start_all(c, tmp_path, kek):
     return ciphers
 
 
+async def leader_of(c):
+    """(the leader's engine, its name) once one is elected."""
+    leader = await c.wait_for_leader()
+    lname = c.leader_name()
+    assert lname is not None
+    return leader, lname
+
+
 def fatal(err: BaseException | None) -> BaseException | None:
     """The engine's fatal error, out of the ExceptionGroup a node's nursery may wrap it in."""
     while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
@@ -45,9 +53,7 @@ async def test_cutover_under_eight_writers(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
         ciphers = await start_all(c, tmp_path, kek)
         c.network.set_links(c.ids(NAMES), delay=0.002)  # a round trip takes mock time
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         started = trio.Event()
 
         async def writer(w: int) -> None:
@@ -105,9 +111,7 @@ async def test_cutover_under_eight_writers(tmp_path, clock, kek):
 async def test_tampered_entry_halts_only_that_node(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
         ciphers = await start_all(c, tmp_path, kek)
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         await leader.propose(b"set a 1")
         cutover = await leader.enable_raft_envelope(ciphers[lname])
         await leader.propose(b"set b 2")
@@ -151,9 +155,7 @@ async def test_tampered_entry_halts_only_that_node(tmp_path, clock, kek):
 async def test_node_restarted_without_key_halts_then_replays_with_it(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
         ciphers = await start_all(c, tmp_path, kek)
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         victim = next(n for n in NAMES if n != lname)
         await leader.propose(b"set a 1")
         await c.wait_applied(leader.applied_index(), [victim])
@@ -186,9 +188,7 @@ async def test_leader_crash_during_cutover_never_mixes_regimes(tmp_path, clock, 
                                    seed=seed) as c:
         ciphers = await start_all(c, tmp_path, kek)
         c.network.set_links(c.ids(NAMES), delay=0.001)
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         await leader.propose(b"set a 1")
         acked: list[bytes] = []
         stop = trio.Event()
@@ -249,9 +249,7 @@ async def test_leader_crash_during_cutover_never_mixes_regimes(tmp_path, clock, 
 async def test_the_leader_applies_its_own_entries_without_decrypting_them(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
         ciphers = await start_all(c, tmp_path, kek)
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         cutover = await leader.enable_raft_envelope(ciphers[lname])
         await c.wait_applied(leader.applied_index())
         before = {n: ciphers[n].counters() for n in NAMES}
@@ -283,9 +281,7 @@ async def test_a_batch_holding_a_rotation_and_entries_under_the_new_key_applies(
     # its turn, and tampering is still caught entry by entry.
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False) as c:
         ciphers = await start_all(c, tmp_path, kek)
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        assert lname is not None
+        leader, lname = await leader_of(c)
         await leader.enable_raft_envelope(ciphers[lname])
         for i in range(5):
             await leader.propose(b"set before%d x" % i)

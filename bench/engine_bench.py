@@ -18,15 +18,9 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from typing import IO, Any
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CounterFSM:
@@ -145,57 +139,22 @@ def node_main(args: argparse.Namespace) -> None:
     trio.run(main)
 
 
-def free_ports(n: int) -> list[int]:
-    from trio_raft.testing.net import free_loopback_ports
-
-    return free_loopback_ports(n)
-
-
 def orchestrate(args: argparse.Namespace) -> None:
-    names = ["n1", "n2", "n3"]
-    ports = free_ports(3)
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(names, ports))
-    base = tempfile.mkdtemp(prefix="trio-raft-bench-", dir=args.dir)
-    procs: dict[str, subprocess.Popen[str]] = {}
-    leader_q: list[str] = []
-    outputs: dict[str, list[str]] = {n: [] for n in names}
-    lock = threading.Condition()
-
-    def reader(name: str, stream: IO[str]) -> None:
-        for line in stream:
-            with lock:
-                outputs[name].append(line.rstrip("\n"))
-                if '"event": "leader"' in line:
-                    leader_q.append(name)
-                lock.notify_all()
+    from nodes import NodeProcesses
 
     print(json.dumps({
         "event": "machine", "python": platform.python_version(), "cpus": os.cpu_count(),
         "platform": platform.platform(), "data_dir": "tmp",
     }), flush=True)
-    try:
-        for n in names:
-            procs[n] = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), "node", "--name", n, "--peers", peers,
-                 "--data-dir", os.path.join(base, n), "--duration", str(args.duration),
-                 "--concurrency", args.concurrency, "--size", str(args.size)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-            )
-            threading.Thread(target=reader, args=(n, procs[n].stdout), daemon=True).start()
-        with lock:
-            if not lock.wait_for(lambda: leader_q, timeout=60):
-                raise SystemExit("no leader within 60 s")
-            leader = leader_q[0]
-        proc = procs[leader]
-        assert proc.stdin is not None
-        proc.stdin.write("run\n")
-        proc.stdin.flush()
+    extra = ["--duration", str(args.duration), "--concurrency", args.concurrency,
+             "--size", str(args.size)]
+    with NodeProcesses(__file__, extra, prefix="trio-raft-bench-", parent=args.dir) as nodes:
+        leader = nodes.leader()
+        nodes.command(leader, "run")
         budget = 60 + len(args.concurrency.split(",")) * (args.duration + 30)
-        with lock:
-            ok = lock.wait_for(lambda: any('"event": "done"' in x for x in outputs[leader]),
-                               timeout=budget)
+        ok = nodes.wait_for(leader, '"event": "done"', budget)
         rows = []
-        for line in outputs[leader]:
+        for line in nodes.outputs[leader]:
             if line.startswith("{") and '"bench"' in line:
                 row = json.loads(line)
                 if args.system:
@@ -210,16 +169,6 @@ def orchestrate(args: argparse.Namespace) -> None:
                 print(json.dumps({"event": "plot", "file": path}), flush=True)
         if not ok:
             raise SystemExit("benchmark did not finish in time")
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:

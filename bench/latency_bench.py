@@ -34,17 +34,11 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from typing import IO, Any
+from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from engine_bench import CounterFSM, percentile  # noqa: E402  (a script's own directory is on the import path)
+from engine_bench import CounterFSM, percentile
 
 Event = tuple[str, float, float]  # (stage, seconds, ended)
 
@@ -279,82 +273,29 @@ def table(rows: list[dict[str, Any]]) -> str:
 # -- orchestration ------------------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    from trio_raft.testing.net import free_loopback_ports
-
-    return free_loopback_ports(n)
-
-
 def run_once(args: argparse.Namespace) -> list[dict[str, Any]]:
-    names = ["n1", "n2", "n3"]
-    ports = free_ports(3)
-    peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(names, ports))
-    base = tempfile.mkdtemp(prefix="trio-raft-latency-", dir=args.dir)
-    procs: dict[str, subprocess.Popen[str]] = {}
-    leader_q: list[str] = []
-    outputs: dict[str, list[str]] = {n: [] for n in names}
-    lock = threading.Condition()
+    from nodes import NAMES, NodeProcesses
 
-    def reader(name: str, stream: IO[str]) -> None:
-        for line in stream:
-            with lock:
-                outputs[name].append(line.rstrip("\n"))
-                if '"event": "leader"' in line:
-                    leader_q.append(name)
-                lock.notify_all()
-
-    def command(name: str, line: str) -> None:
-        stdin = procs[name].stdin
-        assert stdin is not None
-        stdin.write(line + "\n")
-        stdin.flush()
-
-    def wait_for(name: str, marker: str, timeout: float) -> bool:
-        with lock:
-            return lock.wait_for(lambda: any(marker in x for x in outputs[name]),
-                                 timeout=timeout)
-
-    try:
-        for n in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "node", "--name", n,
-                   "--peers", peers, "--data-dir", os.path.join(base, n),
-                   "--duration", str(args.duration), "--concurrency", args.concurrency,
-                   "--size", str(args.size), "--switch-interval", str(args.switch_interval)]
-            procs[n] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, cwd=ROOT)
-            threading.Thread(target=reader, args=(n, procs[n].stdout), daemon=True).start()
-        with lock:
-            if not lock.wait_for(lambda: leader_q, timeout=60):
-                raise SystemExit("no leader within 60 s")
-            leader = leader_q[0]
-        command(leader, "run")
+    extra = ["--duration", str(args.duration), "--concurrency", args.concurrency,
+             "--size", str(args.size), "--switch-interval", str(args.switch_interval)]
+    with NodeProcesses(__file__, extra, prefix="trio-raft-latency-", parent=args.dir,
+                       grace=5.0) as nodes:
+        leader = nodes.leader()
+        nodes.command(leader, "run")
         budget = 60 + len(args.concurrency.split(",")) * (args.duration + 30)
-        if not wait_for(leader, '"event": "done"', budget):
+        if not nodes.wait_for(leader, '"event": "done"', budget):
             raise SystemExit("benchmark did not finish in time")
         dumps: dict[str, dict[str, Any]] = {}
-        for n in names:
-            path = os.path.join(base, f"events-{n}.json")
-            command(n, f"dump {path}")
-            if not wait_for(n, '"event": "dumped"', 60):
+        for n in NAMES:
+            path = os.path.join(nodes.base, f"events-{n}.json")
+            nodes.command(n, f"dump {path}")
+            if not nodes.wait_for(n, '"event": "dumped"', 60):
                 raise SystemExit(f"{n} did not write its records")
             with open(path) as f:
                 dumps[n] = json.load(f)
-        for n in names:
-            command(n, "quit")
+        for n in NAMES:
+            nodes.command(n, "quit")
         return analyse(dumps, leader)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                try:
-                    p.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def orchestrate(args: argparse.Namespace) -> None:

@@ -1,0 +1,94 @@
+"""Three node processes of a benchmark script on loopback, for the scripts' orchestrators.
+
+Each node is the calling script run as ``<script> node --name nX --peers ... --data-dir ...``
+plus the script's own arguments; it prints JSON lines on stdout (``{"event": "leader"}`` once
+it leads) and reads commands, a line each, on stdin. :class:`NodeProcesses` starts them, keeps
+what each printed, and on exit stops them (politely, then by force) and removes their data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import IO
+
+NAMES = ["n1", "n2", "n3"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class NodeProcesses:
+    def __init__(self, script: str, extra: list[str], *, prefix: str,
+                 parent: str | None = None, grace: float = 0.0) -> None:
+        """``grace``: seconds the nodes get to end on their own (after a ``quit`` command)
+        before they are terminated."""
+        from trio_raft.testing.net import free_loopback_ports
+
+        ports = free_loopback_ports(len(NAMES))
+        self.peers = ",".join(f"{n}=127.0.0.1:{p}" for n, p in zip(NAMES, ports))
+        self.base = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.outputs: dict[str, list[str]] = {n: [] for n in NAMES}
+        self._leaders: list[str] = []
+        self._lock = threading.Condition()
+        self._script = os.path.abspath(script)
+        self._extra = extra
+        self._grace = grace
+
+    def __enter__(self) -> NodeProcesses:
+        try:
+            for n in NAMES:
+                self.procs[n] = subprocess.Popen(
+                    [sys.executable, self._script, "node", "--name", n, "--peers", self.peers,
+                     "--data-dir", os.path.join(self.base, n), *self._extra],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                threading.Thread(target=self._read, args=(n, self.procs[n].stdout),
+                                 daemon=True).start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    p.wait(timeout=self._grace)
+                except subprocess.TimeoutExpired:
+                    p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _read(self, name: str, stream: IO[str]) -> None:
+        for line in stream:
+            with self._lock:
+                self.outputs[name].append(line.rstrip("\n"))
+                if '"event": "leader"' in line:
+                    self._leaders.append(name)
+                self._lock.notify_all()
+
+    def leader(self, timeout: float = 60) -> str:
+        """The first node that announced it leads."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self._leaders, timeout=timeout):
+                raise SystemExit(f"no leader within {timeout:g} s")
+            return self._leaders[0]
+
+    def command(self, name: str, line: str) -> None:
+        stdin = self.procs[name].stdin
+        assert stdin is not None
+        stdin.write(line + "\n")
+        stdin.flush()
+
+    def wait_for(self, name: str, marker: str, timeout: float) -> bool:
+        """Whether ``name`` printed a line holding ``marker`` within ``timeout`` seconds."""
+        with self._lock:
+            return self._lock.wait_for(
+                lambda: any(marker in x for x in self.outputs[name]), timeout=timeout)

@@ -116,32 +116,33 @@ def bootstrap_guard(args: argparse.Namespace, peers: list[trio_raft.Peer]) -> No
             f"(`add-learner`, `promote`).")
 
 
-async def _ask_members(args: argparse.Namespace, peers: list[trio_raft.Peer]
+async def _ask_members(args: argparse.Namespace, others: list[trio_raft.Peer]
                        ) -> tuple[str, list[trio_raft.Peer]] | None:
-    """(who answered, the members it knows) from the first listed peer that answers."""
-    others = [p for p in peers if p.id != args.id]
-    if not others:
-        return None
+    """(who answered, the members it knows) from the first listed peer (in ``--peers``
+    order) that answers; all are asked at once, so peers that are down cost one timeout."""
     client = KVClient(others[0].address, ssl_context=client_ssl(args.tls_dir), timeout=5.0)
     try:
-        for p in others:
+        async def ask(p: trio_raft.Peer) -> list[trio_raft.Peer] | None:
             try:
                 r = await client.members(p.address)
             except KVError as exc:
                 log.info("join discovery: %s (%s) did not answer: %s", p.id, p.address, exc)
-                continue
-            return p.id, [trio_raft.Peer(m.id, m.address) for m in r.members if m.address]
+                return None
+            return [trio_raft.Peer(m.id, m.address) for m in r.members if m.address]
+
+        answers = await asyncio.gather(*(ask(p) for p in others))
     finally:
         client.close()
-    return None
+    return next(((p.id, a) for p, a in zip(others, answers) if a is not None), None)
 
 
 def join_discovery(args: argparse.Namespace, peers: list[trio_raft.Peer]
                    ) -> list[trio_raft.Peer]:
     """``peers`` with the members a listed peer knows of added (see the module docstring)."""
-    if not (args.join_as_learner and data_dir_is_empty(args.data_dir)):
+    others = [p for p in peers if p.id != args.id]
+    if not (args.join_as_learner and others and data_dir_is_empty(args.data_dir)):
         return peers
-    found = asyncio.run(_ask_members(args, peers))
+    found = asyncio.run(_ask_members(args, others))
     if found is None:
         log.warning("join discovery: no listed peer answered; this node knows only its "
                     "--peers until a snapshot names every member")

@@ -172,15 +172,10 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from nodes import add_node_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "node"])
-    ap.add_argument("--name")
-    ap.add_argument("--peers")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--dir", default=None, help="parent directory for the nodes' data")
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--concurrency", default="1,64,1024")
-    ap.add_argument("--size", type=int, default=100)
+    add_node_arguments(ap, concurrency="1,64,1024")
     ap.add_argument("--plot", default=None, metavar="DIR",
                     help="draw the latency-throughput curve into DIR (needs the bench extra)")
     ap.add_argument("--system", default="", help="a label for the rows and the curve")

@@ -315,15 +315,10 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from nodes import add_node_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", nargs="?", default="run", choices=["run", "node"])
-    ap.add_argument("--name")
-    ap.add_argument("--peers")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--dir", default=None, help="parent directory for the nodes' data")
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--concurrency", default="1")
-    ap.add_argument("--size", type=int, default=100)
+    add_node_arguments(ap, concurrency="1")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--switch-interval", type=float, default=0.0,
                     help="sys.setswitchinterval in the node processes (0: the default)")

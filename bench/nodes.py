@@ -8,6 +8,7 @@ what each printed, and on exit stops them (politely, then by force) and removes 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -18,6 +19,20 @@ from typing import IO
 
 NAMES = ["n1", "n2", "n3"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_node_arguments(ap: argparse.ArgumentParser, *, concurrency: str) -> None:
+    """The arguments of a script run either as the orchestrator (``run``) or as one of its
+    nodes (``node``): the node's name, peers and data dir, where the data goes, and the
+    workload (seconds per level, the levels of concurrency, the entry size)."""
+    ap.add_argument("mode", nargs="?", default="run", choices=["run", "node"])
+    ap.add_argument("--name")
+    ap.add_argument("--peers")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--dir", default=None, help="parent directory for the nodes' data")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--concurrency", default=concurrency)
+    ap.add_argument("--size", type=int, default=100)
 
 
 class NodeProcesses:

@@ -24,6 +24,11 @@ from typing import IO, Any
 
 
 class CounterFSM:
+    """Counts the entries it applies; its snapshot is the count (then ``PAD``, which a
+    subclass may fill to give the snapshot a chosen size), written in 1 MiB slices."""
+
+    PAD = b""
+
     def __init__(self) -> None:
         self.count = 0
 
@@ -32,12 +37,13 @@ class CounterFSM:
         return self.count
 
     def snapshot(self) -> Any:
-        value = self.count
+        blob = str(self.count).encode() + b"\n" + self.PAD
 
         class Snap:
             def write_to(self, w: IO[bytes]) -> int:
-                blob = str(value).encode()
-                w.write(blob)
+                view = memoryview(blob)
+                for i in range(0, len(view), 1 << 20):
+                    w.write(view[i:i + (1 << 20)])
                 return len(blob)
 
             def close(self) -> None:
@@ -47,7 +53,7 @@ class CounterFSM:
 
     def restore(self, reader: IO[bytes]) -> None:
         blob = reader.read()
-        self.count = int(blob) if blob else 0
+        self.count = int(blob.split(b"\n", 1)[0]) if blob else 0
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -47,31 +47,6 @@ EVERY_ENV = "TRIO_RAFT_BENCH_SNAPSHOT_EVERY"
 KB_ENV = "TRIO_RAFT_BENCH_SNAPSHOT_KB"
 
 
-class PaddedCounterFSM(eb.CounterFSM):
-    """The engine benchmark's counter, with a snapshot payload of a chosen size."""
-
-    PAD = b""
-
-    def snapshot(self) -> Any:
-        blob = str(self.count).encode() + b"\n" + self.PAD
-
-        class Snap:
-            def write_to(self, w: IO[bytes]) -> int:
-                view = memoryview(blob)
-                for i in range(0, len(view), 1 << 20):
-                    w.write(view[i:i + (1 << 20)])
-                return len(blob)
-
-            def close(self) -> None:
-                pass
-
-        return Snap()
-
-    def restore(self, reader: IO[bytes]) -> None:
-        blob = reader.read()
-        self.count = int(blob.split(b"\n", 1)[0]) if blob else 0
-
-
 def install_node_hooks(data_dir: str, name: str, sealed: bool) -> None:
     """In a node process: snapshots every N entries with a padded payload; with ``sealed``, a
     cipher and the envelope enabled before the leader's workload starts."""
@@ -80,8 +55,7 @@ def install_node_hooks(data_dir: str, name: str, sealed: bool) -> None:
     import trio_raft
     from trio_raft.envelope import KEK, Cipher
 
-    PaddedCounterFSM.PAD = os.urandom(int(os.environ.get(KB_ENV, "1024")) << 10)
-    eb.CounterFSM = PaddedCounterFSM  # type: ignore[misc]
+    eb.CounterFSM.PAD = os.urandom(int(os.environ.get(KB_ENV, "1024")) << 10)
     every = int(os.environ.get(EVERY_ENV, "1000"))
     cipher = (Cipher.open(data_dir + "-keys", KEK.from_env(KEK_ENV), node_id=name)
               if sealed else None)

@@ -23,6 +23,8 @@ from trio_raft.testing.net import free_loopback_ports
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.client import KVClient, KVError
 
+N3 = ["n1", "n2", "n3"]
+
 #: Elections in about half a second, so a failover costs little test time.
 TIMING = ("--tick-interval", "0.01", "--heartbeat-tick", "3", "--election-tick", "40")
 
@@ -117,6 +119,11 @@ class Procs:
     def applied(self, name: str) -> int:
         st = status(self.addrs[name])
         return st.applied_index if st is not None else -1
+
+    def caught_up(self, names: list[str], leader: str) -> bool:
+        """Whether every node of ``names`` applied what ``leader`` has applied."""
+        target = self.applied(leader)
+        return all(self.applied(n) >= target for n in names)
 
     def log(self, name: str) -> str:
         with open(os.path.join(self.root, f"{name}.log"), errors="replace") as f:

@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 from tests.e2e.opsprocs import (
+    N3,
     Procs,
     kvnode,
     kvnode_json,
@@ -26,7 +27,6 @@ from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
 pytestmark = pytest.mark.slow
 
-N3 = ["n1", "n2", "n3"]
 #: Every value written starts with this: no file may hold it.
 MARK = b"PLAINVALUE"
 
@@ -52,11 +52,6 @@ def write_kek(path: str, raw: bytes, mode: int = 0o600) -> str:
 
 def values(prefix: str, n: int) -> dict[str, bytes]:
     return {f"{prefix}{i:03d}": MARK + b"-%s-%03d" % (prefix.encode(), i) for i in range(n)}
-
-
-def caught_up(procs: Procs, names: list[str], leader: str) -> bool:
-    target = procs.applied(leader)
-    return all(procs.applied(n) >= target for n in names)
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
@@ -114,7 +109,7 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
         assert rotated["active_key_id"] == 2
         written |= values("late", 60)
         put_many(laddr, values("late", 60))
-        poll(lambda: caught_up(procs, N3, leader), 60, "every node to catch up")
+        poll(lambda: procs.caught_up(N3, leader), 60, "every node to catch up")
         for n in N3:
             st = kvnode_json("status", "--addr", procs.addrs[n])["encryption"]
             assert st["active_key_id"] == 2

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from tests.e2e.opsprocs import (
+    N3,
     Procs,
     Writer,
     kvnode,
@@ -24,12 +25,6 @@ from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
 pytestmark = pytest.mark.slow
 
-N3 = ["n1", "n2", "n3"]
-
-
-def caught_up(procs: Procs, names: list[str], leader: str) -> bool:
-    target = procs.applied(leader)
-    return all(procs.applied(n) >= target for n in names)
 
 
 def test_backup_restore_and_replacing_a_failed_disk(tmp_path) -> None:
@@ -88,7 +83,7 @@ def test_backup_restore_and_replacing_a_failed_disk(tmp_path) -> None:
         r = kvnode("promote", victim, "--addr", new.addrs[leader], "--wait", "60")
         assert r.returncode == 0, r.stderr
         put_many(new.addrs[leader], {"barrier": b"1"})
-        poll(lambda: caught_up(new, N3, leader), 60, "the replaced member to catch up")
+        poll(lambda: new.caught_up(N3, leader), 60, "the replaced member to catch up")
         local = read_all(new.addrs[victim], [*sorted(before), "fresh"], pb.ReadMode.LOCAL)
         assert local == {**before, "fresh": b"1"}
     finally:
@@ -104,7 +99,7 @@ def test_recovery_from_a_lost_quorum(tmp_path) -> None:
         leader = procs.leader()
         written = {f"k{i:03d}": b"v%d" % i for i in range(60)}
         put_many(procs.addrs[leader], written)
-        poll(lambda: caught_up(procs, names, leader), 60, "every node to catch up")
+        poll(lambda: procs.caught_up(names, leader), 60, "every node to catch up")
         # Three nodes are lost for good; the two survivors cannot elect a leader.
         survivors = ["n1", "n2"]
         for n in names:
@@ -140,7 +135,7 @@ def test_recovery_from_a_lost_quorum(tmp_path) -> None:
         assert sorted((m["id"], m["suffrage"]) for m in members) == [
             ("n1", "voter"), ("n2", "voter"), ("n6", "voter")]
         put_many(procs.addrs["n1"], {"three": b"voters"})
-        poll(lambda: caught_up(procs, ["n1", "n2", "n6"], "n1"), 60, "the new members")
+        poll(lambda: procs.caught_up(["n1", "n2", "n6"], "n1"), 60, "the new members")
         local = read_all(procs.addrs["n6"], [*sorted(written), "after"], pb.ReadMode.LOCAL)
         assert local == {**written, "after": b"recovery"}
     finally:
@@ -174,7 +169,7 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         log = procs.log(victim)
         assert "skipped (the state machine's store holds index" in log, log[-3000:]
         put_many(procs.addrs[leader], {"barrier": b"1"})
-        poll(lambda: caught_up(procs, [victim], leader), 60, "the restarted node to catch up")
+        poll(lambda: procs.caught_up([victim], leader), 60, "the restarted node to catch up")
         assert read_all(procs.addrs[victim], sorted(acked), pb.ReadMode.LOCAL) == acked
         # n5 knows one follower only (a --peers list written before n4 existed, trimmed to one
         # member): it asks that member for the membership at its start (join discovery), so it
@@ -189,7 +184,7 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         assert kvnode("add-learner", "n5", procs.addrs["n5"],
                       "--addr", procs.addrs[leader]).returncode == 0
         put_many(procs.addrs[leader], {"joined": b"n5"})
-        poll(lambda: caught_up(procs, ["n5"], leader), 60, "n5 to catch up")
+        poll(lambda: procs.caught_up(["n5"], leader), 60, "n5 to catch up")
         assert read_all(procs.addrs["n5"], [*sorted(acked), "joined"], pb.ReadMode.LOCAL) == \
             {**acked, "joined": b"n5"}
         port = procs.nodes["n5"].ready["metrics_port"]

@@ -44,6 +44,24 @@ def newest_descriptor(data_dir: str):
     return snap, decode_descriptor(snap.data)
 
 
+
+async def start_with_ciphers(c, tmp_path, kek):
+    """Start every node with its own cipher: (ciphers, leader, its name, a follower's)."""
+    ciphers = {n: open_cipher(tmp_path, n, kek) for n in NAMES}
+    for n in NAMES:
+        await c.start(n, raft_cipher=ciphers[n])
+    leader = await c.wait_for_leader()
+    lname = c.leader_name()
+    return ciphers, leader, lname, next(n for n in NAMES if n != lname)
+
+
+async def remove_and_wipe(c, leader, follower: str) -> None:
+    """Remove ``follower`` from the cluster, wait for it to stop, wipe its data dir."""
+    await leader.remove_server(follower)
+    with trio.fail_after(30):
+        await c.nodes[follower].stopped.wait()
+    c.wipe(follower)
+
 async def test_single_node_snapshots_are_sealed_after_the_cutover(tmp_path, kek):
     cipher = open_cipher(tmp_path, "n1", kek)
     data_dir = str(tmp_path / "n1")
@@ -139,12 +157,7 @@ async def test_wrong_key_material_is_refused(tmp_path, kek):
 async def test_wiped_follower_catches_up_from_a_sealed_snapshot(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False,
                                    snapshot_every=8, snapshot_catchup_entries=0) as c:
-        ciphers = {n: open_cipher(tmp_path, n, kek) for n in NAMES}
-        for n in NAMES:
-            await c.start(n, raft_cipher=ciphers[n])
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        follower = next(n for n in NAMES if n != lname)
+        ciphers, leader, lname, follower = await start_with_ciphers(c, tmp_path, kek)
         for i in range(10):
             await leader.propose(b"set pre%d CLEAR-%d" % (i, i))
         cutover = await leader.enable_raft_envelope(ciphers[lname])
@@ -154,10 +167,7 @@ async def test_wiped_follower_catches_up_from_a_sealed_snapshot(tmp_path, clock,
         await leader.compact_now()
         # Replace the follower (docs/operations.md): removed, wiped (data dir, cutover file
         # and key store all gone), started empty, added back as a learner.
-        await leader.remove_server(follower)
-        with trio.fail_after(30):
-            await c.nodes[follower].stopped.wait()
-        c.wipe(follower)
+        await remove_and_wipe(c, leader, follower)
         keys_dir = tmp_path / f"keys-{follower}"
         for name in os.listdir(keys_dir):
             os.unlink(keys_dir / name)
@@ -190,21 +200,13 @@ async def test_wiped_follower_catches_up_from_a_sealed_snapshot(tmp_path, clock,
 async def test_follower_without_a_cipher_stops_on_a_sealed_snapshot(tmp_path, clock, kek):
     async with open_memory_cluster(tmp_path / "data", NAMES, RecordingKV, start=False,
                                    snapshot_every=5, snapshot_catchup_entries=0) as c:
-        ciphers = {n: open_cipher(tmp_path, n, kek) for n in NAMES}
-        for n in NAMES:
-            await c.start(n, raft_cipher=ciphers[n])
-        leader = await c.wait_for_leader()
-        lname = c.leader_name()
-        follower = next(n for n in NAMES if n != lname)
+        ciphers, leader, lname, follower = await start_with_ciphers(c, tmp_path, kek)
         await leader.enable_raft_envelope(ciphers[lname])
         for i in range(12):
             await leader.propose(b"set k%d SECRET-%d" % (i, i))
         await c.wait_applied(leader.applied_index())
         await leader.compact_now()
-        await leader.remove_server(follower)
-        with trio.fail_after(30):
-            await c.nodes[follower].stopped.wait()
-        c.wipe(follower)
+        await remove_and_wipe(c, leader, follower)
         fsm_before = c.nodes[follower]
         await c.start(follower, bootstrap=False)  # no raft cipher
         await leader.add_learner(follower, fsm_before.address)

@@ -56,6 +56,7 @@ from trio_raft.errors import (
     SealedSnapshotKeyError,
     UnknownKeyIDError,
 )
+from trio_raft.writeonly import WriteOnlyStream
 
 MAGIC = b"TRSP"
 VERSION = 1
@@ -99,7 +100,7 @@ def _nonce(i: int) -> bytes:
     return _NONCE_PREFIX + _U64.pack(i)
 
 
-class SealingWriter:
+class SealingWriter(WriteOnlyStream):
     """A write-only binary stream that seals what it is given into ``out``.
 
     Give it to ``Snapshot.write_to``, then call :meth:`finish` (which seals the last chunk);
@@ -129,18 +130,6 @@ class SealingWriter:
         self.closed = False
         self.finished = False
         out.write(self.header)
-
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.count
 
     def write(self, data: Any) -> int:
         if self.finished or self.closed:
@@ -176,10 +165,6 @@ class SealingWriter:
             self._buf += rest
         return n
 
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
     def flush(self) -> None:
         pass
 
@@ -197,12 +182,6 @@ class SealingWriter:
 
     def close(self) -> None:
         self.closed = True
-
-    def __enter__(self) -> SealingWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _seal(self, plain: memoryview, *, last: bool) -> None:
         i = self._next

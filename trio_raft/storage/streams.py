@@ -20,11 +20,12 @@ import crc32c as _crc32c
 from trio_raft.errors import StorageIOError
 from trio_raft.storage.fileio import FileIO
 from trio_raft.storage.fileutil import close_quietly, io_errors, write_all
+from trio_raft.writeonly import WriteOnlyStream
 
 __all__ = ["FDReader", "FDWriter"]
 
 
-class FDWriter:
+class FDWriter(WriteOnlyStream):
     """A buffered, write-only binary stream over a descriptor, through the seam.
 
     Handed to code that expects a binary file (``Snapshot.write_to``). It counts what it was
@@ -48,18 +49,6 @@ class FDWriter:
         self.closed = False
         self.failure: StorageIOError | None = None
 
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
-    def tell(self) -> int:
-        return self.count
-
     def write(self, data: Any) -> int:
         self._check()
         view = memoryview(data).cast("B")
@@ -77,10 +66,6 @@ class FDWriter:
             self._buf += view
         return n
 
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
     def flush(self) -> None:
         self._check()
         self._flush_buffer()
@@ -92,12 +77,6 @@ class FDWriter:
 
     def close(self) -> None:
         self.closed = True
-
-    def __enter__(self) -> FDWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _check(self) -> None:
         if self.failure is not None:

@@ -36,8 +36,9 @@ async def test_protocol_conformance() -> None:
     assert isinstance(transport, ServingTransport)
 
 
-async def test_unary_and_stream_delivery_in_order() -> None:
-    async with grpc_pair(priority_stream=False) as (a, _b, inbox):
+@pytest.mark.parametrize("native", [True, False], ids=["native lanes", "grpclib lanes"])
+async def test_unary_and_stream_delivery_in_order(native: bool) -> None:
+    async with grpc_pair(priority_stream=False, native_lanes=native) as (a, _b, inbox):
         hb = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=7)
         await a.send(hb)  # priority type, without the priority lane: unary Send
         msgs = [app(i, n_entries=3) for i in range(50)]
@@ -51,7 +52,8 @@ async def test_unary_and_stream_delivery_in_order() -> None:
         assert stats["stream_messages"] == 50
         assert stats["stream_opens"] == 1
         assert stats["priority_opens"] == 0
-        assert stats["channels"] == 1  # no second connection without the priority lane
+        # no connection of the priority lane; the native bulk lane has a connection of its own
+        assert stats["channels"] == (2 if native else 1)
         assert a.dispatch_error_counts_by_code() == {}
 
 

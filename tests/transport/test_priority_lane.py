@@ -51,6 +51,8 @@ class OlderService(RaftTransportService):
 @asynccontextmanager
 async def serving(port: int, inbox: Inbox, *, older: bool = False,
                   **kwargs: Any) -> AsyncIterator[GRPCTransport]:
+    if older:  # nor did such a node serve the native lanes
+        kwargs.setdefault("native_lanes", False)
     t = GRPCTransport(**kwargs)
     if older:
         t.service = OlderService(t)

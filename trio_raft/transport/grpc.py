@@ -22,6 +22,11 @@ caller of :meth:`GRPCTransport.send_snapshot` (the asyncio side only writes the 
 given to the gRPC stream). The client and server halves live in :mod:`.grpc_client` and
 :mod:`.grpc_server`; this module holds the configuration, the peer table, the trio side of
 snapshot transfers and the counters.
+
+Without TLS, the replication and priority lanes are native by default (``native_lanes``): their
+streams are written and served on trio's thread with ``h2`` (:mod:`.native_lanes`), so a raft
+message crosses no thread between two engines; everything else (unary calls, snapshots, the
+application's services, peers that do not serve a lane's route) goes through grpclib as above.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from trio_raft.transport.grpc_client import CappedCodec, ClientConfig, ClientSid
 from trio_raft.transport.grpc_h2server import LimitedServer
 from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits
 from trio_raft.transport.grpc_server import RaftTransportService
+from trio_raft.transport.native_lanes import LanePolicy, NativeLanes
 from trio_raft.transport.routes import RAFT_ROUTES
 from trio_raft.transport.snapshot_transfer import (
     ChunkPipe,
@@ -126,6 +132,7 @@ class GRPCTransport:
     ``limits`` are the server's other limits (connections, streams, windows, the receive
     budget, the cap of the messages of application services served next to it), see
     :class:`~trio_raft.transport.grpc_limits.ServerLimits`.
+    ``native_lanes=False`` keeps the lanes on grpclib too (TLS always does).
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class GRPCTransport:
         max_message_bytes: int = MAX_FRAME_BYTES,
         stream_reprobe_after: float = DEFAULT_REPROBE_AFTER,
         limits: ServerLimits | None = None,
+        native_lanes: bool = True,
     ) -> None:
         if not 0 < snapshot_chunk_bytes <= max_message_bytes - (1 << 20):
             raise ValueError("snapshot_chunk_bytes must be positive and leave 1 MiB of headroom "
@@ -166,6 +174,8 @@ class GRPCTransport:
             open_timeout=dispatch_timeout)
         self._send_stream = send_stream
         self._priority_stream = priority_stream
+        self._native_lanes = native_lanes
+        self._native: NativeLanes | None = None
         self._dispatch_timeout = dispatch_timeout
         self._snapshot_timeout = snapshot_timeout
         self._chunk_bytes = snapshot_chunk_bytes
@@ -230,6 +240,8 @@ class GRPCTransport:
             return
         if self._bridge is not None and self._client is not None:
             self._bridge.run_sync_soon(self._client.close_address, address)
+        if self._native is not None:
+            self._native.close_address(address)
 
     # -- registration -----------------------------------------------------------------------------
 
@@ -283,6 +295,13 @@ class GRPCTransport:
                 self._client.stream_enabled = self._send_stream
                 self._client.priority_enabled = self._priority_stream
                 self._portal = TrioPortal(nursery)
+                if self._native_lanes:
+                    self._native = NativeLanes(
+                        nursery, self._portal, self, self._limits, LanePolicy(
+                            self._send_stream, self._priority_stream, self._dispatch_timeout,
+                            self._client_config.reprobe_after),
+                        client=self._client_config.ssl_context is None,
+                        server=self._server_ssl is None)
                 try:
                     bound = None
                     if listen:
@@ -292,6 +311,8 @@ class GRPCTransport:
                 except TransportBindError as exc:
                     bind_error = exc  # raised below, outside the nursery (not in a group)
                 finally:
+                    if self._native is not None:
+                        self._native.aclose()
                     with trio.CancelScope(shield=True) as cs:
                         cs.deadline = trio.current_time() + _STOP_BUDGET
                         await bridge.run(self._stop_on_loop)
@@ -303,6 +324,7 @@ class GRPCTransport:
                 await bridge.aclose()
             self._bridge = None
             self._server = None
+            self._native = None
             self._closed = True
             self._stopped.set()
         if bind_error is not None:
@@ -319,6 +341,8 @@ class GRPCTransport:
             where = f"{host if host is not None else '*'}:{port if port is not None else 0}"
             raise TransportBindError(f"{where}: {exc.strerror or exc}",
                                      address=where) from exc
+        if self._native is not None and self._native.server is not None:
+            server.adopt = self._native.hand_over
         self._server = server
         listener = getattr(server, "_server", None)  # grpclib keeps the asyncio server private
         sockets = listener.sockets if listener is not None else ()
@@ -408,6 +432,14 @@ class GRPCTransport:
             raise DispatchError(f"frame of {len(frame)} bytes exceeds "
                                 f"{self._max_message_bytes}", code="ResourceExhausted")
         priority = message.type in PRIORITY_MESSAGE_TYPES
+        if self._native is not None:
+            try:
+                native = await self._native.send(peer.address, frame, priority)
+            except Exception as exc:
+                raise self._failure(exc) from None
+            if native is not None:
+                self._counters.dispatched += 1
+                return native
         try:
             written = await bridge.run(client.deliver, peer.address, frame, priority,
                                        self._dispatch_timeout)
@@ -535,6 +567,8 @@ class GRPCTransport:
             out.update(attrs.asdict(client.counters))
             out["open_streams"] = len(client.streams)
             out["channels"] = len(client.channels)
+        if self._native is not None:
+            self._native.add_stats(out)
         server = self._server
         if server is not None:
             out.update(server.stats())

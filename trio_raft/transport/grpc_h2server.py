@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ from h2.events import RequestReceived, WindowUpdated
 from h2.settings import SettingCodes, Settings
 
 from trio_raft.transport.grpc_limits import MESSAGE_PREFIX, ReceiveBudget, ServerLimits
+from trio_raft.transport.native_wire import is_native_opening
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +242,8 @@ class LimitedProtocol(H2Protocol):
         super().__init__(handler, config, h2_config)
         self._server = server
         self._refused = False
+        self._deciding = False
+        self._handed_over = False
         self._counted = False
         self._accepted: asyncio.Transport | None = None
 
@@ -253,10 +257,16 @@ class LimitedProtocol(H2Protocol):
         self._counted = True
         server.connections.add(transport)
         self._accepted = transport
-        limits = server.limits
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if server.adopt is not None and transport.get_extra_info("sslcontext") is None:
+            self._deciding = True  # the first read tells whether it is a native lane's
+            return
+        self._start_h2(transport)
+
+    def _start_h2(self, transport: asyncio.Transport) -> None:
+        limits = self._server.limits
         h2 = H2Connection(config=self.h2_config)
         h2.local_settings = Settings(client=False, initial_values={
             SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
@@ -271,7 +281,30 @@ class LimitedProtocol(H2Protocol):
         self.connection.flush()
         self.connection.initialize()
         self.processor = LimitedEventsProcessor(self.handler, self.connection, h2, writer,
-                                                server.cap_for, server.budget)
+                                                self._server.cap_for, self._server.budget)
+
+    def _hand_over(self, transport: asyncio.Transport, data: bytes) -> bool:
+        """Give a native lane's connection (nothing written to it yet) to the native server:
+        a duplicate of its socket goes with the bytes read; this side closes its own."""
+        adopt = self._server.adopt
+        sock = transport.get_extra_info("socket")
+        if adopt is None or sock is None:
+            return False
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as exc:
+            log.warning("could not hand a native lane connection over: %r", exc)
+            return False
+        self._handed_over = True
+        self.handler.close()  # no request will reach it: grpclib's server may forget it
+        transport.pause_reading()
+        transport.abort()  # closes this side's descriptor only: the duplicate keeps the TCP
+        try:
+            adopt(dup, data)
+        except Exception as exc:
+            log.warning("native lane connection dropped: %r", exc)
+            dup.close()
+        return True
 
     def _refuse(self, transport: asyncio.Transport) -> None:
         self._refused = True
@@ -287,15 +320,26 @@ class LimitedProtocol(H2Protocol):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if not self._refused:
+        if self._deciding:
+            self._deciding = False
+            transport = self._accepted
+            assert transport is not None
+            if is_native_opening(data) and self._hand_over(transport, data):
+                return
+            self._start_h2(transport)
+        if not self._refused and not self._handed_over:
             super().data_received(data)
 
+    def _idle(self) -> bool:
+        """No HTTP/2 connection runs here (refused, handed over, or not started yet)."""
+        return self._refused or self._handed_over or self._deciding
+
     def pause_writing(self) -> None:
-        if not self._refused:
+        if not self._idle():
             super().pause_writing()
 
     def resume_writing(self) -> None:
-        if not self._refused:
+        if not self._idle():
             super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -305,8 +349,10 @@ class LimitedProtocol(H2Protocol):
         if self._accepted is not None:
             self._server.connections.discard(self._accepted)
             self._accepted = None
-        if not self._refused:
+        if not self._idle():
             super().connection_lost(exc)
+        elif self._deciding:
+            self.handler.close()
 
 
 class LimitedServer(Server):
@@ -328,6 +374,9 @@ class LimitedServer(Server):
         self.refused_connections = 0
         #: The accepted connections still open.
         self.connections: set[asyncio.Transport] = set()
+        #: Called on the loop with the socket and first bytes of a native lane's connection
+        #: (:mod:`.native_server`); ``None``: every connection is served here.
+        self.adopt: Callable[[socket.socket, bytes], None] | None = None
 
     async def wait_closed(self) -> None:
         """Wait for the handlers to end, then close every connection still open: grpclib

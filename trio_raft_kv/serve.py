@@ -286,7 +286,8 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer],
                                 client_ssl=client_ssl(args.tls_dir),
                                 pinned=pinned if pinned is not None else
                                 {p.id: p.address for p in peers if p.id != args.id},
-                                limits=server_limits(args))
+                                limits=server_limits(args),
+                                native_lanes=not getattr(args, "no_native_lanes", False))
     announcer = MembershipAnnouncer(ctx, transport)
     fsm.on_members_changed = announcer.members_changed
     handlers = [KVService(ctx), AdminService(ctx)]

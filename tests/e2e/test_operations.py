@@ -148,10 +148,12 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         for n in N3:
             procs.serve(n, N3, "--bootstrap")
         leader = procs.leader()
-        # The cluster grows by n4 (its --peers lists everyone it needs). (A node's port is
-        # picked right before it starts: one picked long before may be taken meanwhile.)
+        # The cluster grows by n4 (its --peers lists everyone it needs), which keeps its raft
+        # streams on grpclib: a cluster where native lanes meet grpclib ones in both
+        # directions. (A node's port is picked right before it starts: one picked long before
+        # may be taken meanwhile.)
         procs.add_addresses(["n4"])
-        procs.serve("n4", [*N3, "n4"], "--join-as-learner")
+        procs.serve("n4", [*N3, "n4"], "--join-as-learner", "--no-native-lanes")
         assert kvnode("add-learner", "n4", procs.addrs["n4"],
                       "--addr", procs.addrs[leader]).returncode == 0
         assert kvnode("promote", "n4", "--addr", procs.addrs[leader],
@@ -169,8 +171,9 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         log = procs.log(victim)
         assert "skipped (the state machine's store holds index" in log, log[-3000:]
         put_many(procs.addrs[leader], {"barrier": b"1"})
-        poll(lambda: procs.caught_up([victim], leader), 60, "the restarted node to catch up")
-        assert read_all(procs.addrs[victim], sorted(acked), pb.ReadMode.LOCAL) == acked
+        poll(lambda: procs.caught_up([victim, "n4"], leader), 60, "the followers to catch up")
+        for follower in (victim, "n4"):
+            assert read_all(procs.addrs[follower], sorted(acked), pb.ReadMode.LOCAL) == acked
         # n5 knows one follower only (a --peers list written before n4 existed, trimmed to one
         # member): it asks that member for the membership at its start (join discovery), so it
         # can answer the leader it was not told of, and catches up through a snapshot that

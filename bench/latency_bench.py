@@ -22,8 +22,10 @@ prints JSON lines:
   ``leader_receive`` (-> stepped), ``commit`` (-> applying starts), ``apply``, ``answer`` (->
   the proposer resumed). They add up to the proposal's latency exactly; the JSON line
   ``latency_total`` compares the sum of their medians with the median latency;
-* ``latency_handoffs``: the thread hand-offs on that path (trio <-> asyncio for each message,
-  trio <-> worker thread for the follower's fsync), with their medians.
+* ``latency_handoffs``: the transport's own part of that path (``send_handoff`` and
+  ``receive_handoff`` of each message: on native lanes encoding, HTTP/2 and the socket calls,
+  on grpclib lanes also a trio <-> asyncio hop each) and the trio <-> worker thread hops around
+  the follower's fsync, with their medians.
 
 Each line carries the load average at its time. Figures, not assertions.
 """

@@ -142,14 +142,6 @@ async def test_the_native_client_talks_to_a_server_without_native_lanes() -> Non
         assert "native_connections" not in b.stats()
 
 
-async def test_tls_keeps_the_lanes_on_grpclib() -> None:
-    transport = GRPCTransport(client_ssl=__import__("ssl").create_default_context())
-    async with trio.open_nursery() as nursery:
-        await nursery.start(transport.serve, "127.0.0.1", 0)
-        assert transport._native is not None and transport._native.client is None
-        await transport.aclose()
-
-
 # -- the native server against a raw HTTP/2 client ---------------------------------------------
 
 class RawCall:

@@ -50,6 +50,9 @@ async def _serve_and_send(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
                 errors.append(exc)
         if not errors:
             await inbox.wait_for(2)
+            # TLS keeps the lanes on grpclib (no native lanes: docs/transport.md 3.8)
+            assert a._client is not None and len(a._client.channels) == 2
+            assert "native_connections" not in b.stats()
         await a.aclose()
         await b.aclose()
     return inbox, errors

@@ -18,10 +18,11 @@ stage              from -> to
 ``send``           a replication message (an append carrying entries, or an append's answer)
                    handed to its peer's lane -> written to the peer's stream
 ``send_handoff``   the end of ``send`` from the moment the sender task handed the message to the
-                   transport: encoding, trio -> asyncio hop, the write
-``receive``        a replication message read from the network (decoded) -> stepped by the loop
-``receive_handoff``  the start of ``receive`` until the trio side has the message (asyncio ->
-                   trio hop)
+                   transport: encoding and the write (on a grpclib lane, with the trio ->
+                   asyncio hop; a native lane crosses no thread, docs/transport.md 3.8)
+``receive``        a replication message read from the network -> stepped by the loop
+``receive_handoff``  the start of ``receive`` until the trio side has the message (a grpclib
+                   lane: the asyncio -> trio hop; a native lane: HTTP/2 and decoding)
 ``replicate``      leader: an append written to a follower's stream -> that follower's answer
                    stepped (the follower's whole part: network both ways, its receive, fsync
                    and answer)

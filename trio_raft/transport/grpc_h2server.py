@@ -38,16 +38,16 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import RequestReceived, WindowUpdated
-from h2.settings import SettingCodes, Settings
 
-from trio_raft.transport.grpc_limits import MESSAGE_PREFIX, ReceiveBudget, ServerLimits
+from trio_raft.transport.grpc_limits import (
+    MESSAGE_PREFIX,
+    ReceiveBudget,
+    ServerLimits,
+    server_connection,
+)
 from trio_raft.transport.native_wire import is_native_opening
 
 log = logging.getLogger(__name__)
-
-#: The HTTP/2 default window every stream and connection starts with before SETTINGS apply.
-_DEFAULT_WINDOW = 65_535
-
 
 class CoalescingTransport:
     """An asyncio transport whose writes are gathered and written once per loop iteration.
@@ -266,16 +266,7 @@ class LimitedProtocol(H2Protocol):
         self._start_h2(transport)
 
     def _start_h2(self, transport: asyncio.Transport) -> None:
-        limits = self._server.limits
-        h2 = H2Connection(config=self.h2_config)
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-            SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
-        })
-        h2.initiate_connection()
-        if limits.connection_window > _DEFAULT_WINDOW:
-            h2.increment_flow_control_window(limits.connection_window - _DEFAULT_WINDOW)
+        h2 = server_connection(self.h2_config, self._server.limits)
         writer = CoalescingTransport(transport)
         self.connection = Connection(h2, writer, config=self.config)  # type: ignore[arg-type]
         self.connection.flush()

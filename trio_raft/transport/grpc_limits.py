@@ -41,6 +41,9 @@ from typing import Any
 
 import attrs
 from grpclib.exceptions import GRPCError
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
 
 _MiB = 1 << 20
 #: HTTP/2's bounds of a flow-control window (RFC 9113 section 6.9.1).
@@ -80,6 +83,26 @@ class ServerLimits:
     max_app_message_bytes: int = attrs.field(default=4 * _MiB, validator=_positive)
     refusal_drain_bytes: int = attrs.field(default=4 * _MiB, validator=_positive)
     refusal_drain_seconds: float = attrs.field(default=5.0, validator=_positive)
+
+
+#: The HTTP/2 default window every stream and connection starts with before SETTINGS apply.
+DEFAULT_WINDOW = 65_535
+
+
+def server_connection(config: H2Configuration, limits: ServerLimits) -> H2Connection:
+    """A server-side HTTP/2 connection announcing ``limits`` (streams, windows, header list)
+    in its first SETTINGS, its connection window opened to ``connection_window``; the
+    preface is queued in its ``data_to_send``."""
+    h2 = H2Connection(config=config)
+    h2.local_settings = Settings(client=False, initial_values={
+        SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+        SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+        SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
+    })
+    h2.initiate_connection()
+    if limits.connection_window > DEFAULT_WINDOW:
+        h2.increment_flow_control_window(limits.connection_window - DEFAULT_WINDOW)
+    return h2
 
 
 #: Messages this small are read from the small-message share of the receive budget first.

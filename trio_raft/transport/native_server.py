@@ -29,7 +29,6 @@ import attrs
 import trio
 from grpclib.const import Status
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -39,11 +38,10 @@ from h2.events import (
     StreamReset,
 )
 from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
 
 from trio_raft.transport._proto.trio_raft.transport.v1 import RaftMessage
 from trio_raft.transport.codec import decode_message
-from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits
+from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits, server_connection
 from trio_raft.transport.grpc_server import ServerHost, to_grpc_error
 from trio_raft.transport.native_wire import (
     EMPTY_MESSAGE,
@@ -58,7 +56,6 @@ from trio_raft.transport.native_wire import (
 log = logging.getLogger(__name__)
 
 _RECEIVE_BYTES = 256 * 1024
-_DEFAULT_WINDOW = 65_535
 
 
 @attrs.define(slots=True)
@@ -128,17 +125,8 @@ class _Connection:
     def __init__(self, server: NativeServer, stream: trio.SocketStream) -> None:
         self._server = server
         self._stream = stream
-        limits = server.limits
-        h2 = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
-        h2.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-            SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE,
-        })
-        h2.initiate_connection()
-        if limits.connection_window > _DEFAULT_WINDOW:
-            h2.increment_flow_control_window(limits.connection_window - _DEFAULT_WINDOW)
-        self._h2 = h2
+        self._h2 = server_connection(
+            H2Configuration(client_side=False, header_encoding="utf-8"), server.limits)
         self._calls: dict[int, MessageReader | None] = {}
         self._cap = server.host.max_message_bytes
         self._ended = False

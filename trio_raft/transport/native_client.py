@@ -31,6 +31,7 @@ from h2.connection import H2Connection
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
     StreamReset,
@@ -148,8 +149,8 @@ class NativeStream:
             self._probed.set()
 
     def _on_event(self, event: Any) -> None:
-        if isinstance(event, WindowUpdated):
-            self._credit.set()
+        if isinstance(event, WindowUpdated | RemoteSettingsChanged):
+            self._credit.set()  # more credit (new SETTINGS may widen every stream's window)
         elif isinstance(event, ResponseReceived | TrailersReceived):
             ended = status_of(_headers(event.headers))
             if ended is not None:

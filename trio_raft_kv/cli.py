@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    type=_host_port("--metrics-listen", any_port=True),
                    help="HOST:PORT for Prometheus text exposition (/metrics)")
     s.add_argument("--no-native-lanes", action="store_true",
-                   help="send and serve the raft streams through grpclib too (by default, "
-                        "without TLS, they run on the trio thread: docs/transport.md 3.8)")
+                   help="send and serve the raft streams through grpclib too (by default "
+                        "they are sent, and without TLS served, on the trio thread: "
+                        "docs/transport.md 3.8)")
     s.add_argument("--tick-interval", type=_positive_float, default=0.01,
                    help="seconds per raft tick")
     s.add_argument("--heartbeat-tick", type=_positive_int, default=10,

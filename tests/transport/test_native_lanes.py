@@ -18,11 +18,14 @@ from h2.events import ResponseReceived, StreamEnded, TrailersReceived
 
 from tests.transport.conftest import Inbox, app, grpc_pair
 from trio_raft.core.messages import Message, MessageType
-from trio_raft.errors import DispatchError
+from trio_raft.errors import DispatchError, PeerStreamClosedError
 from trio_raft.transport import GRPCTransport
 from trio_raft.transport._proto.trio_raft.transport.v1 import Ack, RaftMessage
 from trio_raft.transport.codec import encode_message
+from trio_raft.transport.grpc import classify
+from trio_raft.transport.grpc_client import BULK
 from trio_raft.transport.grpc_limits import ServerLimits
+from trio_raft.transport.native_client import NativeStream
 from trio_raft.transport.native_wire import (
     NATIVE_AGENT,
     PREFACE,
@@ -315,3 +318,19 @@ async def test_bodies_being_read_are_bounded_by_the_native_servers_budget() -> N
             while native.budget.used != 8 << 20:
                 await trio.sleep(0.01)
         await second.sock.aclose()
+
+
+async def test_a_write_on_a_broken_connection_ends_the_call_as_unavailable() -> None:
+    ours, theirs = trio.socket.socketpair()
+    stream = NativeStream(BULK, "peer", trio.SocketStream(ours))
+    stream._h2.initiate_connection()  # as start() leaves it, without the peer's answers
+    stream._h2.send_headers(3, request_headers(STREAM_ROUTE, "peer"))
+    theirs.close()
+    with pytest.raises(PeerStreamClosedError) as info:
+        await stream.send(encode_message(app(1)))
+    assert isinstance(info.value.__cause__, trio.BrokenResourceError)
+    assert stream.closed
+    assert classify(info.value) == "Unavailable"  # how the transport counts it
+    with pytest.raises(PeerStreamClosedError):
+        await stream.send(encode_message(app(2)))
+    ours.close()

@@ -23,10 +23,11 @@ given to the gRPC stream). The client and server halves live in :mod:`.grpc_clie
 :mod:`.grpc_server`; this module holds the configuration, the peer table, the trio side of
 snapshot transfers and the counters.
 
-Without TLS, the replication and priority lanes are native by default (``native_lanes``): their
-streams are written and served on trio's thread with ``h2`` (:mod:`.native_lanes`), so a raft
-message crosses no thread between two engines; everything else (unary calls, snapshots, the
-application's services, peers that do not serve a lane's route) goes through grpclib as above.
+The replication and priority lanes are native by default (``native_lanes``): their streams
+are written (and, without TLS, served) on trio's thread with ``h2`` (:mod:`.native_lanes`), so
+a raft message crosses no thread between two engines; everything else (unary calls, snapshots,
+the application's services, peers that do not serve a lane's route) goes through grpclib as
+above.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ class GRPCTransport:
     ``limits`` are the server's other limits (connections, streams, windows, the receive
     budget, the cap of the messages of application services served next to it), see
     :class:`~trio_raft.transport.grpc_limits.ServerLimits`.
-    ``native_lanes=False`` keeps the lanes on grpclib too (TLS always does).
+    ``native_lanes=False`` keeps the lanes on grpclib too (a server in TLS always serves
+    them through grpclib; a client in TLS sends them natively, in TLS).
     """
 
     def __init__(
@@ -299,9 +301,9 @@ class GRPCTransport:
                     self._native = NativeLanes(
                         nursery, self._portal, self, self._limits, LanePolicy(
                             self._send_stream, self._priority_stream, self._dispatch_timeout,
-                            self._client_config.reprobe_after),
-                        client=self._client_config.ssl_context is None,
-                        server=self._server_ssl is None)
+                            self._client_config.reprobe_after,
+                            self._client_config.ssl_context, self._client_config.server_name),
+                        client=True, server=self._server_ssl is None)
                 try:
                     bound = None
                     if listen:

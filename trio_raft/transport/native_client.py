@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -70,7 +71,7 @@ def _headers(raw: Any) -> dict[str, str]:
 class NativeStream:
     """One lane's call to one address, on its own connection."""
 
-    def __init__(self, lane: Lane, address: str, sock: trio.SocketStream) -> None:
+    def __init__(self, lane: Lane, address: str, sock: trio.abc.Stream) -> None:
         self.lane = lane
         self.address = address
         self._sock = sock
@@ -186,8 +187,10 @@ class NativeStream:
             self.error = PeerStreamClosedError(f"address={self.address} (closed)")
         self.closed = True
         self._credit.set()
+        tcp: Any = self._sock.transport_stream if isinstance(self._sock, trio.SSLStream) \
+            else self._sock
         with contextlib.suppress(Exception):
-            self._sock.socket.shutdown(socket.SHUT_RDWR)
+            tcp.socket.shutdown(socket.SHUT_RDWR)
 
     def terminal_error(self) -> BaseException:
         return self.error or PeerStreamClosedError(f"address={self.address}")
@@ -201,6 +204,9 @@ class NativeStream:
                 raise self.terminal_error()
             try:
                 await self._write(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self.close()
+                raise PeerStreamClosedError(f"address={self.address}: {exc!r}") from exc
             except BaseException:
                 self.close()  # a message may be half-written: the call cannot go on
                 raise
@@ -232,9 +238,13 @@ class NativeStream:
 class NativeClient:
     """The native lanes to every address (trio thread); see the module docstring."""
 
-    def __init__(self, nursery: trio.Nursery, *, reprobe_after: float) -> None:
+    def __init__(self, nursery: trio.Nursery, *, reprobe_after: float,
+                 ssl_context: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self._nursery = nursery
         self._reprobe_after = reprobe_after
+        self._ssl = ssl_context
+        self._server_name = server_name
         self.counters = ClientCounters()
         self.streams: dict[_Key, NativeStream] = {}
         self._opening: dict[_Key, trio.Lock] = {}
@@ -299,10 +309,8 @@ class NativeClient:
                 return stream
             if self.closed:
                 raise TransportClosedError()
-            host, port = split_address(address)
-            sock = await trio.open_tcp_stream(host, port)
+            sock = await self._connect(address)
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 stream = NativeStream(lane, address, sock)
                 await stream.start(self._nursery)
             except GRPCError as exc:
@@ -315,6 +323,31 @@ class NativeClient:
             self._had_stream.add(key)
             self.streams[key] = stream
             return stream
+
+    async def _connect(self, address: str) -> trio.abc.Stream:
+        """A connection to ``address``: TCP (no Nagle delay), in TLS when configured (ALPN
+        h2, the server name checked as the gRPC client checks it)."""
+        host, port = split_address(address)
+        tcp = await trio.open_tcp_stream(host, port)
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ssl is None:
+            return tcp
+        tls = trio.SSLStream(tcp, self._ssl, server_hostname=self._server_name or host,
+                             https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(tcp)
+            raise PeerStreamClosedError(f"address={address}: TLS handshake failed: "
+                                        f"{exc.__cause__ or exc!r}") from exc
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        if tls.selected_alpn_protocol() not in (None, "h2"):
+            await trio.aclose_forcefully(tls)
+            raise PeerStreamClosedError(f"address={address}: the peer chose ALPN "
+                                        f"{tls.selected_alpn_protocol()!r}, not h2")
+        return tls
 
     def close_address(self, address: str) -> None:
         """Close the lanes to ``address`` and forget its marks."""

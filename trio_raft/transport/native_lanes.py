@@ -1,14 +1,17 @@
 """The native lanes of one :class:`~trio_raft.transport.GRPCTransport`: which messages take
 them, and their two halves (docs/transport.md, section 3.8).
 
-:class:`NativeLanes` holds the client (:mod:`.native_client`) when the transport calls its
-peers without TLS, and the server (:mod:`.native_server`) when it serves without TLS. It lives
-as long as one run of ``GRPCTransport.serve`` and uses that run's nursery and portal.
+:class:`NativeLanes` holds the client (:mod:`.native_client`, in TLS when the transport calls
+its peers in TLS) and the server (:mod:`.native_server`) when the transport serves without
+TLS: a TLS connection is terminated by the gRPC server, so with TLS a node's lanes are native
+on the sending side only. It lives as long as one run of ``GRPCTransport.serve`` and uses
+that run's nursery and portal.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import attrs
@@ -33,6 +36,9 @@ class LanePolicy:
     priority_stream: bool
     dispatch_timeout: float
     reprobe_after: float
+    #: How the client half reaches its peers (None: plain TCP) and the name it checks.
+    ssl_context: ssl.SSLContext | None = None
+    server_name: str | None = None
 
 
 class NativeLanes:
@@ -43,8 +49,9 @@ class NativeLanes:
                  server: bool) -> None:
         self._portal = portal
         self._policy = policy
-        self.client = NativeClient(nursery, reprobe_after=policy.reprobe_after) \
-            if client else None
+        self.client = NativeClient(
+            nursery, reprobe_after=policy.reprobe_after, ssl_context=policy.ssl_context,
+            server_name=policy.server_name) if client else None
         self.server = NativeServer(host, limits, nursery) if server else None
 
     async def send(self, address: str, frame: bytes, priority: bool) -> float | None:

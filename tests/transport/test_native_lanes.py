@@ -4,6 +4,7 @@ with grpclib at both ends, and refusing bad input with a status while the server
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,8 @@ from grpclib.const import Cardinality, Status
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived, StreamEnded, TrailersReceived
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.transport.conftest import Inbox, app, grpc_pair
 from trio_raft.core.messages import Message, MessageType
@@ -85,6 +88,9 @@ def test_the_message_reader_checks_each_prefix_before_keeping_its_body() -> None
 
 # -- through GRPCTransport -----------------------------------------------------------------------
 
+async def loop_noop() -> None:
+    """Run on a transport's loop: everything queued there before it has run."""
+
 async def test_both_lanes_go_native_and_never_touch_the_grpclib_client() -> None:
     async with grpc_pair() as (a, b, inbox):
         beats = [Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=i)
@@ -96,6 +102,8 @@ async def test_both_lanes_go_native_and_never_touch_the_grpclib_client() -> None
         await inbox.wait_for(40)
         assert [m for m in inbox.messages if m.type is MessageType.HEARTBEAT] == beats
         assert [m for m in inbox.messages if m.type is MessageType.APP] == appends
+        assert b.bridge is not None
+        await b.bridge.run(loop_noop)  # the gRPC server's loop has seen the hand-overs
         sent, got = a.stats(), b.stats()
         assert sent["stream_opens"] == 1 and sent["priority_opens"] == 1
         assert sent["stream_messages"] == 20 and sent["priority_messages"] == 20
@@ -298,16 +306,20 @@ async def test_bodies_being_read_are_bounded_by_the_native_servers_budget() -> N
     limits = ServerLimits(receive_budget_bytes=10 << 20, max_app_message_bytes=1 << 20)
     big = b"\x00" + struct.pack(">I", 8 << 20) + b"x" * 1024  # 8 MiB declared, 1 KiB sent
     async with native_server(max_message_bytes=8 << 20, limits=limits) as (server, _inbox, port):
+        native = server._native.server if server._native is not None else None
+        assert native is not None
         first = RawCall(await trio.open_tcp_stream("127.0.0.1", port))
         await first.open()
         await first.send(big)
+        with trio.fail_after(5):  # the first body is being read: its length is reserved
+            while native.budget.used != 8 << 20:
+                await trio.sleep(0.01)
         second = RawCall(await trio.open_tcp_stream("127.0.0.1", port))
         await second.open()
         await second.send(big)
         code, message = await second.status()
         assert code == Status.RESOURCE_EXHAUSTED.value and "retry later" in message
-        native = server._native.server if server._native is not None else None
-        assert native is not None and native.budget.used == 8 << 20
+        assert native.budget.used == 8 << 20
         await first.sock.aclose()  # the connection goes: its reservation comes back
         with trio.fail_after(5):
             while native.budget.used:
@@ -334,3 +346,65 @@ async def test_a_write_on_a_broken_connection_ends_the_call_as_unavailable() -> 
     with pytest.raises(PeerStreamClosedError):
         await stream.send(encode_message(app(2)))
     ours.close()
+
+
+# -- properties: whatever arrives, a typed answer ------------------------------------------------
+
+@given(st.binary(max_size=700))
+@settings(max_examples=400, deadline=None)
+def test_any_first_read_is_routed_without_raising(data: bytes) -> None:
+    for first in (data, PREFACE + data, opening()[:len(PREFACE) + 9] + data):
+        assert isinstance(is_native_opening(first), bool)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_a_damaged_opening_is_routed_without_raising(data: st.DataObject) -> None:
+    raw = bytearray(opening())
+    for _ in range(data.draw(st.integers(1, 6))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    assert isinstance(is_native_opening(bytes(raw)), bool)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.data())
+@settings(max_examples=300, deadline=None)
+def test_the_reader_returns_exactly_the_messages_however_they_are_split(
+        bodies: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(b"\x00" + struct.pack(">I", len(b)) + b for b in bodies)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    reader, got, last = MessageReader(cap=300), [], 0
+    for cut in [*cuts, len(stream)]:
+        got += reader.feed(stream[last:cut])
+        last = cut
+    assert got == bodies
+    assert not reader.inside_message
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=1000, deadline=None)
+def test_the_reader_refuses_garbage_only_with_a_status(data: bytes) -> None:
+    try:
+        MessageReader(cap=100).feed(data)
+    except WireError as exc:
+        assert exc.status in (Status.UNIMPLEMENTED, Status.INVALID_ARGUMENT,
+                              Status.RESOURCE_EXHAUSTED)
+
+
+async def test_garbage_after_a_native_opening_leaves_the_server_serving() -> None:
+    rng = random.Random(1414)
+    async with native_server() as (server, inbox, port):
+        for _ in range(20):
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            await sock.send_all(opening() + rng.randbytes(rng.randrange(1, 2000)))
+            await sock.aclose()  # whatever the server made of it, the client is gone
+        raw = RawCall(await trio.open_tcp_stream("127.0.0.1", port))
+        await raw.open()
+        await raw.send(frame_raft_message(encode_message(app(7))), end=True)
+        assert await raw.status() == (0, "")
+        assert inbox.messages[-1] == app(7)
+        await raw.sock.aclose()
+        native = server._native.server if server._native is not None else None
+        assert native is not None
+        with trio.fail_after(5):  # every connection ended, none left behind
+            while native.open_connections:
+                await trio.sleep(0.01)

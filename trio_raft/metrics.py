@@ -44,6 +44,13 @@ name                                   type       meaning
 ``dispatch_drops_total``               counter    messages dropped on a full peer lane
 ``dispatch_errors_total{code}``        counter    failed sends by gRPC code
 ``step_queue_full_total``              counter    inbound messages refused, queue full
+``lane_streams_opened_total{lane}``    counter    raft streams opened to peers, ``lane`` =
+                                                  ``replication`` or ``priority`` (more than
+                                                  one per peer: reconnects)
+``lane_messages_total{lane}``          counter    raft messages sent on each lane's stream
+``native_connections_total``           counter    peer connections served on the trio
+                                                  thread (native lanes, docs/transport.md
+                                                  3.8; 0 with TLS or ``--no-native-lanes``)
 ``open_seconds``                       gauge      opening, replay included (cold start)
 ``open_snapshot_restored``,            gauge      1 when the snapshot was restored / skipped
 ``open_snapshot_skipped``                         at open
@@ -219,6 +226,7 @@ class EngineMetrics:
             "open_snapshot_skipped": int(report.skipped),
             "open_entries_replayed": report.entries_replayed,
             **_envelope_values(engine),
+            **_lane_values(engine.transport_stats()),
         }
 
     async def run(self, engine: Engine | None = None, interval: float = 1.0) -> None:
@@ -276,7 +284,9 @@ class _Collector:
             yield g
         for key, doc in (("leader_changes", "new leaders seen by this node"),
                          ("dispatch_drops", "raft messages dropped on a full peer lane"),
-                         ("step_queue_full", "inbound raft messages refused, queue full")):
+                         ("step_queue_full", "inbound raft messages refused, queue full"),
+                         ("native_connections", "peer connections served on the trio thread "
+                                                "(native lanes)")):
             c = counter(f"{ns}_{key}", doc, labels=[lbl])
             for name, v in engines:
                 c.add_metric([name], float(v.get(key, 0)))
@@ -298,6 +308,15 @@ class _Collector:
                 match.add_metric([name, peer], float(m))
                 lag.add_metric([name, peer], float(behind))
         yield from (snaps, errors, match, lag)
+        opened = counter(f"{ns}_lane_streams_opened", "raft streams opened to peers, by lane",
+                         labels=[lbl, "lane"])
+        sent = counter(f"{ns}_lane_messages", "raft messages sent on each lane's stream",
+                       labels=[lbl, "lane"])
+        for name, v in engines:
+            for lane, (opens, messages) in sorted(v.get("lanes", {}).items()):
+                opened.add_metric([name, lane], float(opens))
+                sent.add_metric([name, lane], float(messages))
+        yield from (opened, sent)
         envelope = counter(f"{ns}_envelope_operations",
                            "raft envelope operations: entry wraps and unwraps, snapshot "
                            "payloads sealed and opened, by result", labels=[lbl, "op", "result"])
@@ -313,6 +332,15 @@ _ENVELOPE_OPS = {("wrap", "ok"): "wraps", ("wrap", "failed"): "wrap_failures",
                  ("payload_seal", "ok"): "payloads_sealed",
                  ("payload_open", "ok"): "payloads_opened",
                  ("payload", "failed"): "payload_failures"}
+
+
+def _lane_values(stats: dict[str, Any]) -> dict[str, Any]:
+    """The lanes' counters from a transport's ``stats()`` (none for a transport without)."""
+    if "stream_opens" not in stats:
+        return {}
+    return {"lanes": {"replication": (stats["stream_opens"], stats["stream_messages"]),
+                      "priority": (stats["priority_opens"], stats["priority_messages"])},
+            "native_connections": stats.get("native_connections", 0)}
 
 
 def _envelope_values(engine: Engine) -> dict[str, Any]:

@@ -193,9 +193,16 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
         port = procs.nodes["n5"].ready["metrics_port"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
-        installed = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                         if line.startswith('trio_raft_snapshots_total{event="installed"'))
-        assert installed >= 1  # caught up through a snapshot
+        def sample(prefix: str, *labels: str) -> float:
+            return next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                        if line.startswith(prefix) and all(x in line for x in labels))
+
+        assert sample("trio_raft_snapshots_total{", 'event="installed"') >= 1  # by snapshot
+        # Its answers leave on its own lanes; the leader's lanes to it are native, served on
+        # its trio thread (docs/transport.md 3.8).
+        assert sample("trio_raft_lane_streams_opened_total{", 'lane="replication"') >= 1
+        assert sample("trio_raft_lane_messages_total{", 'lane="replication"') >= 1
+        assert sample("trio_raft_native_connections_total{") >= 1
         members = kvnode_json("status", "--addr", procs.addrs["n5"])["members"]
         assert {m["id"]: m["address"] for m in members} == procs.addrs
         assert procs.nodes["n5"].proc.poll() is None  # alive: no PeerAddressRequiredError

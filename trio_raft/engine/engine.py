@@ -377,6 +377,13 @@ class Engine:
     def step_queue_full_count(self) -> int:
         return self._loop.inbox.full_count
 
+    def transport_stats(self) -> dict[str, Any]:
+        """The transport's own counters (``GRPCTransport.stats()``: lanes opened and their
+        messages, native connections served, ...; docs/transport.md), empty for a transport
+        that keeps none."""
+        stats = getattr(self._loop.links.transport, "stats", None)
+        return dict(stats()) if callable(stats) else {}
+
     def counters(self) -> CounterValues:
         """Counts since the engine opened: leader changes seen, snapshots written, installed
         (from a leader), sent (to followers) and received (``observer.py``)."""

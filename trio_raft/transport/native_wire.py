@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote
 import hpack
 from grpclib.const import Status
 
+from trio_raft.errors.transport import TransportError
 from trio_raft.transport._proto.trio_raft.transport.v1 import RaftMessage
 from trio_raft.transport.grpc_limits import MESSAGE_PREFIX, ReceiveBudget
 from trio_raft.transport.routes import PRIORITY_ROUTE, STREAM_ROUTE
@@ -38,8 +39,9 @@ GRPC_CONTENT_TYPE = "application/grpc"
 EMPTY_MESSAGE = _PREFIX.pack(0, 0)
 
 
-class WireError(Exception):
-    """A request that breaks gRPC's framing; ``status`` is the answer's status."""
+class WireError(TransportError):
+    """A request that breaks gRPC's framing; ``status`` is the answer's status (the server
+    turns it into the call's end, it never leaves the transport)."""
 
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)

@@ -212,8 +212,9 @@ async def native_server(**kwargs: object) -> AsyncIterator[tuple[GRPCTransport, 
     (b"\x01" + struct.pack(">I", 3) + b"abc", Status.UNIMPLEMENTED),  # compressed
     (frame_raft_message(b"\xff\xfe not a raft frame"), Status.INVALID_ARGUMENT),
     (b"\x00" + struct.pack(">I", 3) + b"\xff\xff\xff", Status.INVALID_ARGUMENT),  # protobuf
+    (b"\x00" + struct.pack(">I", 1) + b"\x0b", Status.INVALID_ARGUMENT),  # no frame in it
     (b"\x00" + struct.pack(">I", 9 << 20), Status.RESOURCE_EXHAUSTED),  # over the cap
-], ids=["compressed", "bad frame", "bad protobuf", "over the cap"])
+], ids=["compressed", "bad frame", "bad protobuf", "no frame", "over the cap"])
 async def test_bad_input_ends_the_call_with_a_status_and_the_server_keeps_serving(
         body: bytes, status: Status) -> None:
     async with native_server(max_message_bytes=8 << 20) as (server, inbox, port):

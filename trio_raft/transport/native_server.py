@@ -39,6 +39,7 @@ from h2.events import (
 )
 from h2.exceptions import H2Error, ProtocolError
 
+from trio_raft.errors import CodecError
 from trio_raft.transport._proto.trio_raft.transport.v1 import RaftMessage
 from trio_raft.transport.codec import decode_message
 from trio_raft.transport.grpc_limits import ReceiveBudget, ServerLimits, server_connection
@@ -118,16 +119,27 @@ class NativeServer:
         return self._limits
 
 
+def _frame_of(body: bytes) -> bytes:
+    """The raft frame a ``RaftMessage`` carries (``protos/transport.proto``)."""
+    try:
+        frame = RaftMessage.parse(body).message
+    except Exception as exc:  # betterproto2 raises many kinds on bad input
+        raise CodecError(f"undecodable RaftMessage: {type(exc).__name__}: {exc}") from None
+    if not isinstance(frame, bytes):
+        raise CodecError("the RaftMessage carries no frame")
+    return frame
+
+
 class _Connection:
-    """One native connection: its h2 state and the calls on it (by stream id; ``None`` once
-    answered, until the client's side ends)."""
+    """One native connection: its h2 state and the calls still read on it (by stream id; a
+    call answered early is forgotten, what more it sends is dropped)."""
 
     def __init__(self, server: NativeServer, stream: trio.SocketStream) -> None:
         self._server = server
         self._stream = stream
         self._h2 = server_connection(
             H2Configuration(client_side=False, header_encoding="utf-8"), server.limits)
-        self._calls: dict[int, MessageReader | None] = {}
+        self._calls: dict[int, MessageReader] = {}
         self._cap = server.host.max_message_bytes
         self._ended = False
 
@@ -207,8 +219,7 @@ class _Connection:
             return
         for body in bodies:
             try:
-                frame = RaftMessage.parse(body).message
-                message = decode_message(frame, max_bytes=self._cap)
+                message = decode_message(_frame_of(body), max_bytes=self._cap)
                 await host.deliver_inbound(message, received_at)
             except trio.Cancelled:
                 raise
@@ -224,9 +235,7 @@ class _Connection:
         self._answer(sid, status, message)
 
     def _on_end(self, sid: int) -> None:
-        if sid not in self._calls:
-            return
-        reader = self._calls.pop(sid)
+        reader = self._calls.pop(sid, None)
         if reader is None:
             return  # answered already
         reader.close()

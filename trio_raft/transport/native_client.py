@@ -221,17 +221,17 @@ class NativeStream:
         pos, size = 0, len(data)
         while pos < size:
             window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
-            if window <= 0:
+            if window <= 0:  # what the windows allowed goes out, then wait for more credit
+                await self._flush()
                 self._credit = trio.Event()
-                await self._credit.wait()
+                if h2.local_flow_control_window(sid) <= 0:
+                    await self._credit.wait()
                 if self.closed:
                     raise self.terminal_error()
                 continue
             n = min(window, size - pos)
             h2.send_data(sid, data[pos:pos + n])
             pos += n
-            if pos < size:
-                await self._flush()
         await self._flush()
 
 

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from typing import Any
 
 import trustme
 
-from tests.e2e.opsprocs import KVNODE, N3, ROOT, TIMING, kvnode, kvnode_json, poll
-from trio_raft.testing.net import free_loopback_ports
+from tests.e2e.opsprocs import N3, Procs, kvnode, kvnode_json, poll
 
 
 def write_tls_dir(path: str, ca: trustme.CA, name: str) -> str:
@@ -29,19 +25,13 @@ def write_tls_dir(path: str, ca: trustme.CA, name: str) -> str:
 def test_a_mutual_tls_cluster_replicates_reads_and_transfers(tmp_path: Any) -> None:
     root = str(tmp_path)
     ca = trustme.CA()
-    addrs = {n: f"127.0.0.1:{p}" for n, p in zip(N3, free_loopback_ports(3))}
-    peers = ",".join(f"{n}={a}" for n, a in addrs.items())
     tls = {n: write_tls_dir(os.path.join(root, f"tls-{n}"), ca, n) for n in N3}
     client_tls = write_tls_dir(os.path.join(root, "tls-client"), ca, "client")
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs = Procs(root, N3)
+    addrs = procs.addrs
     try:
         for n in N3:
-            with open(os.path.join(root, f"{n}.log"), "ab") as log:
-                procs[n] = subprocess.Popen(
-                    [sys.executable, KVNODE, "serve", "--id", n, "--listen", addrs[n],
-                     "--peers", peers, "--bootstrap", "--data-dir", os.path.join(root, n),
-                     "--tls-dir", tls[n], *TIMING],
-                    stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+            procs.serve(n, N3, "--bootstrap", "--tls-dir", tls[n])
 
         def st(n: str) -> dict[str, Any] | None:
             r = kvnode("status", "--addr", addrs[n], "--tls-dir", client_tls, "--json",
@@ -80,12 +70,4 @@ def test_a_mutual_tls_cluster_replicates_reads_and_transfers(tmp_path: Any) -> N
         r = kvnode("get", "after", "--addr", addrs[first], "--tls-dir", client_tls)
         assert (r.returncode, r.stdout.strip()) == (0, "transfer"), r.stderr
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        procs.stop_all()

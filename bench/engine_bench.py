@@ -115,16 +115,15 @@ def node_main(args: argparse.Namespace) -> None:
     import trio_raft
 
     async def main() -> None:
+        from nodes import node_transport
+
         peers = trio_raft.parse_peers(args.peers)
-        cfg = trio_raft.OpenConfig(
-            local_id=args.name,
-            local_address=next(p.address for p in peers if p.id == args.name),
-            data_dir=args.data_dir,
-            peers=peers,
-            bootstrap=True,
-            state_machine=CounterFSM(),
-        )
-        async with trio_raft.open_engine(cfg) as engine:
+        address = next(p.address for p in peers if p.id == args.name)
+        async with node_transport(args, address) as transport, trio_raft.open_engine(
+                trio_raft.OpenConfig(local_id=args.name, local_address=address,
+                                     data_dir=args.data_dir, peers=peers, bootstrap=True,
+                                     state_machine=CounterFSM(),
+                                     transport=transport)) as engine:
             announced = False
             stdin = trio.wrap_file(sys.stdin)
             while True:
@@ -146,14 +145,13 @@ def node_main(args: argparse.Namespace) -> None:
 
 
 def orchestrate(args: argparse.Namespace) -> None:
-    from nodes import NodeProcesses
+    from nodes import NodeProcesses, node_arguments
 
     print(json.dumps({
         "event": "machine", "python": platform.python_version(), "cpus": os.cpu_count(),
         "platform": platform.platform(), "data_dir": "tmp",
     }), flush=True)
-    extra = ["--duration", str(args.duration), "--concurrency", args.concurrency,
-             "--size", str(args.size)]
+    extra = node_arguments(args)
     with NodeProcesses(__file__, extra, prefix="trio-raft-bench-", parent=args.dir) as nodes:
         leader = nodes.leader()
         nodes.command(leader, "run")

@@ -107,14 +107,16 @@ def node_main(args: argparse.Namespace) -> None:
     recorder = Recorder()
 
     async def main() -> None:
+        from nodes import node_transport
+
         peers = trio_raft.parse_peers(args.peers)
-        cfg = trio_raft.OpenConfig(
-            local_id=args.name,
-            local_address=next(p.address for p in peers if p.id == args.name),
-            data_dir=args.data_dir, peers=peers, bootstrap=True,
-            state_machine=CounterFSM(), observer=recorder)
+        address = next(p.address for p in peers if p.id == args.name)
         levels: list[dict[str, Any]] = []
-        async with trio_raft.open_engine(cfg) as engine:
+        async with node_transport(args, address) as transport, trio_raft.open_engine(
+                trio_raft.OpenConfig(
+                    local_id=args.name, local_address=address, data_dir=args.data_dir,
+                    peers=peers, bootstrap=True, state_machine=CounterFSM(),
+                    observer=recorder, transport=transport)) as engine:
             async def announce() -> None:
                 while engine.state() is not trio_raft.State.LEADER:
                     await trio.sleep(0.05)
@@ -276,10 +278,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run_once(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from nodes import NAMES, NodeProcesses
+    from nodes import NAMES, NodeProcesses, node_arguments
 
-    extra = ["--duration", str(args.duration), "--concurrency", args.concurrency,
-             "--size", str(args.size), "--switch-interval", str(args.switch_interval)]
+    extra = [*node_arguments(args), "--switch-interval", str(args.switch_interval)]
     with NodeProcesses(__file__, extra, prefix="trio-raft-latency-", parent=args.dir,
                        grace=5.0) as nodes:
         leader = nodes.leader()

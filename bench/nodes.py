@@ -9,13 +9,15 @@ what each printed, and on exit stops them (politely, then by force) and removes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
-from typing import IO
+from collections.abc import AsyncIterator
+from typing import IO, Any
 
 NAMES = ["n1", "n2", "n3"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,29 @@ def add_node_arguments(ap: argparse.ArgumentParser, *, concurrency: str) -> None
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", default=concurrency)
     ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--grpclib-lanes", action="store_true",
+                    help="the nodes keep their raft lanes on grpclib (GRPCTransport("
+                         "native_lanes=False)), as before native lanes")
+
+
+def node_arguments(args: argparse.Namespace) -> list[str]:
+    """What the orchestrator passes on to its nodes of :func:`add_node_arguments`."""
+    out = ["--duration", str(args.duration), "--concurrency", args.concurrency,
+           "--size", str(args.size)]
+    return [*out, "--grpclib-lanes"] if args.grpclib_lanes else out
+
+
+@contextlib.asynccontextmanager
+async def node_transport(args: argparse.Namespace, address: str) -> AsyncIterator[Any]:
+    """The transport a node gives ``OpenConfig.transport``: ``None`` (the engine builds and
+    runs its own) or, with ``--grpclib-lanes``, one without native lanes that runs here."""
+    if not args.grpclib_lanes:
+        yield None
+        return
+    from trio_raft.transport import GRPCTransport
+
+    async with GRPCTransport(local_address=address, native_lanes=False) as transport:
+        yield transport
 
 
 class NodeProcesses:

@@ -210,8 +210,8 @@ class NativeStream:
             except BaseException:
                 self.close()  # a message may be half-written: the call cannot go on
                 raise
-            if self.closed:
-                raise self.terminal_error()
+            # Written. If the call ended meanwhile (its reader saw the peer's status while the
+            # write yielded), the next send reports it, as docs/transport.md 3.3 says.
             return time.perf_counter()
         finally:
             self._send_lock.release()

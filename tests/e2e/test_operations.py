@@ -198,11 +198,11 @@ def test_sqlite_node_killed_mid_load_and_a_joiner_knowing_one_member(tmp_path) -
                         if line.startswith(prefix) and all(x in line for x in labels))
 
         assert sample("trio_raft_snapshots_total{", 'event="installed"') >= 1  # by snapshot
-        # Its answers leave on its own lanes; the leader's lanes to it are native, served on
-        # its trio thread (docs/transport.md 3.8).
+        # Its answers leave on its own lanes; a leader with native lanes (any but n4) reaches
+        # it on lanes served on its trio thread (docs/transport.md 3.8).
         assert sample("trio_raft_lane_streams_opened_total{", 'lane="replication"') >= 1
         assert sample("trio_raft_lane_messages_total{", 'lane="replication"') >= 1
-        assert sample("trio_raft_native_connections_total{") >= 1
+        assert sample("trio_raft_native_connections_total{") >= 1 or procs.leader() == "n4"
         members = kvnode_json("status", "--addr", procs.addrs["n5"])["members"]
         assert {m["id"]: m["address"] for m in members} == procs.addrs
         assert procs.nodes["n5"].proc.poll() is None  # alive: no PeerAddressRequiredError

@@ -1,8 +1,9 @@
 """Sealed snapshot payloads: a state machine snapshot as a stream of AES-256-GCM chunks.
 
 Once the envelope is on, the engine writes every ``.fsm`` payload (and every backup payload)
-through :class:`SealingWriter`, and reads it back through :class:`OpeningReader`. Neither
-ever holds more than one chunk (plus the caller's own buffer) in memory. Layout (integers
+through :class:`SealingWriter`, and reads it back through :class:`OpeningReader`. The writer
+never holds more than one chunk (plus the caller's own buffer) in memory, the reader one
+chunk's plaintext and three sealed chunks (two read ahead). Layout (integers
 big-endian; ``docs/formats.md``, sealed payloads)::
 
     sealed payload := header (58 bytes) | chunk 0 | chunk 1 | ... | chunk n-1
@@ -39,6 +40,7 @@ has no key for.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import struct
@@ -56,6 +58,7 @@ from trio_raft.errors import (
     SealedSnapshotKeyError,
     UnknownKeyIDError,
 )
+from trio_raft.storage.readahead import BlockReadAhead
 from trio_raft.writeonly import WriteOnlyStream
 
 MAGIC = b"TRSP"
@@ -65,13 +68,15 @@ _HEADER = struct.Struct(">4sBBIIQQ28s")
 HEADER_SIZE = _HEADER.size  # 58
 #: Plaintext bytes per chunk written by default (1 MiB).
 DEFAULT_CHUNK_SIZE = 1 << 20
-#: Largest chunk size a reader accepts (it holds one chunk in memory).
+#: Largest chunk size a reader accepts (it holds four chunks' worth in memory).
 MAX_CHUNK_SIZE = 64 << 20
 _INFO = b"trio-raft sealed payload v1"
 _CHUNK_AAD = struct.Struct(">QB")
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+#: Payloads of at least this many chunks are read ahead on a helper thread.
+READ_AHEAD_CHUNKS = 3
 
 
 class RawWriter(Protocol):
@@ -249,9 +254,25 @@ class OpeningReader(io.BufferedIOBase):
         # payload needs, never more than one chunk), and the current chunk's plaintext: an
         # immutable ``bytes``, so a read of all of it hands it out without a copy.
         first = self._last_len if self._chunks == 1 else self._chunk_len
-        self._sealed_buf = bytearray(first)
         self._plain = b""
         self._pos = 0
+        # A payload of several chunks is read ahead on a helper thread, so the page-cache
+        # copy of the next chunks overlaps the opening of this one
+        # (``trio_raft/storage/readahead.py``; three sealed chunks in memory instead of one).
+        self._ahead: BlockReadAhead | None = None
+        if self._chunks >= READ_AHEAD_CHUNKS and hasattr(raw, "readinto"):
+            self._sealed_buf = bytearray(0)
+            # The helper holds the raw reader, not this one (which closes it when collected).
+            self._ahead = BlockReadAhead(functools.partial(_fill, raw, where), self._chunks,
+                                         self._chunk_len, self._last_len,
+                                         name="trio-raft-sealed-read")
+        else:
+            self._sealed_buf = bytearray(first)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()  # the raw reader is the caller's again once this returns
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -321,8 +342,11 @@ class OpeningReader(io.BufferedIOBase):
         last = i == self._chunks - 1
         n = self._last_len if last else self._chunk_len
         self._plain = b""
-        sealed = memoryview(self._sealed_buf)[:n]
-        self._read_into(sealed)
+        if self._ahead is not None:
+            sealed = self._ahead.next()
+        else:
+            sealed = memoryview(self._sealed_buf)[:n]
+            self._read_into(sealed)
         aad = self.header + _CHUNK_AAD.pack(i, 1 if last else 0)
         try:
             plain = self._aead.decrypt(_nonce(i), sealed, aad)
@@ -337,20 +361,10 @@ class OpeningReader(io.BufferedIOBase):
 
     def _read_into(self, view: memoryview) -> None:
         """Fill ``view`` from the raw reader (``readinto`` when it has one)."""
-        readinto = getattr(self._raw, "readinto", None)
-        if readinto is None:
+        if getattr(self._raw, "readinto", None) is None:
             view[:] = self._read_exact(len(view))
-            return
-        got = 0
-        while got < len(view):
-            try:
-                n = readinto(view[got:])
-            except EOFError:
-                n = 0
-            if not n:
-                raise SealedSnapshotIntegrityError(f"{self.where}: sealed payload ends "
-                                                   f"{len(view) - got} bytes early")
-            got += n
+        else:
+            _fill(self._raw, self.where, view)
 
     def _read_exact(self, n: int) -> bytes:
         parts: list[bytes] = []
@@ -366,6 +380,20 @@ class OpeningReader(io.BufferedIOBase):
             parts.append(data)
             left -= len(data)
         return b"".join(parts)
+
+
+def _fill(raw: Any, where: str, view: memoryview) -> None:
+    """Fill ``view`` with ``raw.readinto``; a payload that ends first is an integrity error."""
+    got = 0
+    while got < len(view):
+        try:
+            n = raw.readinto(view[got:])
+        except EOFError:
+            n = 0
+        if not n:
+            raise SealedSnapshotIntegrityError(f"{where}: sealed payload ends "
+                                               f"{len(view) - got} bytes early")
+        got += n
 
 
 def open_payload(raw: RawReader, size: int, *, keys: Callable[[int], bytes], index: int,

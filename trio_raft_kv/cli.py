@@ -223,6 +223,12 @@ def _add_client_opts(p: argparse.ArgumentParser, *, timeout: float = 10.0) -> No
     p.add_argument("--hex", action="store_true", help="values are given and printed as hex")
 
 
+def _add_force_kek_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="skip the check that every member answers and runs with the leader's "
+                        "KEK (a member that cannot open the new key stops)")
+
+
 def _add_offline_opts(p: argparse.ArgumentParser) -> None:
     """Options of the commands that work on a stopped node's data dir."""
     p.add_argument("--data-dir", required=True, help="the node's data dir")
@@ -380,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compact", action="store_true",
                    help="skip the compaction: entries written before the cutover stay in the "
                         "logs until the next snapshots compact them")
+    _add_force_kek_opt(p)
     _add_client_opts(p, timeout=60.0)
     p = _sub(ensub, "rotate", "replicate a new data key and make it the active one")
+    _add_force_kek_opt(p)
     _add_client_opts(p, timeout=60.0)
     p = _sub(ensub, "rotate-kek", "re-seal a stopped node's key store under a new KEK "
              "(the log is not touched)")

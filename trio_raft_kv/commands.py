@@ -97,9 +97,13 @@ async def _status(args: argparse.Namespace, c: KVClient) -> int:
            "commit_index": st.commit_index, "applied_index": st.applied_index,
            "members": members,
            "encryption": {"on": st.envelope_on, "active_key_id": st.active_key_id,
-                          "cutover_index": st.cutover_index or None}}
+                          "cutover_index": st.cutover_index or None,
+                          "kek": st.kek_fingerprint or None}}
     envelope = (f"encryption=on key={st.active_key_id} cutover={st.cutover_index}"
                 if st.envelope_on else "encryption=off")
+    if st.kek_fingerprint:
+        envelope += f" kek={st.kek_fingerprint}"
+
     human = (f"{st.id}: {st.state} term={st.term} commit={st.commit_index} "
              f"applied={st.applied_index} leader={st.leader_id or '?'}"
              f"@{st.leader_address or '?'} {envelope}\n"

@@ -10,6 +10,11 @@
   applied the cutover, then snapshots and drops every log entry and older snapshot below:
   no entry written before the cutover stays on any disk).
 * ``encryption rotate --addr``: a new data key, replicated and made active on every node.
+* Before either, every member is asked for its status: each must run with a key store sealed
+  under the same KEK as the leader (the same KEK fingerprint), because the new data key
+  travels through the log sealed under the leader's KEK and a node that cannot open it stops
+  (a KEK rotation half done, a node started without ``--key-dir``). Otherwise nothing is
+  proposed and the command exits 3 naming the members; ``--force`` skips the check.
 * ``encryption rotate-kek --key-dir --kek-file --new-kek-file`` (a stopped node): every data
   key re-sealed under the new KEK, the key file replaced atomically; the log is not touched.
 
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 from typing import Any
+
+from grpclib.const import Status
 
 from trio_raft.envelope import KEK, Cipher
 from trio_raft.envelope.keystore import rotate_kek
@@ -50,8 +57,40 @@ def _out(args: argparse.Namespace, human: str, obj: dict[str, Any]) -> None:
     print(json.dumps(obj) if args.json else human, flush=True)
 
 
+async def check_same_kek(client: KVClient) -> str:
+    """The KEK fingerprint every member reports, or KVError(FAILED_PRECONDITION) naming the
+    members that differ from the leader's, run without a key store, or do not answer."""
+    members = (await client.members()).members  # the leader's view (follows a redirect)
+    leader_id = (await client.status()).leader_id
+    prints: dict[str, str] = {}
+    problems: list[str] = []
+    for m in members:
+        try:
+            prints[m.id] = (await client.status(m.address)).kek_fingerprint
+        except KVError as exc:
+            problems.append(f"{m.id} at {m.address} did not answer ({exc.message})")
+    expected = prints.get(leader_id, "")
+    for node, fingerprint in prints.items():
+        if not fingerprint:
+            problems.append(f"{node} runs without a key store (--key-dir)")
+        elif expected and fingerprint != expected:
+            problems.append(f"{node} runs with KEK {fingerprint}, the leader {leader_id} with "
+                            f"{expected}")
+    if leader_id not in prints and len({fp for fp in prints.values() if fp}) > 1:
+        problems.append("members run with different KEKs: " + ", ".join(
+            f"{node} {fp}" for node, fp in sorted(prints.items()) if fp))
+    if problems:
+        raise KVError(Status.FAILED_PRECONDITION,
+                      "every member must run with the same KEK before keys travel through the "
+                      "log (docs/operations.md, \"Rotate the KEK\"): " + "; ".join(problems)
+                      + "; nothing was changed (--force skips this check)", sent=False)
+    return expected
+
+
 async def encryption_command(args: argparse.Namespace, client: KVClient) -> int:
     """``encryption enable`` and ``encryption rotate`` (client commands)."""
+    if not args.force:
+        await check_same_kek(client)
     if args.action == "rotate":
         r = await client.encryption_rotate()
         _out(args, f"OK rotated: active key id {r.active_key_id} (cutover index "

@@ -281,7 +281,8 @@ class KVService(_ServiceBase):
                                  term=st.term, commit_index=st.commit_index,
                                  applied_index=engine.applied_index(),
                                  envelope_on=env.on, active_key_id=env.active_key_id,
-                                 cutover_index=env.cutover_index or 0)
+                                 cutover_index=env.cutover_index or 0,
+                                 kek_fingerprint=env.kek_fingerprint)
 
 
 #: Bytes per BackupChunk message.

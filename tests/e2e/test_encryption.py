@@ -23,6 +23,7 @@ from tests.e2e.opsprocs import (
     put_many,
     read_all,
 )
+from trio_raft.envelope import KEK
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 
 pytestmark = pytest.mark.slow
@@ -73,7 +74,9 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
         leader = procs.leader()
         laddr = procs.addrs[leader]
         st = kvnode_json("status", "--addr", laddr)
-        assert st["encryption"] == {"on": False, "active_key_id": 0, "cutover_index": None}
+        kek_print = KEK.from_file(kek).fingerprint
+        assert st["encryption"] == {"on": False, "active_key_id": 0, "cutover_index": None,
+                                    "kek": kek_print}
         written |= values("pre", 40)
         put_many(laddr, values("pre", 40))
         assert files_with(procs.data_dir(leader), MARK)  # the control: before, in clear
@@ -87,7 +90,8 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
         assert again["cutover_index"] == cutover  # idempotent
         for n in N3:
             st = kvnode_json("status", "--addr", procs.addrs[n])["encryption"]
-            assert st == {"on": True, "active_key_id": 1, "cutover_index": cutover}
+            assert st == {"on": True, "active_key_id": 1, "cutover_index": cutover,
+                          "kek": kek_print}
         written |= values("post", 60)
         put_many(laddr, values("post", 60))
 
@@ -103,7 +107,8 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
         r = kvnode("promote", follower, "--addr", laddr, "--wait", "60")
         assert r.returncode == 0, r.stderr
         st = kvnode_json("status", "--addr", procs.addrs[follower])["encryption"]
-        assert st == {"on": True, "active_key_id": 1, "cutover_index": cutover}
+        assert st == {"on": True, "active_key_id": 1, "cutover_index": cutover,
+                      "kek": kek_print}
 
         rotated = kvnode_json("encryption", "rotate", "--addr", laddr)
         assert rotated["active_key_id"] == 2
@@ -160,5 +165,71 @@ def test_encryption_runbook(tmp_path, store: str) -> None:
             procs.serve(n, N3, *keys(n))
         leader = procs.leader()
         assert read_all(procs.addrs[leader], sorted(written)) == written
+    finally:
+        procs.stop_all()
+
+
+def test_keys_travel_only_when_every_member_runs_the_same_kek(tmp_path) -> None:
+    # A rolling KEK rotation (docs/operations.md, "Rotate the KEK"): while one node already
+    # runs with the new KEK, `encryption rotate` refuses (exit 3, nothing changes on any
+    # node) and names it; once every node runs with the new KEK the rotation goes through.
+    root = str(tmp_path / "cluster")
+    os.makedirs(root)
+    old = write_kek(str(tmp_path / "cluster.kek"), os.urandom(32))
+    new = write_kek(str(tmp_path / "cluster-2.kek"), os.urandom(32))
+    key_dir = {n: str(tmp_path / "keys" / n) for n in N3}
+    kek_of = dict.fromkeys(N3, old)
+    procs = Procs(root, N3)
+
+    def serve(n: str, *extra: str) -> None:
+        procs.serve(n, N3, *extra, "--key-dir", key_dir[n], "--kek-file", kek_of[n])
+
+    def rotate_kek(n: str) -> None:
+        procs.stop(n)
+        r = kvnode("encryption", "rotate-kek", "--key-dir", key_dir[n], "--kek-file", old,
+                   "--new-kek-file", new)
+        assert r.returncode == 0, r.stderr
+        kek_of[n] = new
+        serve(n)
+
+    def fingerprints() -> dict[str, str]:
+        return {n: kvnode_json("status", "--addr", procs.addrs[n])["encryption"]["kek"]
+                for n in N3}
+
+    try:
+        for n in N3:
+            serve(n, "--bootstrap")
+        laddr = procs.addrs[procs.leader()]
+        assert kvnode_json("encryption", "enable", "--addr", laddr)["active_key_id"] == 1
+        before = fingerprints()
+        assert len(set(before.values())) == 1 and len(before["n1"]) == 16
+
+        first = next(n for n in N3 if n != procs.leader())
+        rotate_kek(first)
+        laddr = procs.addrs[procs.leader()]
+        during = fingerprints()
+        assert during[first] != before[first]
+        r = kvnode("encryption", "rotate", "--addr", laddr)
+        assert r.returncode == 3, r.stderr
+        assert f"{first} runs with KEK {during[first]}" in r.stderr, r.stderr
+        for n in N3:  # nothing was proposed: every node still on key 1
+            assert kvnode_json("status", "--addr", procs.addrs[n])["encryption"][
+                "active_key_id"] == 1
+
+        for n in N3:
+            if n != first:
+                rotate_kek(n)
+        laddr = procs.addrs[procs.leader()]
+        after = fingerprints()
+        assert len(set(after.values())) == 1 and after["n1"] != before["n1"]
+        rotated = kvnode_json("encryption", "rotate", "--addr", laddr)
+        assert rotated["active_key_id"] == 2
+        put_many(laddr, values("kek", 10))
+        poll(lambda: procs.caught_up(N3, procs.leader()), 60, "every node to catch up")
+        for n in N3:
+            st = kvnode_json("status", "--addr", procs.addrs[n])["encryption"]
+            assert st["active_key_id"] == 2, n
+            assert read_all(procs.addrs[n], sorted(values("kek", 10)),
+                            pb.ReadMode.LOCAL) == values("kek", 10)
     finally:
         procs.stop_all()

@@ -100,3 +100,22 @@ def test_cipher_open_refuses_other_node_ids_at_the_door(tmp_path, bad, error, ma
     with pytest.raises(error, match=match):
         Cipher.open(tmp_path / "k", KEK.generate(), node_id=bad)
     assert not (tmp_path / "k").exists()  # refused before anything was created
+
+
+def test_kek_fingerprint_names_the_kek_without_revealing_it(tmp_path):
+    path = _kek_file(tmp_path / "kek")
+    kek = KEK.from_file(path)
+    fp = kek.fingerprint
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert KEK.from_file(path).fingerprint == fp  # stable: the same KEK, the same name
+    assert KEK(kek.key, "env X").fingerprint == fp  # whatever it was read from
+    other = KEK.generate()
+    assert other.fingerprint != fp
+    assert fp not in kek.key.hex() and fp not in repr(kek)
+    # A cipher and a re-sealed key store report the KEK they are sealed with now.
+    cipher = Cipher.open(tmp_path / "keys", kek, node_id="n1")
+    assert cipher.kek_fingerprint == fp
+    assert Cipher(None, None).kek_fingerprint == ""
+    rotate_kek(tmp_path / "keys", kek, other)
+    assert Cipher.open(tmp_path / "keys", other, node_id="n1").kek_fingerprint == \
+        other.fingerprint

@@ -88,6 +88,7 @@ async def test_single_node_snapshots_are_sealed_after_the_cutover(tmp_path, kek)
         assert files_with(data_dir, b"CLEAR-") == []
         assert files_with(data_dir, b"SECRET-") == []
         assert engine.envelope_status().counts.payloads_sealed >= 1
+        assert engine.envelope_status().kek_fingerprint == kek.fingerprint
         new_key = await engine.rotate_raft_key()
         await engine.propose(b"set rotated SECRET-rot")
         await engine.compact_now()

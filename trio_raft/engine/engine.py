@@ -322,7 +322,9 @@ class Engine:
             active = cipher.active_key_id
         return EnvelopeStatus(on=cutover is not None, active_key_id=active,
                               cutover_index=cutover,
-                              counts=cipher.counters() if cipher is not None else CipherCounts())
+                              counts=cipher.counters() if cipher is not None else CipherCounts(),
+                              kek_fingerprint=cipher.kek_fingerprint if cipher is not None
+                              else "")
 
     async def compact_now(self) -> int:
         """Take a snapshot at the applied index and make it where this node's data dir begins:

@@ -121,6 +121,10 @@ class EnvelopeStatus:
     cutover_index: int | None
     #: What the node's cipher did since it opened (wraps, unwraps, sealed payloads, failures).
     counts: CipherCounts
+    #: The fingerprint of the KEK the node's key store is sealed with ("" without one): every
+    #: node must show the same before keys are rotated or the envelope enabled
+    #: (docs/operations.md, "Rotate the KEK").
+    kek_fingerprint: str = ""
 
 
 def adopt_envelope(cipher: Cipher | None, env: EnvelopeState, *, where: str,

@@ -142,6 +142,12 @@ class Cipher:
     def active_key_id(self) -> int:
         return self._store().active_key_id
 
+    @property
+    def kek_fingerprint(self) -> str:
+        """The fingerprint of the KEK this node's key store is sealed with
+        (:attr:`~trio_raft.envelope.KEK.fingerprint`; "" without a key store)."""
+        return self.keystore.kek.fingerprint if self.keystore is not None else ""
+
     def counters(self) -> CipherCounts:
         return self._counts.snapshot()
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -53,6 +55,7 @@ _MAGIC = b"TRKS"
 _HEAD = struct.Struct(">4sBII")
 _U32 = struct.Struct(">I")
 _CHECK_PLAINTEXT = b"trio-raft-kek-check-v1"
+_FINGERPRINT_LABEL = b"trio-raft kek fingerprint v1"
 _BOX_OVERHEAD = nacl.secret.SecretBox.NONCE_SIZE + nacl.secret.SecretBox.MACBYTES  # 40
 CHECK_BOX_SIZE = _BOX_OVERHEAD + len(_CHECK_PLAINTEXT)  # 62
 SEALED_DEK_SIZE = _BOX_OVERHEAD + 4 + KEY_SIZE  # 76
@@ -108,6 +111,13 @@ class KEK:
 
     def box(self) -> nacl.secret.SecretBox:
         return nacl.secret.SecretBox(self.key)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits that name this KEK without revealing it (a keyed hash of a fixed
+        label: HMAC-SHA256), so operators and tools can tell whether two nodes run with the same
+        KEK (``kvnode status``; ``encryption enable|rotate`` check every member's)."""
+        return hmac.new(self.key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
 
 
 def _decode_kek(raw: bytes, where: str) -> bytes:

@@ -350,6 +350,13 @@ class StatusResponse(betterproto2.Message):
 
     cutover_index: "int" = betterproto2.field(10, betterproto2.TYPE_UINT64)
 
+    kek_fingerprint: "str" = betterproto2.field(11, betterproto2.TYPE_STRING)
+    """
+    The fingerprint of the KEK this node's key store is sealed with (16 hex digits; empty: no
+    key store). It names the KEK without revealing it: every member must show the same one
+    before `encryption enable` or `encryption rotate` (docs/operations.md).
+    """
+
 
 default_message_pool.register_message("trio_raft.kv.v1", "StatusResponse", StatusResponse)
 

@@ -14,7 +14,8 @@ connection send their writes over one ``PutStream`` call (answered in order); bo
   fsynced on each of them) and applied on the leader.
 * PySyncObj (installed by this script with pip into its own venv under the temp dir's
   ``trio-raft-bench/`` cache): each node is a ``SyncObj`` with a replicated dict, fronted by the
-  same grpclib KV service (``Put`` -> ``ReplDict.set`` with a callback); an acknowledgement
+  same grpclib KV service, with kvnode's codec (``trio_raft_kv/flatproto.py``) (``Put`` ->
+  ``ReplDict.set`` with a callback); an acknowledgement
   means PySyncObj reported the command applied. PySyncObj keeps its log in memory (no fsync).
 * null: one process serving the same grpclib ``Put`` by acknowledging at once, with nothing
   behind it. Its throughput is the ceiling this front end and this load generator impose on any
@@ -77,6 +78,7 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
     from grpclib.server import Server
 
     from trio_raft_kv._proto.trio_raft.kv import v1 as pb
+    from trio_raft_kv.flatproto import FlatCodec
 
     async def put_stream(stream: Any) -> None:
         pending: asyncio.Queue[Any] = asyncio.Queue()
@@ -105,7 +107,7 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
 
     async def main() -> None:
         host, port = args.listen.rsplit(":", 1)
-        server = Server([KV()])
+        server = Server([KV()], codec=FlatCodec())  # kvnode's codec: the same front end
         await server.start(host, int(port))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

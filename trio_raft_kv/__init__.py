@@ -11,6 +11,7 @@ Modules:
   ``serve`` command (one node); :mod:`~trio_raft_kv.demo` the ``demo`` command.
 * :mod:`~trio_raft_kv.services`: the KV and Admin gRPC services; :mod:`~trio_raft_kv.putstream`
   the streaming put; :mod:`~trio_raft_kv.replies` statuses, strict decoding and raw replies;
+  :mod:`~trio_raft_kv.flatproto` the fast path of decoding and encoding flat messages;
   :mod:`~trio_raft_kv.validation` the rules every request field obeys.
 * :mod:`~trio_raft_kv.statemachine`: the replicated state machine, its command and snapshot
   encodings; :mod:`~trio_raft_kv.metrics` the Prometheus metrics of a node.

@@ -31,6 +31,7 @@ from grpclib.protocol import H2Protocol
 
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.errors import KVError, TLSFilesError
+from trio_raft_kv.flatproto import FlatCodec
 from trio_raft_kv.validation import split_address
 
 LEADER_ADDRESS_KEY = "leader-address"
@@ -127,7 +128,7 @@ class KVClient:
             except ValueError as exc:
                 raise KVError(Status.INVALID_ARGUMENT, str(exc), "", address,
                               sent=False) from None
-            ch = _GreetedChannel(host, port, ssl=self._ssl)
+            ch = _GreetedChannel(host, port, ssl=self._ssl, codec=FlatCodec())
             self._channels[address] = ch
         return ch
 

@@ -37,6 +37,7 @@ from grpclib.metadata import encode_grpc_message
 
 from trio_raft import errors
 from trio_raft_kv.errors import InvalidFieldError, Reply
+from trio_raft_kv.flatproto import FlatSchema, encode_message
 
 log = logging.getLogger("kvnode.service")
 
@@ -146,6 +147,13 @@ class StrictRequest(Generic[M]):
         self.message_type = message_type
 
     def FromString(self, data: bytes) -> M:
+        schema = FlatSchema.of(self.message_type)
+        if schema is not None:  # the common case in one pass; anything else comes back below
+            message: M = schema.decode(data, self._strict)
+            return message
+        return self._strict(data)
+
+    def _strict(self, data: bytes) -> M:
         check_wire_format(data)
         try:
             message: M = self.message_type.parse(data)  # type: ignore[attr-defined]
@@ -205,8 +213,12 @@ async def send_messages(stream: Any, messages: list[Any]) -> None:
     if not stream._send_initial_metadata_done:
         await stream.send_initial_metadata()
     parts: list[bytes] = []
+    cap = getattr(codec, "max_bytes", None)
     for m in messages:
-        body = codec.encode(m, type(m))
+        body = codec.encode(m, type(m)) if FlatSchema.of(type(m)) is None else encode_message(m)
+        if cap is not None and len(body) > cap:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"message of {len(body)} bytes exceeds limit {cap}")
         parts += (_MESSAGE_PREFIX.pack(False, len(body)), body)
     await inner.send_data(b"".join(parts))
 

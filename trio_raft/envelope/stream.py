@@ -80,6 +80,9 @@ READ_AHEAD_CHUNKS = 3
 
 
 class RawWriter(Protocol):
+    """Where a :class:`SealingWriter` writes: ``write`` consumes (copies or writes out) the
+    bytes it is given before it returns; it must not keep the buffer."""
+
     def write(self, data: Any) -> int: ...
 
 
@@ -126,6 +129,8 @@ class SealingWriter(WriteOnlyStream):
         self._out = out
         self._chunk = chunk_size
         self._buf = bytearray()
+        #: Where chunks are sealed, reused (grown to the largest chunk so far).
+        self._sealed = bytearray()
         #: A full chunk of an immutable ``bytes`` the caller wrote, not sealed yet (it is the
         #: last one unless more follows); ``_buf`` is empty while one is held.
         self._held: memoryview | None = None
@@ -191,7 +196,14 @@ class SealingWriter(WriteOnlyStream):
     def _seal(self, plain: memoryview, *, last: bool) -> None:
         i = self._next
         aad = self.header + _CHUNK_AAD.pack(i, 1 if last else 0)
-        self._out.write(self._aead.encrypt(_nonce(i), plain, aad))
+        # Into one reused buffer (``out.write`` takes the bytes before it returns): no fresh
+        # allocation per chunk, and other threads run while the chunk is encrypted.
+        n = len(plain) + TAG_SIZE
+        if len(self._sealed) < n:
+            self._sealed = bytearray(n)
+        sealed = memoryview(self._sealed)[:n]
+        self._aead.encrypt_into(_nonce(i), plain, aad, sealed)
+        self._out.write(sealed)
         self._next = i + 1
 
 

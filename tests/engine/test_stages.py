@@ -4,6 +4,7 @@ node reports over real gRPC with real fsync, and the pieces the timing is built 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -79,20 +80,39 @@ def test_replication_clock_times_each_answer_from_the_append_it_answers():
     assert clock.acked(4, 10**6, 1.0) is None
 
 
+class TickClock:
+    """A clock that moves 1 ms each time it is read, and by what ``work`` spends."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
 @pytest.mark.parametrize("blocking", [True, False])
 async def test_run_timed_gives_ordered_instants(blocking: bool):
+    clock = TickClock()
+    threads: list[str] = []
+
     def work() -> int:
-        time.sleep(0.002)
+        clock.t += 0.002  # the work's own duration
+        threads.append(threading.current_thread().name)
         return 42
 
-    result, t = await DiskRunner(blocking).run_timed(work)
+    result, t = await DiskRunner(blocking, clock=clock).run_timed(work)
     assert result == 42
-    assert t.called <= t.began <= t.ended <= t.resumed
-    assert t.inside >= 0.002
-    assert t.handoff >= 0
+    assert t.called < t.began < t.ended <= t.resumed
+    assert t.inside == pytest.approx(0.003)  # the work, and the clock read that ends it
     assert t.resumed - t.called == pytest.approx(t.inside + t.handoff)
     if blocking:
         assert t.resumed == t.ended  # no thread: nothing between the call's end and the caller
+        assert t.handoff == pytest.approx(0.001)  # the read when the call began
+        assert threads == [threading.current_thread().name]
+    else:
+        assert t.handoff == pytest.approx(0.002)  # the reads on each side of the hand-off
+        assert threads != [threading.current_thread().name]  # a worker thread ran it
 
 
 LEADER_STAGES = {"queue", "wal", "wal_handoff", "send", "send_handoff", "receive",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from typing import IO, Any
 
 import attrs
@@ -25,13 +24,18 @@ KEYS = 120
 
 
 class SlowRestoreKV:
-    """``set k v`` commands; ``restore`` empties the dict and refills it key by key, slowly,
-    from a worker thread: anyone looking meanwhile sees a mixture."""
+    """``set k v`` commands; ``restore`` empties the dict and refills it key by key from a
+    worker thread, and stops halfway until ``proceed`` is set (:func:`release_halfway`):
+    anyone looking meanwhile sees a mixture."""
 
     def __init__(self) -> None:
         self.data: dict[str, str] = {}
         self.restore_threads: list[str] = []
         self.restoring_now = False
+        self.halfway = threading.Event()
+        self.proceed = threading.Event()
+        #: Restores that were held halfway.
+        self.held = 0
 
     def apply(self, data: bytes) -> Any:
         _, k, v = data.decode().split(" ", 2)
@@ -48,11 +52,27 @@ class SlowRestoreKV:
         new = json.loads(blob) if blob else {}
         try:
             self.data.clear()
-            for k, v in new.items():
+            for i, (k, v) in enumerate(new.items()):
                 self.data[k] = v
-                time.sleep(0.002)
+                if i == len(new) // 2:
+                    self.held += 1
+                    self.halfway.set()
+                    if not self.proceed.wait(timeout=30):  # only a broken test gets here
+                        raise RuntimeError("restore held halfway for 30 s")
         finally:
             self.restoring_now = False
+
+
+async def release_halfway(fsm: SlowRestoreKV) -> None:
+    """Once ``fsm``'s restore is held halfway, let every task of this run go on until all of
+    them are blocked (a reader let through too early reads the mixture now), then let the
+    restore finish."""
+    try:
+        await trio.to_thread.run_sync(fsm.halfway.wait, abandon_on_cancel=True)
+        await trio.testing.wait_all_tasks_blocked()
+    finally:
+        fsm.proceed.set()
+        fsm.halfway.set()  # a waiting thread abandoned by a cancellation ends too
 
 
 async def write(c: Any, data: bytes, exclude: str | None = None) -> int:
@@ -108,6 +128,7 @@ async def test_reads_never_see_a_half_restored_state_machine(tmp_path):
 
         with trio.fail_after(60):
             async with trio.open_nursery() as n:
+                n.start_soon(release_halfway, fsm)
                 for _ in range(4):
                     n.start_soon(reader)
                 while seen.count("one") < 20:
@@ -118,6 +139,7 @@ async def test_reads_never_see_a_half_restored_state_machine(tmp_path):
                 c.heal()
                 n.start_soon(until_caught_up)
         assert fsm.restore_threads and "MainThread" not in fsm.restore_threads
+        assert fsm.held >= 1  # the readers had their chance at a half-restored state
         assert during_restore == 0
         assert seen[0] == "one" and seen[-1] == "two"
         assert consistent(dict(fsm.data)) and fsm.data["k0"] == "two"
@@ -152,6 +174,7 @@ async def test_readers_released_before_a_restore_run_before_it_starts(tmp_path):
             views.append((fsm.restoring_now, dict(fsm.data)))
 
         async with trio.open_nursery() as n:
+            n.start_soon(release_halfway, fsm)
             for _ in range(8):
                 n.start_soon(reader)
             await trio.testing.wait_all_tasks_blocked()
@@ -162,3 +185,4 @@ async def test_readers_released_before_a_restore_run_before_it_starts(tmp_path):
         assert [v["k0"] for _, v in views] == ["one"] * 8
         assert fsm.data["k0"] == "two" and consistent(dict(fsm.data))
         assert fsm.restore_threads and "MainThread" not in fsm.restore_threads
+        assert fsm.held == 1

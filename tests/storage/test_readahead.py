@@ -11,7 +11,7 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from trio_raft.envelope import KEK, Cipher
+from trio_raft.envelope import Cipher
 from trio_raft.envelope import stream as sealed_stream
 from trio_raft.errors import SealedSnapshotIntegrityError, StorageIOError
 from trio_raft.storage import fsm_snapshot as fsm
@@ -104,14 +104,6 @@ class Collect:
     def restore(self, reader: object) -> None:
         self.data = reader.read(self.read)  # type: ignore[attr-defined]
         self.helper_seen = bool(helpers_alive("trio-raft-sealed-read"))
-
-
-@pytest.fixture
-def cipher(tmp_path: Path) -> Cipher:
-    c = Cipher.open(str(tmp_path / "keys"), KEK.generate(), node_id="n1")
-    assert c.keystore is not None
-    c.keystore.install(1, os.urandom(32))
-    return c
 
 
 def test_a_sealed_restore_of_many_chunks_reads_ahead_and_checks_everything(

@@ -13,7 +13,7 @@ import pytest
 
 from tests.transport.snapshot_helpers import ProbedExchange, spools
 from trio_raft.core.messages import Entry, EntryType, HardState, SnapshotMetadata
-from trio_raft.envelope import KEK, Cipher
+from trio_raft.envelope import Cipher
 from trio_raft.errors import (
     SealedSnapshotIntegrityError,
     SealedSnapshotKeyError,
@@ -32,14 +32,6 @@ from trio_raft.storage.wal import WAL
 from .helpers import BytesSnapshot
 
 SECRET = b"SECRET-PAYLOAD-" * 1000
-
-
-@pytest.fixture
-def cipher(tmp_path: Path) -> Cipher:
-    c = Cipher.open(str(tmp_path / "keys"), KEK.generate(), node_id="n1")
-    assert c.keystore is not None
-    c.keystore.install(1, os.urandom(32))
-    return c
 
 
 def envelope(cipher: Cipher, cutover: int = 5) -> desc.EnvelopeState:

@@ -37,10 +37,13 @@ logger = logging.getLogger(__name__)
 class DiskRunner:
     """Runs blocking storage calls for the engine (see the module docstring)."""
 
-    __slots__ = ("blocking",)
+    __slots__ = ("_now", "blocking")
 
-    def __init__(self, blocking: bool) -> None:
+    def __init__(self, blocking: bool, *, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
         self.blocking = blocking
+        #: Where :meth:`run_timed` reads its instants (a test gives a clock it controls).
+        self._now = clock
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         if self.blocking:
@@ -50,21 +53,22 @@ class DiskRunner:
 
     async def run_timed(self, fn: Callable[..., T], *args: object) -> tuple[T, Timing]:
         """Like :meth:`run`, and also when: see :class:`Timing`."""
-        called = time.perf_counter()
+        now = self._now
+        called = now()
         if self.blocking:
             await trio.lowlevel.checkpoint()
-            began = time.perf_counter()
+            began = now()
             result = fn(*args)
-            ended = time.perf_counter()
+            ended = now()
             return result, Timing(called, began, ended, ended)
 
         def timed() -> tuple[T, float, float]:
-            t0 = time.perf_counter()
+            t0 = now()
             value = fn(*args)
-            return value, t0, time.perf_counter()
+            return value, t0, now()
 
         result, began, ended = await trio.to_thread.run_sync(timed)
-        return result, Timing(called, began, ended, time.perf_counter())
+        return result, Timing(called, began, ended, now())
 
 
 @attrs.frozen(slots=True)

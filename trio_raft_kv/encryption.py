@@ -57,9 +57,10 @@ def _out(args: argparse.Namespace, human: str, obj: dict[str, Any]) -> None:
     print(json.dumps(obj) if args.json else human, flush=True)
 
 
-async def check_same_kek(client: KVClient) -> str:
-    """The KEK fingerprint every member reports, or KVError(FAILED_PRECONDITION) naming the
-    members that differ from the leader's, run without a key store, or do not answer."""
+async def check_same_kek(client: KVClient) -> None:
+    """Return when every member reports the leader's KEK fingerprint; else KVError
+    (FAILED_PRECONDITION) naming the members that differ, run without a key store, or do not
+    answer."""
     members = (await client.members()).members  # the leader's view (follows a redirect)
     leader_id = (await client.status()).leader_id
     prints: dict[str, str] = {}
@@ -84,7 +85,6 @@ async def check_same_kek(client: KVClient) -> str:
                       "every member must run with the same KEK before keys travel through the "
                       "log (docs/operations.md, \"Rotate the KEK\"): " + "; ".join(problems)
                       + "; nothing was changed (--force skips this check)", sent=False)
-    return expected
 
 
 async def encryption_command(args: argparse.Namespace, client: KVClient) -> int:

@@ -215,7 +215,7 @@ async def send_messages(stream: Any, messages: list[Any]) -> None:
     parts: list[bytes] = []
     cap = getattr(codec, "max_bytes", None)
     for m in messages:
-        body = codec.encode(m, type(m)) if FlatSchema.of(type(m)) is None else encode_message(m)
+        body = encode_message(m)  # the fast path for flat messages, betterproto2 otherwise
         if cap is not None and len(body) > cap:
             raise GRPCError(Status.RESOURCE_EXHAUSTED,
                             f"message of {len(body)} bytes exceeds limit {cap}")

@@ -1,28 +1,34 @@
 """The ``PutStream`` call: many puts in flight over one HTTP/2 stream, answered in order.
 
-Runs on the transport's asyncio loop, like every handler. A reader task validates and encodes
-each request as it arrives and hands it to the trio thread (``ServiceContext.submit``), keeping
-at most :data:`STREAM_WINDOW` of them unanswered; the handler answers them in request order,
-batching the answers already settled into one DATA write.
+Runs on the transport's asyncio loop, like every handler. A reader task takes the requests
+that arrived whole together (``ready_requests``: one pass over the buffer instead of two
+awaited reads each), validates and encodes each request and hands it to the trio thread
+(``ServiceContext.submit``), keeping at most :data:`STREAM_WINDOW` of them unanswered; the
+handler answers them in request order, batching the answers already settled into one DATA
+write.
 
 The call ends at the first request that cannot be answered with a response (a malformed one,
 a refusal, a failure). Its status then speaks for every unanswered request (protos/kv.proto):
 it stays the failure's own ``FAILED_PRECONDITION``/``INVALID_ARGUMENT`` only if every request
 proposed after it is certainly not applied too; otherwise it becomes ``UNAVAILABLE`` (outcome
 unknown). Nothing is proposed once the failure is seen, and a request the client sends after
-the status is never proposed. A client that goes away makes the handler forget (cancel) every
-future it still holds; the proposals themselves may still commit.
+the status is never proposed. A message the transport refuses on its prefix ends the call with
+the transport's status (a compressed one: ``UNIMPLEMENTED``); a read that fails otherwise with
+``UNAVAILABLE``. A client that goes away makes the handler forget (cancel) every future it
+still holds; the proposals themselves may still commit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from trio_raft.transport.grpc_h2server import ready_requests
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.errors import NOT_APPLIED_STATUSES, InvalidFieldError, Reply
 from trio_raft_kv.replies import decode_failure, end_stream_call, send_messages
@@ -65,9 +71,17 @@ async def serve_put_stream(service: KVService, stream: Any) -> None:
     queue: asyncio.Queue[StreamItem] = asyncio.Queue()
     stopped = False
 
+    async def requests() -> AsyncIterator[pb.PutRequest]:
+        # Each message as grpclib receives it, then those that arrived whole behind it, taken
+        # in one go (trio_raft/transport/grpc_h2server.py, ``ready_requests``).
+        while (request := await stream.recv_message()) is not None:
+            yield request
+            for request in ready_requests(stream):
+                yield request
+
     async def read() -> None:
         try:
-            async for request in stream:
+            async for request in requests():
                 await window.acquire()
                 if stopped:
                     return
@@ -87,8 +101,16 @@ async def serve_put_stream(service: KVService, stream: Any) -> None:
         except (InvalidFieldError, GRPCError) as exc:  # a request that does not decode
             reply = decode_failure(exc)
             if reply is None:
-                raise
+                if not isinstance(exc, GRPCError):
+                    raise
+                # The transport's own refusal of a message (a compressed one: UNIMPLEMENTED).
+                reply = Reply(exc.status, exc.message or exc.status.name)
             queue.put_nowait(reply)
+            return
+        except Exception as exc:  # the call must still end with a status
+            log.warning("reading a put stream failed: %r", exc)
+            queue.put_nowait(Reply(Status.UNAVAILABLE, "outcome unknown: reading the stream "
+                                   f"failed ({type(exc).__name__})"))
             return
         queue.put_nowait(None)
 

@@ -33,6 +33,19 @@ class CallState:
     message: str = ""
     reset: bool = False
     ended: bool = False
+    #: The DATA the server sent on the call (its length-prefixed messages).
+    data: bytearray = attrs.Factory(bytearray)
+
+    def messages(self) -> list[bytes]:
+        """The gRPC messages in :attr:`data` (whole ones)."""
+        out, pos = [], 0
+        while len(self.data) - pos >= 5:
+            _flag, length = struct.unpack_from(">?I", self.data, pos)
+            if len(self.data) - pos - 5 < length:
+                break
+            out.append(bytes(self.data[pos + 5:pos + 5 + length]))
+            pos += 5 + length
+        return out
 
 
 class RawConnection:
@@ -139,6 +152,7 @@ class RawConnection:
                 call.status = int(headers["grpc-status"])
                 call.message = str(headers.get("grpc-message", ""))
         elif isinstance(event, DataReceived):
+            call.data += event.data or b""
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, StreamEnded):
             call.ended = True

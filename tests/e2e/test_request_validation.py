@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from tests.e2e.h2raw import RawConnection
 from tests.e2e.kvprocs import Node, start_node, status, wait_leader
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.statemachine import MAX_KEY_BYTES, MAX_VALUE_BYTES
@@ -148,3 +149,47 @@ def test_put_stream_with_a_malformed_request_ends_invalid_argument(
     code, raw = call(channel, KV + "Get", bytes(pb.GetRequest(key="s2")))
     assert code is grpc.StatusCode.OK and isinstance(raw, bytes)
     assert pb.GetResponse.parse(raw).found is False
+
+
+def framed(raw: bytes, flag: int = 0) -> bytes:
+    return bytes([flag]) + len(raw).to_bytes(4, "big") + raw
+
+
+@pytest.mark.parametrize(("case", "tail", "status"), [
+    ("malformed", framed(varint(1, 5)), grpc.StatusCode.INVALID_ARGUMENT),
+    ("compressed", framed(bytes(pb.PutRequest(key="x", value=b"v")), flag=1),
+     grpc.StatusCode.UNIMPLEMENTED),
+    ("declared over the cap", b"\x00" + (64 << 20).to_bytes(4, "big"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED),
+])
+def test_put_stream_requests_that_arrive_together_are_served_in_order(
+        node: Node, channel: grpc.Channel, case: str, tail: bytes,
+        status: grpc.StatusCode) -> None:
+    # Every message in one DATA frame: the server takes those that arrived whole together
+    # (grpc_h2server.ready_requests). The ones before the bad message are answered, in order;
+    # the bad one ends the call with its status; nothing after it reaches the log.
+    tag = case.split()[0]
+    good = [framed(bytes(pb.PutRequest(key=f"{tag}{i}", value=b"v%d" % i))) for i in range(3)]
+    after = framed(bytes(pb.PutRequest(key=f"{tag}-after", value=b"v")))
+    conn = RawConnection(node.address)
+    try:
+        sid = conn.open_call(KV + "PutStream")
+        assert conn.send_all(sid, b"".join(good) + tail + after)
+        call = conn.wait_status(sid, 10)
+        assert call.status == status.value[0], (call.status, call.message)
+        answers = [pb.PutResponse.parse(m) for m in call.messages()]
+        assert len(answers) == 3
+        assert [a.index for a in answers] == sorted(a.index for a in answers)
+    finally:
+        conn.close()
+    for i in range(3):
+        code, raw = call_get(channel, f"{tag}{i}")
+        assert code is grpc.StatusCode.OK and pb.GetResponse.parse(raw).value == b"v%d" % i
+    code, raw = call_get(channel, f"{tag}-after")
+    assert code is grpc.StatusCode.OK and pb.GetResponse.parse(raw).found is False
+
+
+def call_get(channel: grpc.Channel, key: str) -> tuple[grpc.StatusCode, bytes]:
+    code, raw = call(channel, KV + "Get", bytes(pb.GetRequest(key=key)))
+    assert isinstance(raw, bytes), raw
+    return code, raw

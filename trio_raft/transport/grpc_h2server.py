@@ -25,13 +25,20 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.protocol import AbstractHandler, Connection, EventsProcessor, H2Protocol
+from grpclib.protocol import (
+    AbstractHandler,
+    AckedData,
+    Connection,
+    EventsProcessor,
+    H2Protocol,
+    UnackedData,
+)
 from grpclib.protocol import Stream as H2Stream
 from grpclib.server import Server
 from h2.config import H2Configuration
@@ -157,6 +164,52 @@ class LimitedStream(H2Stream):
             self.ended_inside_message = True
             raise GRPCError(Status.INVALID_ARGUMENT, "the request ended inside a message"
                             ) from None
+
+    def take_ready_messages(self) -> list[bytes]:
+        """The bodies of the request messages already complete in this stream's buffer, taken
+        without waiting (grpclib would read each as two awaited reads: prefix, then body).
+
+        Only between messages (no body is being read), and only as far as every check of
+        :meth:`_recv_prefix` passes: at a compressed or flagged message, one over the cap, one
+        the receive budget refuses or one not wholly received, it stops and leaves the rest to
+        the ordinary reads, which refuse or wait as they always do. Credit for the data taken
+        into the buffer's read side is returned as grpclib's buffer returns it.
+        """
+        buf = self.buffer  # grpclib 0.4's Buffer (pinned below 0.5 in pyproject.toml)
+        if self._body is not None:
+            return []
+        arrived = buf._unacked
+        while not arrived.empty():
+            data, size, ack = arrived.get_nowait()
+            if not ack:  # the end of the request: stays for the ordinary read
+                arrived.put_nowait(UnackedData(data, size, ack))
+                break
+            buf._acked.append(AckedData(memoryview(data), size))
+            buf._acked_size += size
+            buf._ack_callback(ack)
+        if buf._acked_size < MESSAGE_PREFIX:
+            return []
+        blob = b"".join(chunk for chunk, _ in buf._acked)
+        bodies: list[bytes] = []
+        pos, end = 0, len(blob)
+        while end - pos >= MESSAGE_PREFIX:
+            flag, length = blob[pos], int.from_bytes(blob[pos + 1:pos + MESSAGE_PREFIX], "big")
+            start = pos + MESSAGE_PREFIX
+            if flag or length > self.cap or end - start < length:
+                break
+            share = self._budget.take(length)
+            if share is None:
+                break
+            self._budget.give(share, length)  # read whole already: nothing stays reserved
+            bodies.append(blob[start:start + length])
+            pos = start + length
+        if pos:
+            buf._acked.clear()
+            rest = blob[pos:]
+            if rest:
+                buf._acked.append(AckedData(memoryview(rest), len(rest)))
+            buf._acked_size = len(rest)
+        return bodies
 
     def drop_reservation(self) -> None:
         held, self._held = self._held, 0
@@ -392,3 +445,19 @@ class LimitedServer(Server):
                 "receive_budget_used": self.budget.used,
                 "receive_budget_peak": self.budget.peak,
                 "receive_budget_refusals": self.budget.refused}
+
+
+def ready_requests(stream: Any) -> Iterator[Any]:
+    """For a grpclib server stream of a request-streaming call served here: the request
+    messages that have arrived whole behind the one just received, each decoded with the
+    stream's codec when its turn comes (so a message that does not decode raises in its place,
+    after the ones before it) and counted as received. Nothing for a stream that is not
+    :class:`LimitedStream`'s, so a caller can use it after each ``recv_message`` and get
+    every message once, in order."""
+    inner = getattr(stream, "_stream", None)
+    if not isinstance(inner, LimitedStream):
+        return
+    for body in inner.take_ready_messages():
+        stream._messages_received += 1
+        inner.connection.messages_received += 1
+        yield stream._codec.decode(body, stream._recv_type)

@@ -14,8 +14,9 @@ connection send their writes over one ``PutStream`` call (answered in order); bo
   fsynced on each of them) and applied on the leader.
 * PySyncObj (installed by this script with pip into its own venv under the temp dir's
   ``trio-raft-bench/`` cache): each node is a ``SyncObj`` with a replicated dict, fronted by the
-  same grpclib KV service, with kvnode's codec (``trio_raft_kv/flatproto.py``) (``Put`` ->
-  ``ReplDict.set`` with a callback); an acknowledgement
+  same grpclib KV service, with kvnode's codec (``trio_raft_kv/flatproto.py``) and, like
+  kvnode's ``PutStream``, streamed requests that arrived whole taken together and settled
+  answers written together (``Put`` -> ``ReplDict.set`` with a callback); an acknowledgement
   means PySyncObj reported the command applied. PySyncObj keeps its log in memory (no fsync).
 * null: one process serving the same grpclib ``Put`` by acknowledging at once, with nothing
   behind it. Its throughput is the ceiling this front end and this load generator impose on any
@@ -67,6 +68,36 @@ POLL = 0.05
 
 # -- the KV front end shared by the PySyncObj and null nodes ------------------------------------
 
+def whole_bodies(buf: Any) -> list[bytes]:
+    """The request bodies already whole in a stock grpclib stream buffer, taken in one pass
+    (kvnode's server does the same with its checks: trio_raft/transport/grpc_h2server.py)."""
+    from grpclib.protocol import AckedData
+
+    while not buf._unacked.empty():
+        data, size, ack = buf._unacked.get_nowait()
+        if not ack:  # the end of the request stays for grpclib's own read
+            buf._unacked.put_nowait((data, size, ack))
+            break
+        buf._acked.append(AckedData(memoryview(data), size))
+        buf._acked_size += size
+        buf._ack_callback(ack)
+    blob = b"".join(chunk for chunk, _ in buf._acked)
+    bodies, pos = [], 0
+    while len(blob) - pos >= 5 and not blob[pos]:
+        length = int.from_bytes(blob[pos + 1:pos + 5], "big")
+        if len(blob) - pos - 5 < length:
+            break
+        bodies.append(blob[pos + 5:pos + 5 + length])
+        pos += 5 + length
+    if pos:
+        rest = blob[pos:]
+        buf._acked.clear()
+        if rest:
+            buf._acked.append(AckedData(memoryview(rest), len(rest)))
+        buf._acked_size = len(rest)
+    return bodies
+
+
 def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
              status: Callable[[Any], Awaitable[None]],
              propose: Callable[[Any], Awaitable[Any]],
@@ -81,16 +112,35 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
     from trio_raft_kv.flatproto import FlatCodec
 
     async def put_stream(stream: Any) -> None:
+        # As kvnode's PutStream does it (trio_raft_kv/putstream.py): the requests that arrived
+        # whole are taken together, and the answers already settled go out in one DATA write.
         pending: asyncio.Queue[Any] = asyncio.Queue()
 
         async def answer() -> None:
-            while (acked := await pending.get()) is not None:
-                await acked
-                await stream.send_message(pb.PutResponse(index=0))
+            done = False
+            while not done:
+                batch = [await pending.get()]
+                while not pending.empty() and batch[-1] is not None and batch[-1].done():
+                    batch.append(pending.get_nowait())
+                if batch[-1] is None:
+                    done = True
+                    batch.pop()
+                replies = []
+                for acked in batch:
+                    await acked
+                    replies.append(bytes(pb.PutResponse(index=0)))
+                if replies:
+                    if not stream._send_initial_metadata_done:
+                        await stream.send_initial_metadata()
+                    await stream._stream.send_data(b"".join(
+                        b"\x00" + len(r).to_bytes(4, "big") + r for r in replies))
 
         answering = asyncio.ensure_future(answer())
-        async for request in stream:
-            pending.put_nowait(propose(request))
+        while (request := await stream.recv_message()) is not None:
+            pending.put_nowait(asyncio.ensure_future(propose(request)))
+            for body in whole_bodies(stream._stream.buffer):
+                pending.put_nowait(asyncio.ensure_future(
+                    propose(stream._codec.decode(body, pb.PutRequest))))
         pending.put_nowait(None)
         await answering
 

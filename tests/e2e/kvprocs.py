@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -103,12 +104,24 @@ def status(address: str) -> pb.StatusResponse | None:
     return pb.StatusResponse.parse(raw)
 
 
-def wait_leader(address: str, timeout: float = 30) -> pb.StatusResponse:
+def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``cond()``'s first true value, looking every :data:`POLL` seconds: the state of another
+    process (a real kvnode) sends no event here, so it is asked again. AssertionError naming
+    ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        st = status(address)
-        if st is not None and st.state == "leader" and st.applied_index > 0:
-            return st
+        value = cond()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{address} did not become leader in {timeout}s")
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(POLL)
+
+
+def wait_leader(address: str, timeout: float = 30) -> pb.StatusResponse:
+    def leading() -> pb.StatusResponse | None:
+        st = status(address)
+        return st if st is not None and st.state == "leader" and st.applied_index > 0 else None
+
+    st: pb.StatusResponse = poll(leading, timeout, f"{address} to become leader")
+    return st

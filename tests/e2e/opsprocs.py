@@ -14,11 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.e2e.kvprocs import KVNODE, ROOT, Node, read_event, status
+from tests.e2e.kvprocs import KVNODE, ROOT, Node, poll, read_event, status
 from trio_raft.testing.net import free_loopback_ports
 from trio_raft_kv._proto.trio_raft.kv import v1 as pb
 from trio_raft_kv.client import KVClient, KVError
@@ -39,17 +38,6 @@ def kvnode_json(*args: str, timeout: float = 60) -> dict[str, Any]:
     assert r.returncode == 0, (args, r.returncode, r.stderr)
     out: dict[str, Any] = json.loads(r.stdout)
     return out
-
-
-def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval, not a wait for a state
 
 
 class Procs:

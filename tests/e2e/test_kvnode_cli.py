@@ -12,13 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.e2e.kvprocs import poll
 from trio_raft.testing.net import free_loopback_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,17 +40,6 @@ def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
 def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
     r = cli(*args, "--json")
     return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr})
-
-
-def poll(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling interval, not a wait for a state
 
 
 class Cluster:

@@ -63,8 +63,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
-async def run_workload(engine: Any, concurrency: int, duration: float, size: int) -> dict[str, Any]:
+async def run_workload(engine: Any, concurrency: int, duration: float, size: int,
+                       pids: list[int] | None = None) -> dict[str, Any]:
+    """``pids``: the node processes, this one (the leader) first, whose CPU time the level
+    is charged with."""
     import trio
+    from nodes import cpu_seconds
 
     payload = b"x" * size
     latencies: list[float] = []
@@ -83,11 +87,15 @@ async def run_workload(engine: Any, concurrency: int, duration: float, size: int
                 continue
             latencies.append(time.perf_counter() - t0)
 
+    pids = pids or [os.getpid()]
+    cpu_before = cpu_seconds(pids)
     t_start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(concurrency):
             nursery.start_soon(worker)
     elapsed = time.perf_counter() - t_start
+    cpu_used = [b - a for a, b in zip(cpu_before, cpu_seconds(pids))]
+    per = 1e6 / max(1, len(latencies))
     latencies.sort()
     counters = engine.counters()
     return {
@@ -103,6 +111,10 @@ async def run_workload(engine: Any, concurrency: int, duration: float, size: int
         "proposals_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+        # CPU time (user + system, /proc) per acknowledged proposal over the level: the
+        # leader's process and the others' together (0 for the others when not given).
+        "cpu_us_per_proposal": {"leader": round(cpu_used[0] * per, 1),
+                                "followers": round(sum(cpu_used[1:]) * per, 1)},
         # The leader's totals so far (the levels run one after another).
         "snapshots_written": counters.snapshots_written,
         "snapshots_sent": counters.snapshots_sent,
@@ -131,11 +143,16 @@ def node_main(args: argparse.Namespace) -> None:
                     print(json.dumps({"event": "leader", "name": args.name}), flush=True)
                     announced = True
                     line = await stdin.readline()
-                    if line.strip() == "run":
+                    words = line.split()
+                    if words[:1] == ["run"]:
+                        # ``run PID,PID,PID``: the nodes' processes, for the CPU figures.
+                        pids = [int(p) for p in words[1].split(",")] if len(words) > 1 else []
+                        pids = [os.getpid()] + [p for p in pids if p != os.getpid()]
                         # Warm up: one proposal commits the leader's term everywhere.
                         await engine.propose(b"warmup")
                         for c in [int(x) for x in args.concurrency.split(",")]:
-                            result = await run_workload(engine, c, args.duration, args.size)
+                            result = await run_workload(engine, c, args.duration, args.size,
+                                                        pids)
                             print(json.dumps(result), flush=True)
                         print(json.dumps({"event": "done"}), flush=True)
                     return
@@ -154,7 +171,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     extra = node_arguments(args)
     with NodeProcesses(__file__, extra, prefix="trio-raft-bench-", parent=args.dir) as nodes:
         leader = nodes.leader()
-        nodes.command(leader, "run")
+        nodes.command(leader, "run " + ",".join(str(p.pid) for p in nodes.procs.values()))
         budget = 60 + len(args.concurrency.split(",")) * (args.duration + 30)
         ok = nodes.wait_for(leader, '"event": "done"', budget)
         rows = []

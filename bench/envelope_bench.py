@@ -85,6 +85,7 @@ def cluster_part(args: argparse.Namespace) -> None:
     argv = [sys.argv[0], "--duration", str(args.duration), "--concurrency", args.concurrency,
             "--size", str(args.size)]
     results: dict[str, dict[int, list[float]]] = {}
+    cpu: dict[str, dict[int, list[tuple[float, float]]]] = {}
     machine_printed = False
     for rnd in range(args.rounds):
         # Alternate which mode goes first, so neither always runs on a warmer or busier
@@ -104,6 +105,9 @@ def cluster_part(args: argparse.Namespace) -> None:
                     rec["envelope"], rec["round"] = mode, rnd
                     results.setdefault(mode, {}).setdefault(rec["concurrency"], []).append(
                         rec["proposals_per_s"])
+                    per = rec.get("cpu_us_per_proposal", {})
+                    cpu.setdefault(mode, {}).setdefault(rec["concurrency"], []).append(
+                        (per.get("leader", 0.0), per.get("followers", 0.0)))
                 elif machine_printed:
                     continue  # the machine line once
                 machine_printed = True
@@ -113,11 +117,21 @@ def cluster_part(args: argparse.Namespace) -> None:
         if not ons or not offs:
             continue
         off, on = statistics.median(offs), statistics.median(ons)
+        # CPU per proposal (medians over the rounds): less moved by the machine's speed of
+        # the moment than throughput, so it shows what the envelope itself adds.
+        cpu_off = [statistics.median(x) for x in zip(*cpu["off"][conc])]
+        cpu_on = [statistics.median(x) for x in zip(*cpu["on"][conc])]
         print(json.dumps({"bench": "envelope_overhead", "concurrency": conc,
                           "rounds": args.rounds, "snapshot_every": args.snapshot_every,
                           "snapshot_kb": args.snapshot_kb,
                           "off_per_s": off, "on_per_s": on,
-                          "throughput_change_pct": round((on - off) / off * 100, 1)}),
+                          "throughput_change_pct": round((on - off) / off * 100, 1),
+                          "cpu_us_per_proposal_off": {"leader": cpu_off[0],
+                                                      "followers": cpu_off[1]},
+                          "cpu_us_per_proposal_on": {"leader": cpu_on[0],
+                                                     "followers": cpu_on[1]},
+                          "cpu_change_pct": round((sum(cpu_on) - sum(cpu_off))
+                                                  / max(sum(cpu_off), 1e-9) * 100, 1)}),
               flush=True)
 
 

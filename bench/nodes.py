@@ -23,6 +23,20 @@ NAMES = ["n1", "n2", "n3"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cpu_seconds(pids: list[int]) -> list[float]:
+    """User + system CPU seconds of each process (Linux /proc), 0.0 where unreadable."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            out.append(0.0)
+    return out
+
+
 def add_node_arguments(ap: argparse.ArgumentParser, *, concurrency: str) -> None:
     """The arguments of a script run either as the orchestrator (``run``) or as one of its
     nodes (``node``): the node's name, peers and data dir, where the data goes, and the

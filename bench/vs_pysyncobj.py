@@ -501,6 +501,8 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
         leader = await find_leader(list(api.values())[:len(procs.procs)])
         if system == "kvnode-sealed":
             await enable_encryption(leader)
+        from nodes import cpu_seconds  # the script's own directory is on the import path
+
         pids = [p.pid for p in procs.procs]
         leader_i = list(api.values()).index(leader)
         settings = [(client, rpc, int(c)) for client in args.client.split(",")
@@ -548,20 +550,6 @@ async def enable_encryption(leader: str) -> None:
         client.close()
     print(json.dumps({"event": "encryption_enabled", "cutover_index": r.cutover_index,
                       "active_key_id": r.active_key_id}), flush=True)
-
-
-def cpu_seconds(pids: list[int]) -> list[float]:
-    """User + system CPU seconds of each process (Linux /proc), 0.0 where unreadable."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / tick)
-        except (OSError, IndexError, ValueError):
-            out.append(0.0)
-    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:

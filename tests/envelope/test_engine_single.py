@@ -297,5 +297,5 @@ async def test_damaged_proposal_header_above_cutover_is_not_skipped(tmp_path, ke
         from trio_raft.core.messages import Entry
 
         with pytest.raises(errors.RaftUnwrapFailedError, match="not a proposal envelope"):
-            engine._loop.applier.apply_normal(Entry(1, cutover + 50, data=b"\x09garbage"))
-        engine._loop.applier.apply_normal(Entry(1, cutover + 51))  # an empty no-op is fine
+            await engine._loop.applier.apply([Entry(1, cutover + 50, data=b"\x09garbage")])
+        await engine._loop.applier.apply([Entry(1, cutover + 51)])  # an empty no-op is fine

@@ -213,3 +213,43 @@ def test_counts_are_exact_across_threads_that_come_and_go(tmp_path, kek):
     counts = c.counters()
     assert (counts.wraps, counts.unwraps, counts.unwrap_failures) == (1 + 3600, 3600, 12)
     assert counts.wrap_failures == 0
+
+
+def test_wrap_follows_the_active_key_through_installs_and_activations(tmp_path, kek):
+    # ``wrap`` keeps a view of the active key between calls (``KeyStore.active_pair``): every
+    # change of the active key, or of its material, must reach the next envelope.
+    c = Cipher.open(tmp_path, kek, node_id=3)
+    store = c.keystore
+    assert store is not None
+    with pytest.raises(errors.UnknownKeyIDError):
+        c.wrap(b"no key yet")
+    first, second = os.urandom(32), os.urandom(32)
+    store.install(1, first)
+    assert parse(c.wrap(b"a")).key_id == 1
+    store.install(2, second, activate=False)
+    assert parse(c.wrap(b"b")).key_id == 1  # installed, not active
+    store.activate(2)
+    blob = c.wrap(b"c")
+    assert parse(blob).key_id == 2
+    assert KeyStore(kek, keys={2: second}, active=2).aead(2).decrypt(
+        parse(blob).nonce, parse(blob).ciphertext, struct.pack(">cBI", b"R", 1, 2)) == b"c"
+    store.activate(1)
+    assert parse(c.wrap(b"d")).key_id == 1
+    kid, sealed = c.new_sealed_key()  # a rotation arriving through the log
+    c.install_sealed(kid, sealed, activate=True)
+    assert parse(c.wrap(b"e")).key_id == kid
+    assert [c.unwrap(c.wrap(x)) for x in (b"f", b"g")] == [b"f", b"g"]
+    counts = c.counters()
+    assert (counts.wraps, counts.wrap_failures) == (7, 1)
+
+
+def test_unwrap_batch_counts_what_opened(tmp_path, kek):
+    c = Cipher.open(tmp_path, kek, node_id=4)
+    assert c.keystore is not None
+    c.keystore.install(1, os.urandom(32))
+    good = [c.wrap(bytes([i])) for i in range(5)]
+    bad = good[0][:-1] + bytes([good[0][-1] ^ 1])
+    out = c.unwrap_batch([(i, b) for i, b in enumerate(good)] + [(9, bad), (10, b"short")])
+    assert {i: p for i, (_, p) in out.items()} == {i: bytes([i]) for i in range(5)}
+    counts = c.counters()
+    assert (counts.unwraps, counts.unwrap_failures) == (5, 0)

@@ -101,15 +101,18 @@ class Applier:
 
     # -- committed entries ---------------------------------------------------------------------
     async def apply(self, entries: Sequence[Entry]) -> None:
-        self._gate.prepare(entries, max(self.applied, self.fsm_index))
+        # Above the cutover the gate opens the batch's proposal envelopes once, for its own
+        # decryption ahead and for the applies below (None: each apply opens its own).
+        envs = self._gate.prepare(entries, max(self.applied, self.fsm_index))
         try:
-            for ent in entries:
+            for i, ent in enumerate(entries):
                 if ent.type is not EntryType.NORMAL:
                     await self._apply_conf_entry(ent)
                 elif is_cluster_record(ent.data):
                     await self._apply_cluster_record(ent)
                 else:
-                    self.apply_normal(ent)
+                    self.apply_normal(ent, envs[i] if envs is not None else
+                                      decode_proposal(ent.data))
         finally:
             self._gate.discard_prepared()
         if entries:
@@ -125,10 +128,11 @@ class Applier:
             await self.identity.adopt(cluster_id, self._io, f"entry {ent.index}")
         self.applied = ent.index
 
-    def apply_normal(self, ent: Entry) -> None:
+    def apply_normal(self, ent: Entry, env: tuple[int, bytes] | None) -> None:
+        """Apply a normal entry; ``env`` is its proposal envelope opened
+        (``contexts.decode_proposal``), None when it is not one."""
         if ent.index <= self.applied:
             return  # replayed: the restored state machine already reflects it
-        env = decode_proposal(ent.data)
         if env is None:
             self._gate.check_non_proposal(ent)
             self.applied = ent.index

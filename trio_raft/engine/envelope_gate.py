@@ -165,7 +165,7 @@ class EnvelopeGate:
         self.cipher = cipher
         self._configured = configured
         #: The cutover recorded on this node (cutover file / marker apply), None before.
-        self._recorded = recorded
+        self._recorded = recorded if recorded is None or recorded < MAX_U64 else None
         self._data_dir = data_dir
         self._file_io = file_io
         self._inbox = inbox
@@ -347,27 +347,32 @@ class EnvelopeGate:
         if ent.data and cutover is not None and ent.index > cutover:
             raise RaftUnwrapFailedError(f"entry {ent.index}: not a proposal envelope")
 
-    def prepare(self, entries: Sequence[Entry], floor: int) -> None:
+    def prepare(self, entries: Sequence[Entry], floor: int
+                ) -> list[tuple[int, bytes] | None] | None:
         """Decrypt, back to back, the envelopes among ``entries`` (committed, about to be
         applied; those at or below ``floor`` are not) that :meth:`unwrap` will be asked for.
         One decryption between two applies finds the AES code and tables out of the CPU's
         caches and costs about three times one in a row (docs/envelope.md, "Cost"). What does
-        not open here is left to :meth:`unwrap`, which raises for it in its turn."""
+        not open here is left to :meth:`unwrap`, which raises for it in its turn.
+
+        Returns the proposal envelope of each entry (``decode_proposal``; None for the others)
+        so that the applier does not open them a second time; None when nothing was done
+        (the envelope is inert, or a single entry)."""
         cutover = self.cutover_index()
         cipher = self.cipher
         if cutover is None or cipher is None or len(entries) < 2:
-            return
+            return None
+        normal = EntryType.NORMAL
+        envs = [decode_proposal(ent.data) if ent.type is normal else None for ent in entries]
         own = self._own
-        todo: list[tuple[int, bytes]] = []
-        for ent in entries:
-            if ent.index <= cutover or ent.index <= floor or ent.type is not EntryType.NORMAL:
-                continue
-            env = decode_proposal(ent.data)
-            if env is None or (own and env[0] in own) or is_control(env[1]):
-                continue
-            todo.append((ent.index, env[1]))
+        low = max(cutover, floor)
+        # Control records need no test here: their first byte is never the wrapped layout's
+        # version, so ``unwrap_batch`` leaves them out (``trio_raft/envelope/control.py``).
+        todo = [(ent.index, env[1]) for ent, env in zip(entries, envs)
+                if env is not None and ent.index > low and env[0] not in own]
         if len(todo) > 1:
             self._prepared = cipher.unwrap_batch(todo)
+        return envs
 
     def discard_prepared(self) -> None:
         if self._prepared:
@@ -377,28 +382,29 @@ class EnvelopeGate:
         """The plaintext of the payload of the entry at ``index``. An entry that holds the very
         envelope this node made for ``request_id`` (:meth:`wrap_admitted`) is not decrypted:
         its plaintext is the one kept (AES-GCM opens an envelope to what was sealed in it)."""
-        cutover = self.cutover_index()
-        if cutover is None or index <= cutover:
-            if self.cipher is not None and self.cipher.try_unwrap(payload) is not None:
-                raise EnvelopeRegimeError(
-                    f"entry {index}: taken for cleartext (cutover "
-                    f"{'unknown' if cutover is None else cutover}), but it is an envelope "
-                    "under an installed key")
-            return payload
-        if self._prepared:
-            ready = self._prepared.pop(index, None)
-            if ready is not None and ready[0] == payload:
-                return ready[1]
-        if request_id and self._own:
-            own = self._own.pop(request_id, None)
-            if own is not None and own[0] == payload:
-                return own[1]
-        if self.cipher is None:
-            raise RaftUnwrapFailedError(f"entry {index}: no raft cipher wired")
-        try:
-            return bytes(self.cipher.unwrap(payload))
-        except Exception as exc:
-            raise RaftUnwrapFailedError(f"entry {index}: {exc}") from exc
+        cutover = self._recorded if self._configured is None else self.cutover_index()
+        if cutover is not None and index > cutover:
+            if request_id:
+                own = self._own.pop(request_id, None)
+                if own is not None and own[0] == payload:
+                    return own[1]
+            if self._prepared:
+                ready = self._prepared.pop(index, None)
+                if ready is not None and ready[0] == payload:
+                    return ready[1]
+            cipher = self.cipher
+            if cipher is None:
+                raise RaftUnwrapFailedError(f"entry {index}: no raft cipher wired")
+            try:
+                return bytes(cipher.unwrap(payload))
+            except Exception as exc:
+                raise RaftUnwrapFailedError(f"entry {index}: {exc}") from exc
+        if self.cipher is not None and self.cipher.try_unwrap(payload) is not None:
+            raise EnvelopeRegimeError(
+                f"entry {index}: taken for cleartext (cutover "
+                f"{'unknown' if cutover is None else cutover}), but it is an envelope "
+                "under an installed key")
+        return payload
 
     # -- the cutover and rotation --------------------------------------------------------------
     async def enable(self, cipher: Cipher | None, port: RequestPort) -> int:

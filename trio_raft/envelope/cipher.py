@@ -80,11 +80,11 @@ class _Counter:
     def add(self, name: str) -> None:
         self.add_at(_INDEX[name])
 
-    def add_at(self, i: int) -> None:
+    def add_at(self, i: int, n: int = 1) -> None:
         try:
-            self._local.tally[i] += 1
+            self._local.tally[i] += n
         except AttributeError:
-            self._tally()[i] += 1
+            self._tally()[i] += n
 
     def _fold_ended(self) -> None:
         live = []
@@ -120,6 +120,8 @@ class Cipher:
         self.nonces = nonces
         self._counts = _Counter()
         self._hot_keys: dict[int, _HotKey] = {}
+        #: (the key store's ``active_pair`` it was made for, header, AAD): ``wrap``'s view.
+        self._wrap_hot: tuple[tuple[int, AESGCM | None], bytes, bytes] | None = None
 
     @classmethod
     def open(cls, key_dir: str | os.PathLike[str], kek: KEK, *, node_id: int | str) -> Cipher:
@@ -168,10 +170,15 @@ class Cipher:
         # one encryption; the general path below handles (and counts) every failure.
         store, nonces = self.keystore, self.nonces
         if store is not None and nonces is not None:
-            hot = self._hot(store, store.active_key_id)
-            if hot is not None:
+            pair = store.active_pair
+            aead = pair[1]
+            if aead is not None:
+                hot = self._wrap_hot
+                if hot is None or hot[0] is not pair:  # the active key changed
+                    hot = self._wrap_hot = (pair, env.header(pair[0]),
+                                            env.aad(env.VERSION, pair[0]))
                 nonce = nonces.next()
-                out = hot.header + nonce + hot.aead.encrypt(nonce, plaintext, hot.aad)
+                out = hot[1] + nonce + aead.encrypt(nonce, plaintext, hot[2])
                 self._counts.add_at(_WRAPS)
                 return out
         try:
@@ -238,8 +245,8 @@ class Cipher:
             except InvalidTag:
                 continue
             out[tag] = (data, plain)
-        for _ in range(len(out)):
-            self._counts.add_at(_UNWRAPS)
+        if out:
+            self._counts.add_at(_UNWRAPS, len(out))
         return out
 
     def try_unwrap(self, data: bytes) -> bytes | None:

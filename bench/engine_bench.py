@@ -127,7 +127,7 @@ def node_main(args: argparse.Namespace) -> None:
     import trio_raft
 
     async def main() -> None:
-        from nodes import node_transport
+        from nodes import node_transport, tune_node_gc
 
         peers = trio_raft.parse_peers(args.peers)
         address = next(p.address for p in peers if p.id == args.name)
@@ -136,6 +136,7 @@ def node_main(args: argparse.Namespace) -> None:
                                      data_dir=args.data_dir, peers=peers, bootstrap=True,
                                      state_machine=CounterFSM(),
                                      transport=transport)) as engine:
+            tune_node_gc(args)
             announced = False
             stdin = trio.wrap_file(sys.stdin)
             while True:

@@ -41,6 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import engine_bench as eb  # noqa: E402  (a script's own directory is on the import path)
 
+from trio_raft.gctune import GC_THRESHOLD  # noqa: E402
+
 ENV = "TRIO_RAFT_BENCH_ENVELOPE"
 KEK_ENV = "TRIO_RAFT_BENCH_KEK"
 EVERY_ENV = "TRIO_RAFT_BENCH_SNAPSHOT_EVERY"
@@ -83,7 +85,7 @@ def cluster_part(args: argparse.Namespace) -> None:
     os.environ[EVERY_ENV] = str(args.snapshot_every)
     os.environ[KB_ENV] = str(args.snapshot_kb)
     argv = [sys.argv[0], "--duration", str(args.duration), "--concurrency", args.concurrency,
-            "--size", str(args.size)]
+            "--size", str(args.size), "--gc-threshold", str(args.gc_threshold)]
     results: dict[str, dict[int, list[float]]] = {}
     cpu: dict[str, dict[int, list[tuple[float, float]]]] = {}
     machine_printed = False
@@ -257,6 +259,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="cluster runs per mode, alternating off/on; medians compared")
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
+                    help="the nodes' garbage collector young-generation threshold "
+                         "(bench/engine_bench.py's option; 0: the interpreter's settings)")
     args = ap.parse_args()
     if not args.skip_cluster:
         cluster_part(args)

@@ -107,7 +107,7 @@ def node_main(args: argparse.Namespace) -> None:
     recorder = Recorder()
 
     async def main() -> None:
-        from nodes import node_transport
+        from nodes import node_transport, tune_node_gc
 
         peers = trio_raft.parse_peers(args.peers)
         address = next(p.address for p in peers if p.id == args.name)
@@ -117,6 +117,7 @@ def node_main(args: argparse.Namespace) -> None:
                     local_id=args.name, local_address=address, data_dir=args.data_dir,
                     peers=peers, bootstrap=True, state_machine=CounterFSM(),
                     observer=recorder, transport=transport)) as engine:
+            tune_node_gc(args)
             async def announce() -> None:
                 while engine.state() is not trio_raft.State.LEADER:
                     await trio.sleep(0.05)

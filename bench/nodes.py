@@ -49,6 +49,12 @@ def add_node_arguments(ap: argparse.ArgumentParser, *, concurrency: str) -> None
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", default=concurrency)
     ap.add_argument("--size", type=int, default=100)
+    from trio_raft.gctune import GC_THRESHOLD
+
+    ap.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
+                    help="each node's garbage collector young-generation threshold, set once "
+                         "its engine is open (trio_raft.tune_gc, as kvnode serve does); 0: "
+                         "the interpreter's settings")
     ap.add_argument("--grpclib-lanes", action="store_true",
                     help="the nodes keep their raft lanes on grpclib (GRPCTransport("
                          "native_lanes=False)), as before native lanes")
@@ -57,8 +63,16 @@ def add_node_arguments(ap: argparse.ArgumentParser, *, concurrency: str) -> None
 def node_arguments(args: argparse.Namespace) -> list[str]:
     """What the orchestrator passes on to its nodes of :func:`add_node_arguments`."""
     out = ["--duration", str(args.duration), "--concurrency", args.concurrency,
-           "--size", str(args.size)]
+           "--size", str(args.size), "--gc-threshold", str(args.gc_threshold)]
     return [*out, "--grpclib-lanes"] if args.grpclib_lanes else out
+
+
+def tune_node_gc(args: argparse.Namespace) -> None:
+    """In a node, once its engine is open: the collector as ``--gc-threshold`` says."""
+    if args.gc_threshold > 0:
+        import trio_raft
+
+        trio_raft.tune_gc(args.gc_threshold)
 
 
 @contextlib.asynccontextmanager

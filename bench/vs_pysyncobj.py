@@ -63,6 +63,10 @@ EXAMPLES = os.path.join(ROOT, "examples")
 
 PYSYNCOBJ_REQ = ["pysyncobj>=0.3.12", "grpclib>=0.4.7", "betterproto2>=0.10,<0.11"]
 MAX_CHANNELS = 16
+#: The collector's thresholds every process gets (``--gc-threshold`` and the older two): those
+#: of ``trio_raft.tune_gc``, which ``orchestrate`` checks, written out here because the
+#: PySyncObj and null nodes run where trio_raft cannot be imported.
+GC_THRESHOLD, GC_OLDER = 50_000, (20, 10)
 POLL = 0.05
 
 
@@ -96,6 +100,17 @@ def whole_bodies(buf: Any) -> list[bytes]:
             buf._acked.append(AckedData(memoryview(rest), len(rest)))
         buf._acked_size = len(rest)
     return bodies
+
+
+def tune_gc_like_kvnode(threshold: int) -> None:
+    """In the PySyncObj and null nodes, once serving: the collector as ``trio_raft.tune_gc``
+    sets it in kvnode (every system runs with the same settings)."""
+    if threshold > 0:
+        import gc
+
+        gc.set_threshold(threshold, *GC_OLDER)
+        gc.collect()
+        gc.freeze()
 
 
 def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
@@ -159,6 +174,7 @@ def serve_kv(args: argparse.Namespace, put: Callable[[Any], Awaitable[None]],
         host, port = args.listen.rsplit(":", 1)
         server = Server([KV()], codec=FlatCodec())  # kvnode's codec: the same front end
         await server.start(host, int(port))
+        tune_gc_like_kvnode(args.gc_threshold)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -477,14 +493,16 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
             if system == "null":  # a single process: there is nothing to replicate
                 if i == 0:
                     await procs.start([sys.executable, os.path.abspath(__file__), "null-node",
-                                       "--id", n, "--listen", api[n]], log)
+                                       "--id", n, "--listen", api[n],
+                                       "--gc-threshold", str(args.gc_threshold)], log)
                 continue
             if system in ("kvnode", "kvnode-sealed"):
                 peers = ",".join(f"{m}={a}" for m, a in api.items())
                 cmd = [sys.executable, os.path.join(EXAMPLES, "kvnode.py"), "serve", "--id", n,
                        "--listen", api[n], "--peers", peers, "--bootstrap",
                        "--data-dir", os.path.join(base, f"{system}-{n}"),
-                       "--snapshot-every", str(args.snapshot_every)]
+                       "--snapshot-every", str(args.snapshot_every),
+                       "--gc-threshold", str(args.gc_threshold)]
                 if system == "kvnode-sealed":
                     cmd += ["--key-dir", os.path.join(base, f"keys-{n}"),
                             "--kek-file", kek_file(base)]
@@ -495,7 +513,8 @@ async def run_system(system: str, args: argparse.Namespace, base: str,
                 # Run as a module from ROOT (the cwd): PySyncObj's venv does not have
                 # trio_raft_kv installed, so it imports the generated KV messages from the tree.
                 cmd = [py, "-m", "bench.vs_pysyncobj", "pysyncobj-node", "--id", n,
-                       "--listen", api[n], "--peers", peers]
+                       "--listen", api[n], "--peers", peers,
+                       "--gc-threshold", str(args.gc_threshold)]
             await procs.start(cmd, log)
             del i
         leader = await find_leader(list(api.values())[:len(procs.procs)])
@@ -620,6 +639,12 @@ def prepare(duration: float, systems: list[str]) -> str | None:
 
 
 async def orchestrate(args: argparse.Namespace) -> None:
+    import trio_raft
+    from trio_raft.gctune import OLDER_THRESHOLDS
+
+    assert (GC_THRESHOLD, GC_OLDER) == (trio_raft.GC_THRESHOLD, OLDER_THRESHOLDS)
+    if args.gc_threshold > 0:  # the load generator too, as every node
+        trio_raft.tune_gc(args.gc_threshold)
     py = prepare(args.duration, args.systems.split(","))
     base = tempfile.mkdtemp(prefix="vs-pysyncobj-")
     try:
@@ -668,6 +693,10 @@ def main() -> None:
                     help="kvnode's --snapshot-every (both kvnode systems)")
     ap.add_argument("--plot", default=None, metavar="DIR",
                     help="draw latency-throughput curves into DIR (needs the bench extra)")
+    ap.add_argument("--gc-threshold", type=int, default=GC_THRESHOLD,
+                    help="the garbage collector's young-generation threshold of every process "
+                         "of every system and of the load generator, set once each has "
+                         "started (kvnode's --gc-threshold; 0: the interpreter's settings)")
     args = ap.parse_args()
     if args.mode == "pysyncobj-node":
         pysyncobj_node(args)

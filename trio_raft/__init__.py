@@ -49,3 +49,5 @@ from trio_raft.errors import NotLeaderError as NotLeaderError
 from trio_raft.errors import OutcomeUnknownError as OutcomeUnknownError
 from trio_raft.errors import RaftError as RaftError
 from trio_raft.errors import StorageError as StorageError
+from trio_raft.gctune import GC_THRESHOLD as GC_THRESHOLD
+from trio_raft.gctune import tune_gc as tune_gc

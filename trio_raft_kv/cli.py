@@ -191,6 +191,7 @@ def _number(kind: type, low: float, what: str) -> Callable[[str], Any]:
 _positive_int = _number(int, 1, "a positive integer")
 _positive_float = _number(float, 1e-9, "a positive number")
 _non_negative_float = _number(float, 0.0, "a number >= 0")
+_non_negative_int = _number(int, 0, "an integer >= 0")
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ticks without a leader before an election")
     s.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                    help="log level on stderr")
+    s.add_argument("--gc-threshold", type=_non_negative_int, default=trio_raft.GC_THRESHOLD,
+                   help="the garbage collector's young-generation threshold, set once the "
+                        "node has started, with what it holds then frozen (0: leave the "
+                        "interpreter's settings; docs/operations.md, \"Garbage collection\")")
     # Tests only (tests/chaos): a file holding the seconds to wait before each WAL write,
     # re-read every time, so a test can make the disk slow and fast again at run time.
     s.add_argument("--test-fsync-delay-file", default=None, help=argparse.SUPPRESS)

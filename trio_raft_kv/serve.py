@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -314,8 +315,12 @@ async def run_node(args: argparse.Namespace, peers: list[trio_raft.Peer],
                 async with trio_raft.open_engine(cfg) as engine:
                     ctx.engine = engine
                     metrics.refresh(engine, fsm)
+                    gc_threshold = getattr(args, "gc_threshold", 0)
+                    if gc_threshold:  # once started: what it holds now is frozen
+                        trio_raft.tune_gc(gc_threshold)
                     print(json.dumps({"event": "ready", "id": args.id, "port": bound,
-                                      "metrics_port": metrics_port, "pid": os.getpid()}),
+                                      "metrics_port": metrics_port, "pid": os.getpid(),
+                                      "gc_threshold": gc.get_threshold()[0]}),
                           flush=True)
                     async with trio.open_nursery() as tasks:
                         tasks.start_soon(_stop_on_signal, tasks.cancel_scope, signals,

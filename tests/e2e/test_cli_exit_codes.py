@@ -185,6 +185,10 @@ def test_usage_errors_are_one_line(root: str) -> None:
          "--log-level", "loud"),
         ("serve", "--id", "n1", "--listen", "127.0.0.1:7001", "--data-dir", "d",
          "--snapshot-every", "0"),
+        ("serve", "--id", "n1", "--listen", "127.0.0.1:7001", "--data-dir", "d",
+         "--gc-threshold", "-1"),
+        ("serve", "--id", "n1", "--listen", "127.0.0.1:7001", "--data-dir", "d",
+         "--gc-threshold", "lots"),
         ("frobnicate",),
     ]
     for args in cases:
@@ -200,6 +204,25 @@ def test_usage_errors_are_one_line(root: str) -> None:
     r = cli("status", "--tls-dir", junk)
     assert r.returncode == ExitCode.USAGE
     assert "tls-junk" in one_line_error(r)
+
+
+def test_serve_tunes_the_collector_once_started(root: str, node: Node) -> None:
+    # docs/operations.md, "Garbage collection": by default a node raises the young
+    # generation's threshold once it has started; --gc-threshold 0 leaves the interpreter's.
+    assert node.ready["gc_threshold"] == trio_raft.GC_THRESHOLD
+    interpreter = subprocess.run([sys.executable, "-c", "import gc; print(gc.get_threshold()[0])"],
+                                 capture_output=True, text=True, check=True)
+    plain = start_node(root, "gc0", "--gc-threshold", "0")
+    try:
+        assert plain.ready["gc_threshold"] == int(interpreter.stdout) != trio_raft.GC_THRESHOLD
+    finally:
+        plain.stop()
+    tuned = start_node(root, "gc1", "--gc-threshold", "1234", "--log-level", "info")
+    try:
+        assert tuned.ready["gc_threshold"] == 1234
+    finally:
+        tuned.stop()
+    assert "gc thresholds (1234, 20, 10)" in tuned.log()
 
 
 def test_serve_refuses_a_peer_without_port_at_once(root: str) -> None:

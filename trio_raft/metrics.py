@@ -62,6 +62,12 @@ name                                   type       meaning
 ``{op,result}``                                   ``payload_seal``, ``payload_open``
                                                   (snapshot payloads), ``payload``;
                                                   ``result`` = ``ok`` or ``failed``
+``gc_collections_total{generation}``   counter    the process's garbage collections (no
+                                                  ``node`` label: one process, every engine)
+``gc_seconds_total{generation}``       counter    seconds the process spent in them
+                                                  (``trio_raft.gctune.watch_gc``)
+``gc_threshold{generation}``           gauge      the collector's thresholds now
+                                                  (``trio_raft.tune_gc`` raises the first)
 ``proposal_seconds``                   histogram  propose until committed and applied
 ``wal_sync_seconds``                   histogram  one Ready's WAL write + fsync
 ``stage_seconds{stage}``               histogram  one stage of a write or a read on this node
@@ -72,6 +78,7 @@ name                                   type       meaning
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 from collections.abc import Iterator
 from types import ModuleType
@@ -83,6 +90,7 @@ from trio_raft.engine.engine import Engine
 from trio_raft.engine.stages import STAGES
 from trio_raft.engine.types import State
 from trio_raft.errors import MetricsUnavailableError
+from trio_raft.gctune import gc_times, watch_gc
 
 #: Latency buckets (seconds) of the proposal and WAL histograms.
 BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25,
@@ -123,6 +131,7 @@ class RaftMetrics:
         self.stage_seconds = prom.Histogram(
             f"{namespace}_stage_seconds", "one stage of a write or a read on this node",
             [label, "stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        watch_gc()
         self._collector = _Collector(self)
         self.registry.register(self._collector)
 
@@ -239,6 +248,22 @@ class EngineMetrics:
             await trio.sleep(interval)
 
 
+def _gc_families(ns: str, gauge: Any, counter: Any) -> Iterator[Any]:
+    """The process's collector: collections, seconds in them, thresholds (per generation)."""
+    collections = counter(f"{ns}_gc_collections", "garbage collections of this process",
+                          labels=["generation"])
+    seconds = counter(f"{ns}_gc_seconds", "seconds this process spent collecting garbage",
+                      labels=["generation"])
+    for generation, (count, spent) in enumerate(gc_times()):
+        collections.add_metric([str(generation)], float(count))
+        seconds.add_metric([str(generation)], spent)
+    threshold = gauge(f"{ns}_gc_threshold", "the garbage collector's thresholds",
+                      labels=["generation"])
+    for generation, value in enumerate(gc.get_threshold()):
+        threshold.add_metric([str(generation)], float(value))
+    yield from (collections, seconds, threshold)
+
+
 class _Collector:
     """Turns every engine's copied values into samples, at scrape time."""
 
@@ -255,6 +280,7 @@ class _Collector:
         _prom, core = _prometheus()
         ns, lbl = self._parent.namespace, self._parent.label
         gauge, counter = core.GaugeMetricFamily, core.CounterMetricFamily
+        yield from _gc_families(ns, gauge, counter)
         state = gauge(f"{ns}_state", "1 for the node's current raft state",
                       labels=[lbl, "state"])
         for name, v in engines:

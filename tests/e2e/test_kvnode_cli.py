@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+import trio_raft
 from tests.e2e.kvprocs import poll
 from trio_raft.testing.net import free_loopback_ports
 
@@ -196,6 +197,10 @@ def test_three_nodes_redirect_failover_restart_and_wiped_node(cluster: Cluster) 
     assert m[f"kvnode_kv_keys{{{lbl}}}"] >= 200
     assert any(k.startswith("trio_raft_peer_lag_entries{") for k in m)
     assert any(k.startswith("trio_raft_state{") for k in m)
+    # The process's collector, as kvnode serve tunes it by default (docs/operations.md).
+    assert m['trio_raft_gc_threshold{generation="0"}'] == trio_raft.GC_THRESHOLD
+    assert m['trio_raft_gc_collections_total{generation="0"}'] >= 1
+    assert 'trio_raft_gc_seconds_total{generation="2"}' in m
 
     # kill -9 the leader; a new one is elected; every acknowledged key is still there.
     cluster.procs[leader].send_signal(signal.SIGKILL)

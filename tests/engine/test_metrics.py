@@ -108,6 +108,28 @@ async def test_separate_registries_and_a_run_task(tmp_path):
     assert not [k for k in other if k[0] == "trio_raft_applied_index"]
 
 
+def test_the_processs_garbage_collections_are_counted_and_timed():
+    import gc
+
+    reg = CollectorRegistry()
+    RaftMetrics(reg)
+    before = samples(reg)
+    gc.collect()  # a full collection: generation 2
+    gc.collect(0)
+    after = samples(reg)
+    for generation in ("0", "2"):
+        assert value(after, "trio_raft_gc_collections_total", generation=generation) >= (
+            value(before, "trio_raft_gc_collections_total", generation=generation) + 1)
+    assert value(after, "trio_raft_gc_seconds_total", generation="2") > value(
+        before, "trio_raft_gc_seconds_total", generation="2")
+    assert [value(after, "trio_raft_gc_threshold", generation=str(g)) for g in range(3)] == [
+        float(t) for t in gc.get_threshold()]
+    RaftMetrics(CollectorRegistry())  # the hook is installed once per process
+    from trio_raft.gctune import _Timer
+
+    assert sum(isinstance(cb, _Timer) for cb in gc.callbacks) == 1
+
+
 def test_a_clear_error_without_prometheus_client(monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(errors.MetricsUnavailableError, match="pip install"):

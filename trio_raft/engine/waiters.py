@@ -19,31 +19,57 @@ log = logging.getLogger(__name__)
 
 
 class Waiter:
-    """Resolved (or failed) exactly once by the run loop; awaited by one caller."""
+    """Resolved (or failed) exactly once by the run loop; awaited by one caller.
 
-    __slots__ = ("_error", "_event", "_result")
+    It parks its caller's task itself (``trio.lowlevel.wait_task_rescheduled``) rather than
+    through a ``trio.Event``: one object per request instead of three, and one frame less on
+    every wake-up, on the path of every proposal and read. Waiting behaves as
+    ``Event.wait`` does: a checkpoint when already settled, and a cancelled caller is removed
+    before it raises ``Cancelled``. Settling happens in the trio thread (the run loop)."""
+
+    __slots__ = ("_done", "_error", "_result", "_task")
 
     def __init__(self) -> None:
-        self._event = trio.Event()
+        self._done = False
         self._result: Any = None
         self._error: BaseException | None = None
+        self._task: trio.lowlevel.Task | None = None
 
     @property
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def resolve(self, value: Any) -> None:
-        if not self._event.is_set():
+        if not self._done:
+            self._done = True
             self._result = value
-            self._event.set()
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if not self._event.is_set():
+        if not self._done:
+            self._done = True
             self._error = error
-            self._event.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
 
     async def wait(self) -> Any:
-        await self._event.wait()
+        if self._done:
+            await trio.lowlevel.checkpoint()
+        else:
+            if self._task is not None:
+                raise RuntimeError("a Waiter is awaited by one task at a time")
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
         if self._error is not None:
             raise self._error
         return self._result

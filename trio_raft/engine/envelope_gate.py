@@ -165,7 +165,7 @@ class EnvelopeGate:
         self.cipher = cipher
         self._configured = configured
         #: The cutover recorded on this node (cutover file / marker apply), None before.
-        self._recorded = recorded if recorded is None or recorded < MAX_U64 else None
+        self._recorded = recorded
         self._data_dir = data_dir
         self._file_io = file_io
         self._inbox = inbox
@@ -382,7 +382,7 @@ class EnvelopeGate:
         """The plaintext of the payload of the entry at ``index``. An entry that holds the very
         envelope this node made for ``request_id`` (:meth:`wrap_admitted`) is not decrypted:
         its plaintext is the one kept (AES-GCM opens an envelope to what was sealed in it)."""
-        cutover = self._recorded if self._configured is None else self.cutover_index()
+        cutover = self.cutover_index()
         if cutover is not None and index > cutover:
             if request_id:
                 own = self._own.pop(request_id, None)

@@ -216,8 +216,8 @@ def test_counts_are_exact_across_threads_that_come_and_go(tmp_path, kek):
 
 
 def test_wrap_follows_the_active_key_through_installs_and_activations(tmp_path, kek):
-    # ``wrap`` keeps a view of the active key between calls (``KeyStore.active_pair``): every
-    # change of the active key, or of its material, must reach the next envelope.
+    # ``wrap`` keeps a view of each key between calls (``Cipher._hot``): every change of the
+    # active key, or of its material, must reach the next envelope.
     c = Cipher.open(tmp_path, kek, node_id=3)
     store = c.keystore
     assert store is not None

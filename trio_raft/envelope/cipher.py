@@ -120,8 +120,6 @@ class Cipher:
         self.nonces = nonces
         self._counts = _Counter()
         self._hot_keys: dict[int, _HotKey] = {}
-        #: (the key store's ``active_pair`` it was made for, header, AAD): ``wrap``'s view.
-        self._wrap_hot: tuple[tuple[int, AESGCM | None], bytes, bytes] | None = None
 
     @classmethod
     def open(cls, key_dir: str | os.PathLike[str], kek: KEK, *, node_id: int | str) -> Cipher:
@@ -170,15 +168,10 @@ class Cipher:
         # one encryption; the general path below handles (and counts) every failure.
         store, nonces = self.keystore, self.nonces
         if store is not None and nonces is not None:
-            pair = store.active_pair
-            aead = pair[1]
-            if aead is not None:
-                hot = self._wrap_hot
-                if hot is None or hot[0] is not pair:  # the active key changed
-                    hot = self._wrap_hot = (pair, env.header(pair[0]),
-                                            env.aad(env.VERSION, pair[0]))
+            hot = self._hot(store, store.active_key_id)
+            if hot is not None:
                 nonce = nonces.next()
-                out = hot[1] + nonce + aead.encrypt(nonce, plaintext, hot[2])
+                out = hot.header + nonce + hot.aead.encrypt(nonce, plaintext, hot.aad)
                 self._counts.add_at(_WRAPS)
                 return out
         try:

@@ -173,13 +173,6 @@ class KeyStore:
         self._aeads = {kid: AESGCM(k) for kid, k in self._keys.items()}
         self._active = active
         self._lock = threading.Lock()
-        #: (active key id, its AEAD or None): replaced as a whole whenever either changes,
-        #: so the wrapping hot path reads one attribute (``Cipher.wrap``).
-        self.active_pair: tuple[int, AESGCM | None] = (0, None)
-        self._refresh_active()
-
-    def _refresh_active(self) -> None:
-        self.active_pair = (self._active, self._aeads.get(self._active))
 
     @property
     def path(self) -> str | None:
@@ -204,7 +197,6 @@ class KeyStore:
             return store
         store._keys, store._active = decode_store(data, kek, path)
         store._aeads = {kid: AESGCM(k) for kid, k in store._keys.items()}
-        store._refresh_active()
         log.info("key store %s: %d key(s), active id %d", path, len(store._keys), store._active)
         return store
 
@@ -260,7 +252,6 @@ class KeyStore:
             self._aeads[key_id] = AESGCM(dek)
             if activate:
                 self._active = key_id
-            self._refresh_active()
             self._persist()
         log.info("key store: installed key id %d%s", key_id, " (active)" if activate else "")
         return True
@@ -290,7 +281,6 @@ class KeyStore:
             if self._active == key_id:
                 return False
             self._active = key_id
-            self._refresh_active()
             self._persist()
         return True
 

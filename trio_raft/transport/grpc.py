@@ -353,6 +353,7 @@ class GRPCTransport:
     async def _stop_on_loop(self) -> None:
         server = self._server
         if server is not None:
+            await server.stop_accepting()
             server.close()
         if self._client is not None:
             await self._client.aclose()

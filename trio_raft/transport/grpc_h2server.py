@@ -422,6 +422,27 @@ class LimitedServer(Server):
         #: (:mod:`.native_server`); ``None``: every connection is served here.
         self.adopt: Callable[[socket.socket, bytes], None] | None = None
 
+    async def stop_accepting(self) -> None:
+        """Stop taking new connections, then let the ones already accepted be set up; call it
+        before :meth:`close`.
+
+        asyncio's server (Python 3.11) builds the transport of an accepted connection in a task
+        that runs one loop iteration after the accept, and that transport asserts the server is
+        still open: a connection accepted in the iteration the server closes in fails that
+        assertion, and its socket is left open with no transport that will ever close it (the
+        garbage collector does, later, with a ``ResourceWarning``). So the listening sockets
+        leave the selector first, and two iterations pass (the accept tasks run, then the
+        protocols' ``connection_made``, which registers each connection in
+        :attr:`connections` for :meth:`wait_closed` to close)."""
+        listener = self._server
+        if listener is None:
+            return
+        loop = asyncio.get_running_loop()
+        for sock in getattr(listener, "sockets", ()):
+            loop.remove_reader(sock.fileno())
+        for _ in range(2):
+            await asyncio.sleep(0)
+
     async def wait_closed(self) -> None:
         """Wait for the handlers to end, then close every connection still open: grpclib
         stops listening and cancels requests but leaves accepted connections to their peers,

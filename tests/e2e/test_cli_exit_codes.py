@@ -136,6 +136,10 @@ def test_unreachable() -> None:
     one_line_error(r)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_silent_server_is_unreachable_and_sigint_interrupts() -> None:
     """A server that accepts the connection and never speaks HTTP/2: the client sends nothing
     and gives up at its deadline (unreachable); SIGINT while it waits is exit 130."""
@@ -149,9 +153,13 @@ def test_silent_server_is_unreachable_and_sigint_interrupts() -> None:
         assert "no connection within" in one_line_error(r)
         listener.accept()[0].close()  # the connection that call made
 
+        # The client starts with SIGINT's default disposition whatever this process inherited:
+        # a job started in the background of a non-interactive shell ignores SIGINT, and
+        # Python (so the client) keeps ignoring a signal ignored at its start.
         proc = subprocess.Popen([sys.executable, KVNODE, "put", "k", "v", "--addr", addr,
                                  "--timeout", "60"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                                preexec_fn=default_sigint)
         conn, _ = listener.accept()  # the client is connected and waiting for the server
         with conn:
             proc.send_signal(signal.SIGINT)

@@ -14,6 +14,8 @@ from tests.envelope.helpers import RecordingKV, open_cipher, wal_bytes
 from trio_raft import errors
 from trio_raft.core.messages import MessageType
 from trio_raft.engine.contexts import decode_proposal
+from trio_raft.engine.requests import ProposeRequest
+from trio_raft.engine.waiters import Waiter
 from trio_raft.envelope import is_control, parse
 from trio_raft.testing.cluster import open_memory_cluster
 
@@ -266,7 +268,7 @@ async def test_the_leader_applies_its_own_entries_without_decrypting_them(tmp_pa
                 b"set k%d v%d" % (i, i) for i in range(20)]
         # The kept plaintext is used only for the very envelope it was kept with.
         gate = leader._loop.gate
-        mine = gate.wrap_admitted(4242, b"set x 1")
+        mine = gate.wrap_admitted([ProposeRequest(4242, b"set x 1", Waiter(), seal=True)])[0]
         other = ciphers[lname].wrap(b"set y 2")
         assert gate.unwrap(cutover + 100, other, 4242) == b"set y 2"  # decrypted
         assert gate.unwrap(cutover + 100, mine, 4242) == b"set x 1"  # decrypted too: dropped

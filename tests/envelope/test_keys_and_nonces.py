@@ -253,3 +253,40 @@ def test_unwrap_batch_counts_what_opened(tmp_path, kek):
     assert {i: p for i, (_, p) in out.items()} == {i: bytes([i]) for i in range(5)}
     counts = c.counters()
     assert (counts.unwraps, counts.unwrap_failures) == (5, 0)
+
+
+def test_wrap_many_is_wrap_in_a_row_with_a_failure_per_payload(tmp_path, kek):
+    c = Cipher.open(tmp_path, kek, node_id=5)
+    assert c.keystore is not None and c.nonces is not None
+    # No key yet: every payload gets wrap's own typed error, and each is counted.
+    refused = c.wrap_many([b"a", b"b"])
+    assert [type(e) for e in refused] == [errors.UnknownKeyIDError] * 2
+    c.keystore.install(1, os.urandom(32))
+    blobs = c.wrap_many([b"p%d" % i for i in range(50)])
+    assert all(isinstance(b, bytes) for b in blobs)
+    assert [c.unwrap(b) for b in blobs] == [b"p%d" % i for i in range(50)]  # type: ignore[arg-type]
+    assert len({parse(b).nonce for b in blobs}) == 50  # type: ignore[arg-type]
+    assert {parse(b).key_id for b in blobs} == {1}  # type: ignore[arg-type]
+    # The counter runs out for good (no state directory to move the epoch): the payloads past
+    # the last nonce fail, those before it are wrapped.
+    c.nonces = NonceSource(5, 1, None, first_counter=0xFFFFFFFF - 1)
+    tail = c.wrap_many([b"x", b"y", b"z"])
+    assert [type(t) for t in tail] == [bytes, bytes, errors.NonceExhaustedError]
+    counts = c.counters()
+    assert (counts.wraps, counts.wrap_failures) == (52, 3)
+
+
+def test_sealed_dek_is_reused_until_the_kek_changes(tmp_path, kek):
+    store = KeyStore.open(tmp_path / "keys", kek)
+    dek = os.urandom(32)
+    store.install(1, dek)
+    first = store.sealed(1)
+    assert store.sealed(1) == first  # every snapshot carries the same sealed ring
+    assert open_dek(kek, 1, first) == dek
+    new_kek = KEK.generate()
+    store.rekey(new_kek)
+    resealed = store.sealed(1)
+    assert resealed != first
+    assert open_dek(new_kek, 1, resealed) == dek
+    with pytest.raises(KEKError):
+        open_dek(kek, 1, resealed)

@@ -50,13 +50,15 @@ class Admission:
             return
         entries = []
         admitted = []
-        for r in batch:  # wrapped here back to back (docs/envelope.md, "Cost")
+        sealed = [r for r in batch if r.seal]
+        # Wrapped here back to back (docs/envelope.md, "Cost").
+        wrapped = iter(self._gate.wrap_admitted(sealed) if sealed else ())
+        for r in batch:
             if r.seal:
-                try:
-                    payload = self._gate.wrap_admitted(r.request_id, r.data)
-                except Exception as exc:  # no key, nonces exhausted: that proposal fails
+                payload = next(wrapped)
+                if isinstance(payload, Exception):  # no key, nonces exhausted: it fails
                     self._pending.forget(r)
-                    r.waiter.fail(exc)
+                    r.waiter.fail(payload)
                     continue
             else:
                 payload = r.data

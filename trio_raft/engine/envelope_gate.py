@@ -49,6 +49,7 @@ The invariant the barrier protects: no cleartext user entry may land above the m
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -155,6 +156,10 @@ def adopt_envelope(cipher: Cipher | None, env: EnvelopeState, *, where: str,
                                     ) from exc
 
 
+def _cutover_value(value: int | None) -> int | None:
+    return None if value is None or value >= MAX_U64 else int(value)
+
+
 class EnvelopeGate:
     """See the module docstring."""
 
@@ -166,6 +171,8 @@ class EnvelopeGate:
         self._configured = configured
         #: The cutover recorded on this node (cutover file / marker apply), None before.
         self._recorded = recorded
+        #: ``cutover_index()`` when nothing is configured (kept with ``_recorded``).
+        self._from_record = _cutover_value(recorded)
         self._data_dir = data_dir
         self._file_io = file_io
         self._inbox = inbox
@@ -184,10 +191,13 @@ class EnvelopeGate:
     # -- views ---------------------------------------------------------------------------------
     def cutover_index(self) -> int | None:
         """The cutover in force (None: inert, nothing is unwrapped)."""
-        value = self._configured() if self._configured is not None else self._recorded
-        if value is None or value >= MAX_U64:
-            return None
-        return int(value)
+        if self._configured is None:
+            return self._from_record
+        return _cutover_value(self._configured())
+
+    def _record(self, index: int) -> None:
+        self._recorded = index
+        self._from_record = _cutover_value(index)
 
     def sealed_required(self, index: int) -> bool:
         """Whether a snapshot payload at ``index`` must be sealed (above the cutover)."""
@@ -217,7 +227,7 @@ class EnvelopeGate:
         adopt_envelope(self.cipher, env, where=where, activate=True)
         if env.cutover_index is not None and self._recorded is None:
             save_cutover(self._data_dir, env.cutover_index, file_io=self._file_io)
-            self._recorded = env.cutover_index
+            self._record(env.cutover_index)
             logger.info("raft envelope cutover %d taken from %s", env.cutover_index, where)
             if self._marker_floor <= env.cutover_index:
                 self._marker_floor = 0
@@ -241,18 +251,24 @@ class EnvelopeGate:
             raise EnvelopeCutoverInProgressError()
         return False
 
-    def wrap_admitted(self, request_id: int, data: bytes) -> bytes:
-        """The envelope of a proposal built above the cutover (``must_seal``), made when the
-        run loop admits it, with the others of its batch back to back (see ``prepare``); the
-        plaintext is kept under ``request_id`` for this node's apply (see :meth:`unwrap`)."""
+    def wrap_admitted(self, requests: Sequence[ProposeRequest]) -> list[bytes | Exception]:
+        """The envelopes of proposals built above the cutover (``must_seal``), made when the
+        run loop admits them, back to back (see ``prepare``): one per request in order, or the
+        exception that request fails with. Each plaintext is kept under its request id for this
+        node's apply (see :meth:`unwrap`)."""
         cipher = self.cipher
         if cipher is None:
-            raise NilKeystoreError("no raft cipher wired; cannot wrap above the cutover")
-        wrapped = cipher.wrap(data)
+            return [NilKeystoreError("no raft cipher wired; cannot wrap above the cutover")
+                    for _ in requests]
+        wrapped = cipher.wrap_many([r.data for r in requests])
         own = self._own
-        own[request_id] = (wrapped, data)
-        if len(own) > OWN_PLAINTEXTS:
-            del own[next(iter(own))]  # the oldest: that entry is decrypted instead
+        for req, envelope in zip(requests, wrapped):
+            if not isinstance(envelope, Exception):
+                own[req.request_id] = (envelope, req.data)
+        excess = len(own) - OWN_PLAINTEXTS
+        if excess > 0:  # the oldest go: those entries are decrypted instead
+            for request_id in list(itertools.islice(own, excess)):
+                del own[request_id]
         return wrapped
 
     def reject_reason(self, admin: bool) -> BaseException | None:
@@ -330,7 +346,7 @@ class EnvelopeGate:
         if rec.opcode is Opcode.CUTOVER:
             if self._recorded is None:
                 save_cutover(self._data_dir, index, file_io=self._file_io)
-                self._recorded = index
+                self._record(index)
                 logger.info("raft envelope cutover at index %d (key id %d)", index, rec.key_id)
                 self._fail_queued_cleartext()
             elif self._recorded != index:

@@ -188,6 +188,35 @@ class Cipher:
         self._counts.add("wraps")
         return out
 
+    def wrap_many(self, plaintexts: Iterable[bytes]) -> list[bytes | Exception]:
+        """Wrap several payloads in a row, each as :meth:`wrap` would (its own nonce, the key
+        active when the call starts): one envelope per payload in order, or the exception
+        :meth:`wrap` raises for it. The key, header and AAD are looked up once and the count
+        taken once (the engine wraps a run loop batch with it, docs/envelope.md "Cost")."""
+        store, nonces = self.keystore, self.nonces
+        hot = self._hot(store, store.active_key_id) if store is not None else None
+        if hot is None or nonces is None:
+            return [self._wrap_or_error(p) for p in plaintexts]
+        header, aad, encrypt, next_nonce = hot.header, hot.aad, hot.aead.encrypt, nonces.next
+        out: list[bytes | Exception] = []
+        failed = 0
+        for plaintext in plaintexts:
+            try:
+                nonce = next_nonce()
+                out.append(header + nonce + encrypt(nonce, plaintext, aad))
+            except Exception as exc:  # nonces exhausted for good, a payload too large
+                self._counts.add("wrap_failures")
+                out.append(exc)
+                failed += 1
+        self._counts.add_at(_WRAPS, len(out) - failed)
+        return out
+
+    def _wrap_or_error(self, plaintext: bytes) -> bytes | Exception:
+        try:
+            return self.wrap(plaintext)
+        except Exception as exc:
+            return exc
+
     def unwrap(self, data: bytes) -> bytes:
         store = self.keystore
         if (store is not None and len(data) >= env.OVERHEAD and data[0] == env.VERSION

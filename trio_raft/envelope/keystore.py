@@ -173,6 +173,9 @@ class KeyStore:
         self._aeads = {kid: AESGCM(k) for kid, k in self._keys.items()}
         self._active = active
         self._lock = threading.Lock()
+        #: key id -> (KEK, DEK, that DEK sealed under that KEK): what :meth:`sealed` handed
+        #: out, reused while neither changed (every snapshot carries the ring).
+        self._sealed: dict[int, tuple[KEK, bytes, bytes]] = {}
 
     @property
     def path(self) -> str | None:
@@ -305,7 +308,15 @@ class KeyStore:
                  new_kek.source)
 
     def sealed(self, key_id: int) -> bytes:
-        return seal_dek(self.kek, key_id, self.key_bytes(key_id))
+        """The DEK of ``key_id`` sealed under the current KEK (the same bytes on every call
+        while the KEK and the key stay: a sealed DEK may be stored any number of times)."""
+        kek, dek = self.kek, self.key_bytes(key_id)
+        cached = self._sealed.get(key_id)
+        if cached is not None and cached[0] is kek and cached[1] == dek:
+            return cached[2]
+        sealed = seal_dek(kek, key_id, dek)
+        self._sealed[key_id] = (kek, dek, sealed)
+        return sealed
 
     def _persist(self) -> None:
         if self.directory is None:

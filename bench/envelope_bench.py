@@ -156,12 +156,12 @@ class _KVState:
     """kvnode's in-memory KV store with ``mb`` MB of 1 KiB values."""
 
     def __init__(self, mb: int) -> None:
-        from trio_raft_kv.statemachine import KVStateMachine
+        from trio_raft_kv.statemachine import KVStateMachine, encode_put
 
         self.fsm = KVStateMachine()
         value = os.urandom(1024)
         for i in range(mb * 1024):
-            self.fsm.data[f"key-{i:08d}"] = value[i % 64:] + value[:i % 64]
+            self.fsm.apply(encode_put(f"key-{i:08d}", value[i % 64:] + value[:i % 64]))
 
     def write_to(self, w: IO[bytes]) -> int:
         handle = self.fsm.snapshot()

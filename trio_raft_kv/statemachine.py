@@ -1,7 +1,10 @@
 """The replicated key/value state machine of kvnode, and its command and snapshot encodings.
 
-Keys are strings (UTF-8 on the wire and on disk), values are arbitrary bytes. Commands are small
-binary records, so any key or value round-trips exactly:
+Keys are strings (UTF-8 on the wire and on disk), values are arbitrary bytes. The store keeps
+each key as its UTF-8 bytes, as commands and snapshots carry it, so a snapshot copies keys
+without encoding them and a restore keeps them without decoding them (``KVStateMachine.data``
+is a str-keyed copy for inspection). Commands are small binary records, so any key or value
+round-trips exactly:
 
     put      b"P" | u32 key_len | key | value
     delete   b"D" | u32 key_len | key
@@ -28,7 +31,7 @@ import array
 import itertools
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import IO, Any, Protocol
 
 import attrs
@@ -87,14 +90,18 @@ def _take(data: bytes, pos: int) -> tuple[bytes, int]:
 
 
 class KVSnapshot:
-    """A point-in-time copy of the store (values are immutable bytes: a shallow copy suffices)."""
+    """A point-in-time copy of the store (keys and values are immutable bytes: a shallow copy
+    suffices). ``data`` maps keys to values, each key as str or as its UTF-8 bytes."""
 
-    def __init__(self, data: dict[str, bytes], members: set[str]) -> None:
-        self._data = dict(data)
+    def __init__(self, data: Mapping[str, bytes] | Mapping[bytes, bytes],
+                 members: set[str]) -> None:
+        self._data: dict[Any, bytes] = dict(data)
         self._members = sorted(members)
 
     def write_to(self, writer: IO[bytes]) -> int:
-        keys = [k.encode("utf-8") for k in self._data]
+        keys = list(self._data)
+        if keys and isinstance(keys[0], str):
+            keys = [k.encode("utf-8") for k in keys]
         values = list(self._data.values())
         tail = [_U32.pack(len(self._members))]
         for member in self._members:
@@ -145,7 +152,8 @@ class KVStateMachine:
     """
 
     def __init__(self, on_members_changed: Callable[[], None] | None = None) -> None:
-        self.data: dict[str, bytes] = {}
+        #: key (UTF-8 bytes) -> value.
+        self._data: dict[bytes, bytes] = {}
         self.members: set[str] = set()
         self.apply_index = 0
         self.snapshots_taken = 0
@@ -155,11 +163,16 @@ class KVStateMachine:
     def set_apply_index(self, index: int) -> None:
         self.apply_index = index
 
+    @property
+    def data(self) -> dict[str, bytes]:
+        """A copy of the store with str keys (for inspection and tests: O(n))."""
+        return {k.decode("utf-8"): v for k, v in self._data.items()}
+
     def get(self, key: str) -> bytes | None:
-        return self.data.get(key)
+        return self._data.get(key.encode("utf-8"))
 
     def key_count(self) -> int:
-        return len(self.data)
+        return len(self._data)
 
     def flush(self) -> None:
         """Nothing to do: the store lives in memory."""
@@ -173,25 +186,25 @@ class KVStateMachine:
         op = data[:1]
         if op == b"P":
             key, pos = _take(data, 1)
-            self.data[key.decode("utf-8")] = bytes(data[pos:])
+            self._data[_utf8(key)] = bytes(data[pos:])
             return None
         if op == b"D":
             key, _ = _take(data, 1)
-            return self.data.pop(key.decode("utf-8"), None) is not None
+            return self._data.pop(_utf8(key), None) is not None
         if op == b"C":
             if len(data) < 2:
                 raise CommandError("truncated cas")
             expect_absent = bool(data[1] & 1)
             raw_key, pos = _take(data, 2)
             expected, pos = _take(data, pos)
-            cas_key = raw_key.decode("utf-8")
-            current = self.data.get(cas_key)
+            cas_key = _utf8(raw_key)
+            current = self._data.get(cas_key)
             if expect_absent:
                 swapped = current is None
             else:
                 swapped = current is not None and current == expected
             if swapped:
-                self.data[cas_key] = bytes(data[pos:])
+                self._data[cas_key] = bytes(data[pos:])
             return CasResult(swapped, current is not None, current or b"")
         if op == b"M":
             self.members.add(data[1:].decode("utf-8"))
@@ -202,15 +215,21 @@ class KVStateMachine:
 
     def snapshot(self) -> KVSnapshot:
         self.snapshots_taken += 1
-        return KVSnapshot(self.data, self.members)
+        return KVSnapshot(self._data, self.members)
 
     def restore(self, reader: IO[bytes]) -> None:
         blob = reader.read()
-        data, members = decode_snapshot(blob)
-        self.data, self.members = data, members
+        data, members = decode_snapshot_raw(blob)
+        self._data, self.members = data, members
         self.snapshots_restored += 1
         if self.on_members_changed is not None:
             self.on_members_changed()
+
+
+def _utf8(key: bytes) -> bytes:
+    """``key`` as bytes, checked to be UTF-8 (a command from the log: keys are strings)."""
+    key.decode("utf-8")
+    return bytes(key)
 
 
 def _u32_array(lengths: Iterable[int]) -> bytes:
@@ -234,18 +253,25 @@ def _slices(blob: bytes, start: int, lengths: list[int]) -> tuple[list[bytes], i
 
 
 def decode_snapshot(blob: bytes) -> tuple[dict[str, bytes], set[str]]:
+    """The store (str keys) and members a snapshot payload holds; CommandError when damaged."""
+    data, members = decode_snapshot_raw(blob)
+    return {k.decode("utf-8"): v for k, v in data.items()}, members
+
+
+def decode_snapshot_raw(blob: bytes) -> tuple[dict[bytes, bytes], set[str]]:
+    """:func:`decode_snapshot` with each key kept as its (checked) UTF-8 bytes."""
     if not blob:
         return {}, set()
     if blob[:4] not in (SNAPSHOT_MAGIC, SNAPSHOT_MAGIC_V1) or len(blob) < 12:
         raise CommandError("not a kvnode snapshot (bad magic)")
     (count,) = _U64.unpack_from(blob, 4)
     pos = 12
-    data: dict[str, bytes] = {}
+    data: dict[bytes, bytes] = {}
     if blob[:4] == SNAPSHOT_MAGIC_V1:
         for _ in range(count):
             key, pos = _take(blob, pos)
             value, pos = _take(blob, pos)
-            data[key.decode("utf-8")] = value
+            data[key] = value
     else:
         if 8 * count > len(blob) - pos:
             raise CommandError("truncated snapshot (entry lengths)")
@@ -256,10 +282,7 @@ def decode_snapshot(blob: bytes) -> tuple[dict[str, bytes], set[str]]:
             raise CommandError("truncated snapshot (keys and values)")
         keys, pos = _slices(blob, pos, klens)
         values, pos = _slices(blob, pos, vlens)
-        try:
-            data = dict(zip([k.decode("utf-8") for k in keys], values, strict=True))
-        except UnicodeDecodeError as exc:
-            raise CommandError(f"snapshot key is not UTF-8: {exc}") from None
+        data = dict(zip(keys, values, strict=True))
         if len(data) != count:
             raise CommandError("duplicate keys in snapshot")
     members: set[str] = set()
@@ -272,4 +295,10 @@ def decode_snapshot(blob: bytes) -> tuple[dict[str, bytes], set[str]]:
         members.add(member.decode("utf-8"))
     if pos != len(blob):
         raise CommandError(f"{len(blob) - pos} trailing bytes in snapshot")
+    try:
+        # One check for every key: a NUL between two keys ends any character, so the whole
+        # decodes if and only if each key does.
+        b"\0".join(data).decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError("snapshot key is not UTF-8") from None
     return data, members

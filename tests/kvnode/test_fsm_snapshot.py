@@ -77,3 +77,31 @@ def test_damaged_payloads_are_refused_and_leave_the_store_alone() -> None:
     with pytest.raises(CommandError):
         fsm.restore(io.BytesIO(bad_utf8))
     assert fsm.data == {"keep": b"me"}
+
+
+def test_a_character_split_across_two_keys_is_refused() -> None:
+    # "é" is b"\xc3\xa9": each key alone is not UTF-8, though the two side by side would be.
+    split = payload({"a1": b"x", "b2": b"y"}).replace(b"a1", b"a\xc3", 1).replace(
+        b"b2", b"\xa9b", 1)
+    with pytest.raises(CommandError, match="UTF-8"):
+        decode_snapshot(split)
+    with pytest.raises(CommandError, match="UTF-8"):
+        decode_snapshot(v1_payload({"a1": b"x", "b2": b"y"}, set()).replace(b"a1", b"a\xc3", 1)
+                        .replace(b"b2", b"\xa9b", 1))
+    fine = {"é": b"1", "\x00": b"2", "日本": b"3", "": b"4"}
+    assert decode_snapshot(payload(fine)) == (fine, set())
+
+
+def test_the_store_answers_by_str_key_and_snapshots_what_it_holds() -> None:
+    fsm = KVStateMachine()
+    fsm.apply(encode_put("ключ", b"v1"))
+    fsm.apply(encode_put("k2", b"v2"))
+    assert fsm.get("ключ") == b"v1" and fsm.get("missing") is None and fsm.key_count() == 2
+    out = io.BytesIO()
+    fsm.snapshot().write_to(out)
+    again = KVStateMachine()
+    again.restore(io.BytesIO(out.getvalue()))
+    assert again.data == {"ключ": b"v1", "k2": b"v2"} and again.get("k2") == b"v2"
+    with pytest.raises(UnicodeDecodeError):  # a command whose key is not a string
+        fsm.apply(b"P" + struct.pack(">I", 2) + b"\xff\xfe" + b"v")
+    assert fsm.key_count() == 2

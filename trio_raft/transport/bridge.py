@@ -354,8 +354,10 @@ class TrioPortal:
                      *args: Any) -> None:
         """From the trio thread: run the synchronous ``fn(*args)`` on ``loop`` soon, coalesced
         like :meth:`post`. Dropped when the loop is already closed (nobody is waiting)."""
-        with contextlib.suppress(RuntimeError):
+        try:  # not contextlib.suppress: this runs once per answered proposal
             self._asyncio_batcher(loop).post(fn, *args)
+        except RuntimeError:
+            pass
 
     async def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From asyncio: run ``async_fn(*args)`` in the trio nursery and return its result."""

@@ -357,7 +357,7 @@ class TrioPortal:
         try:  # not contextlib.suppress: this runs once per answered proposal
             self._asyncio_batcher(loop).post(fn, *args)
         except RuntimeError:
-            pass
+            return
 
     async def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """From asyncio: run ``async_fn(*args)`` in the trio nursery and return its result."""

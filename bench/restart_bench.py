@@ -45,7 +45,7 @@ TIMING = ["--tick-interval", "0.01", "--heartbeat-tick", "1", "--election-tick",
 
 
 def make_backup(path: str, keys: int) -> int:
-    data = {f"key{i:08d}": (b"%08d" % i) * (VALUE_BYTES // 8) + b"x" * (VALUE_BYTES % 8)
+    data = {b"key%08d" % i: (b"%08d" % i) * (VALUE_BYTES // 8) + b"x" * (VALUE_BYTES % 8)
             for i in range(keys)}
     info = write_backup(path, BackupInfo(index=1, term=1), KVSnapshot(data, set()))
     return info.file_bytes

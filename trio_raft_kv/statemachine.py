@@ -91,17 +91,14 @@ def _take(data: bytes, pos: int) -> tuple[bytes, int]:
 
 class KVSnapshot:
     """A point-in-time copy of the store (keys and values are immutable bytes: a shallow copy
-    suffices). ``data`` maps keys to values, each key as str or as its UTF-8 bytes."""
+    suffices). ``data`` maps each key, as its UTF-8 bytes, to its value."""
 
-    def __init__(self, data: Mapping[str, bytes] | Mapping[bytes, bytes],
-                 members: set[str]) -> None:
-        self._data: dict[Any, bytes] = dict(data)
+    def __init__(self, data: Mapping[bytes, bytes], members: set[str]) -> None:
+        self._data = dict(data)
         self._members = sorted(members)
 
     def write_to(self, writer: IO[bytes]) -> int:
         keys = list(self._data)
-        if keys and isinstance(keys[0], str):
-            keys = [k.encode("utf-8") for k in keys]
         values = list(self._data.values())
         tail = [_U32.pack(len(self._members))]
         for member in self._members:

@@ -1,0 +1,48 @@
+"""bench/machine_floor.py measures with real processes, sockets and fsync; these runs are tiny
+and check what each probe hands back, not how fast the machine is."""
+
+from __future__ import annotations
+
+import os
+
+from bench.machine_floor import busy_loops, in_children, summary, wake_round_trips
+
+
+def test_a_wake_probe_times_every_round_trip_and_reaps_its_child():
+    for spin in (False, True):
+        samples = wake_round_trips(30, spin)
+        assert len(samples) == 30
+        assert all(s > 0 for s in samples)
+    # the echoing children were waited for: none is left to reap
+    try:
+        reaped = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        reaped = (0, 0)
+    assert reaped == (0, 0)
+
+
+def test_fsync_probes_in_several_processes_return_the_first_ones_samples_and_clean_up(tmp_path):
+    per_process = in_children(3, str(tmp_path), 25)
+    assert len(per_process) == 3
+    for samples in per_process:
+        assert len(samples) == 25
+        assert all(s > 0 for s in samples)
+    # every child removed its file and none ran the caller's code after its probe
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_gives_the_median_and_the_99th_percentile_in_milliseconds():
+    samples = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    got = summary(samples)
+    assert got["p50_ms"] == 50.5
+    assert 99.0 <= got["p99_ms"] <= 100.0
+
+
+def test_busy_loops_are_killed_and_reaped_when_the_block_ends():
+    with busy_loops(2):
+        pass
+    try:
+        reaped = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        reaped = (0, 0)
+    assert reaped == (0, 0)

@@ -14,8 +14,9 @@ reach (docs/benchmarks.md, "Commit latency and reads"). JSON lines, assertions n
 * ``fsync``: a 200-byte append + ``fdatasync`` to a file in ``--dir`` (the disk the data
   directory lives on), p50/p99 of each probing process, in four settings: ``alone``;
   ``three`` (three processes at once, as a leader and two followers do);
-  ``two_beside_one_busy`` (two processes while a third spins, as two followers syncing
-  beside a busy leader: a process woken by its disk may have to wait for a CPU);
+  ``two_beside_one_busy`` (two processes that compute 0.2 ms before each append, as a
+  follower decodes and steps a message, while a third spins, as a busy leader does: a
+  process woken by its disk may have to wait for a CPU);
   ``busy_cpus`` (one process while every CPU also spins).
 
 Linux or any system with ``os.fork``; figures, not assertions.

@@ -19,7 +19,7 @@ reach (docs/benchmarks.md, "Commit latency and reads"). JSON lines, assertions n
   process woken by its disk may have to wait for a CPU);
   ``busy_cpus`` (one process while every CPU also spins).
 
-Linux or any system with ``os.fork``; figures, not assertions.
+Figures, not assertions (``fdatasync``: Linux and most Unix systems).
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
-import signal
 import socket
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
+
+#: Child processes start fresh (no fork of a process that may run threads).
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def loadavg() -> float:
@@ -63,18 +67,18 @@ def _receive(sock: socket.socket, spin: bool) -> bytes:
             pass
 
 
+def _echo(sock: socket.socket, rounds: int, spin: bool) -> None:
+    """The other end of :func:`wake_round_trips` (a child process)."""
+    for _ in range(rounds):
+        _receive(sock, spin)
+        sock.send(b"y")
+
+
 def wake_round_trips(rounds: int, spin: bool) -> list[float]:
     """Round trips of one byte between this process and a child, both sleeping or spinning."""
     here, there = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # the echoing child
-        here.close()
-        try:
-            for _ in range(rounds):
-                _receive(there, spin)
-                there.send(b"y")
-        finally:
-            os._exit(0)
+    child = SPAWN.Process(target=_echo, args=(there, rounds, spin))
+    child.start()
     there.close()
     samples = []
     for _ in range(rounds):
@@ -82,7 +86,7 @@ def wake_round_trips(rounds: int, spin: bool) -> list[float]:
         here.send(b"x")
         _receive(here, spin)
         samples.append(time.perf_counter() - began)
-    os.waitpid(pid, 0)
+    child.join()
     here.close()
     return samples
 
@@ -110,55 +114,44 @@ def fsync_samples(directory: str, rounds: int, work: float = 0.0) -> list[float]
     return samples
 
 
+def _probe(directory: str, rounds: int, work: float, start: Any, results: Any,
+           k: int) -> None:
+    """One process of :func:`in_children`."""
+    start.wait()
+    results.put((k, fsync_samples(directory, rounds, work)))
+
+
 def in_children(count: int, directory: str, rounds: int, work: float = 0.0
                 ) -> list[list[float]]:
-    """:func:`fsync_samples` in ``count`` processes at once; every process's samples."""
-    readers, pids = [], []
-    for _ in range(count):
-        reader, writer = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # a child never returns into the caller (nor its cleanups)
-            try:
-                os.close(reader)
-                data = memoryview(json.dumps(fsync_samples(directory, rounds, work)).encode())
-                while data:
-                    data = data[os.write(writer, data):]
-            finally:
-                os._exit(0)
-        os.close(writer)
-        readers.append(reader)
-        pids.append(pid)
-    results = []
-    for reader in readers:
-        chunks = []
-        while chunk := os.read(reader, 1 << 20):
-            chunks.append(chunk)
-        os.close(reader)
-        results.append(list(json.loads(b"".join(chunks))))
-    for pid in pids:
-        os.waitpid(pid, 0)
-    return results
+    """:func:`fsync_samples` in ``count`` processes started together; every one's samples."""
+    start, results = SPAWN.Barrier(count), SPAWN.SimpleQueue()
+    children = [SPAWN.Process(target=_probe, args=(directory, rounds, work, start, results, k))
+                for k in range(count)]
+    for child in children:
+        child.start()
+    got = dict(results.get() for _ in children)
+    for child in children:
+        child.join()
+    return [got[k] for k in range(count)]
+
+
+def _spin() -> None:
+    while True:
+        pass
 
 
 @contextlib.contextmanager
 def busy_loops(count: int) -> Iterator[None]:
     """``count`` processes spinning on a CPU each, for the duration of the block."""
-    busy = []
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                while True:
-                    pass
-            finally:
-                os._exit(0)
-        busy.append(pid)
+    busy = [SPAWN.Process(target=_spin, daemon=True) for _ in range(count)]
+    for child in busy:
+        child.start()
     try:
         yield
     finally:
-        for pid in busy:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        for child in busy:
+            child.kill()
+            child.join()
 
 
 #: Seconds of computing before each append in ``two_beside_one_busy``.

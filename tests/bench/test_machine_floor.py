@@ -1,5 +1,5 @@
-"""bench/machine_floor.py measures with real processes, sockets and fsync; these runs are tiny
-and check what each probe hands back, not how fast the machine is."""
+"""bench/machine_floor.py measures with real processes (started with ``spawn``), sockets and
+fsync; these runs are tiny and check what each probe hands back, not how fast the machine is."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ def test_a_wake_probe_times_every_round_trip_and_reaps_its_child():
     assert reaped == (0, 0)
 
 
-def test_fsync_probes_in_several_processes_return_the_first_ones_samples_and_clean_up(tmp_path):
+def test_fsync_probes_in_several_processes_return_each_ones_samples_and_clean_up(tmp_path):
     per_process = in_children(3, str(tmp_path), 25)
     assert len(per_process) == 3
     for samples in per_process:
         assert len(samples) == 25
         assert all(s > 0 for s in samples)
-    # every child removed its file and none ran the caller's code after its probe
+    # every child removed its file
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,7 +5,7 @@
 A proposal at 1 in flight crosses processes four times (append out, answer back, each read by
 a process asleep in ``epoll_wait``) and waits for a follower's ``write + fdatasync``. What
 those cost on this machine, without any Python engine around them, bounds what the engine can
-reach (docs/benchmarks.md, "Commit latency and reads"). JSON lines, assertions none:
+reach (docs/benchmarks.md, "The floor under 1 in flight"). JSON lines, assertions none:
 
 * ``wake``: a one-byte ping-pong over a socket pair between two processes, each blocking in
   ``recv``: round trip p50/p99 (two wake-ups of a sleeping process). ``spin`` is the same

@@ -3,7 +3,7 @@ fsync; these runs are tiny and check what each probe hands back, not how fast th
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 
 from bench.machine_floor import busy_loops, in_children, summary, wake_round_trips
 
@@ -13,12 +13,7 @@ def test_a_wake_probe_times_every_round_trip_and_reaps_its_child():
         samples = wake_round_trips(30, spin)
         assert len(samples) == 30
         assert all(s > 0 for s in samples)
-    # the echoing children were waited for: none is left to reap
-    try:
-        reaped = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        reaped = (0, 0)
-    assert reaped == (0, 0)
+    assert multiprocessing.active_children() == []  # the echoing children ended
 
 
 def test_fsync_probes_in_several_processes_return_each_ones_samples_and_clean_up(tmp_path):
@@ -27,6 +22,7 @@ def test_fsync_probes_in_several_processes_return_each_ones_samples_and_clean_up
     for samples in per_process:
         assert len(samples) == 25
         assert all(s > 0 for s in samples)
+    assert multiprocessing.active_children() == []
     # every child removed its file
     assert list(tmp_path.iterdir()) == []
 
@@ -40,9 +36,5 @@ def test_summary_gives_the_median_and_the_99th_percentile_in_milliseconds():
 
 def test_busy_loops_are_killed_and_reaped_when_the_block_ends():
     with busy_loops(2):
-        pass
-    try:
-        reaped = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        reaped = (0, 0)
-    assert reaped == (0, 0)
+        assert len(multiprocessing.active_children()) == 2
+    assert multiprocessing.active_children() == []

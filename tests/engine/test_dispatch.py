@@ -221,3 +221,78 @@ async def test_delivered_snapshot_is_reported_so_raft_probes_again():
         nursery.cancel_scope.cancel()
     assert sorted(reports, key=lambda r: r[0]) == [(2, SendReport.SNAPSHOT_SENT),
                                                    (3, SendReport.SNAPSHOT_FAILED)]
+
+
+class DirectTransport(PeerTable):
+    """A transport with :class:`~trio_raft.transport.base.DirectSend`: ``refuse`` makes
+    ``send_nowait`` decline; ``gate`` holds ``send`` (a sender task busy with a message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, int]] = []
+        self.refuse = False
+        self.gate: trio.Event | None = None
+
+    def send_nowait(self, m: Message) -> float | None:
+        if self.refuse:
+            return None
+        self.log.append(("direct", m.commit))
+        return 123.0
+
+    async def send(self, m: Message) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.log.append(("task", m.commit))
+
+
+async def test_an_idle_lane_writes_directly_and_a_busy_one_keeps_the_order():
+    t = DirectTransport()
+    stages: list[tuple[str, float]] = []
+    d = Dispatcher(t, 8, lambda nid, snap: None,
+                   stage=lambda name, seconds, at: stages.append((name, at)))
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.add_peer(peer(2))
+        await trio.testing.wait_all_tasks_blocked()
+        d.send(app(10, 2, 1, commit=1))  # both lanes idle: written on this turn
+        d.send(Message(MT.HEARTBEAT, to=2, from_=1, term=2, commit=2))
+        assert t.log == [("direct", 1), ("direct", 2)]
+        assert ("send", 123.0) in stages  # a direct append is timed like any other
+        assert d.replication.acked(2, 11, now=124.0) == 1.0  # noted as written at 123
+
+        t.refuse, t.gate = True, trio.Event()
+        d.send(app(11, 2, 1, commit=3))  # declined: its sender task takes it, and waits
+        await trio.testing.wait_all_tasks_blocked()
+        t.refuse = False
+        d.send(app(12, 2, 1, commit=4))  # the task is still sending: no overtaking
+        d.send(app(20, 2, 1, commit=5))  # nor behind a message waiting in the lane
+        assert t.log[2:] == []
+        t.gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert t.log[2:] == [("task", 3), ("task", 4), ("task", 5)]
+
+        # A message handed straight to the waiting task: the lane is empty, but not idle.
+        t.refuse = True
+        d.send(app(21, 2, 1, commit=6))
+        t.refuse = False
+        d.send(app(30, 2, 1, commit=7))
+        await trio.testing.wait_all_tasks_blocked()
+        assert t.log[5:] == [("task", 6), ("task", 7)]
+        d.send(app(31, 2, 1, commit=8))
+        assert t.log[7:] == [("direct", 8)]
+        assert d.stats.direct_sends == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_transport_without_direct_send_uses_its_sender_tasks():
+    d, sent = recording_dispatcher()
+    async with trio.open_nursery() as nursery:
+        d.start(nursery)
+        d.add_peer(peer(2))
+        await trio.testing.wait_all_tasks_blocked()
+        d.send(app(10, 2, 1, commit=1))
+        assert sent == []  # not on this turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.commit for m in sent] == [1]
+        assert d.stats.direct_sends == 0
+        nursery.cancel_scope.cancel()

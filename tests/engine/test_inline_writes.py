@@ -94,11 +94,11 @@ async def test_log_writer_writes_on_its_thread_until_the_disk_is_slow(
     here = threading.get_ident()
     index = ds.storage.last_index() + 1
 
-    async def write(data: bytes = b"x" * 100, parallel: bool = False) -> int:
+    async def write(data: bytes = b"x" * 100) -> int:
         """One Ready; returns the thread its sync ran on."""
         nonlocal index
         before = len(fio.sync_threads)
-        await writer.persist(ready(index, data), parallel=parallel)
+        await writer.persist(ready(index, data))
         assert ds.storage.last_index() == index
         index += 1
         assert len(fio.sync_threads) == before + 1
@@ -106,7 +106,6 @@ async def test_log_writer_writes_on_its_thread_until_the_disk_is_slow(
 
     assert await write() == here
     assert await write(b"y" * 1001) != here  # larger than max_bytes
-    assert await write(parallel=True) != here  # a leader's write beside its appends
     assert await write() == here
     policy.limit = slow
     assert await write() == here  # the slow write itself was inline ...

@@ -10,6 +10,13 @@ is unreachable (or that a snapshot failed). A snapshot that was delivered is rep
 then probes the peer again instead of waiting for it to acknowledge the snapshot, which a peer
 that crashed before installing it would never do.
 
+A message whose lane is idle (its sender task waiting on an empty lane) is written at once when
+the transport offers :class:`~trio_raft.transport.base.DirectSend` (the gRPC transport does on
+its native lanes, docs/transport.md 3.9): on the run loop's turn, without waking the sender
+task. Order is kept: a lane holding anything, or whose task is still sending, takes the message
+like any other. This is what a proposal at low load waits for twice (the leader's appends, the
+follower's answer), docs/benchmarks.md "Direct writes".
+
 A leader's append that carries no entries, only a new commit index, may be deferred for a short
 delay (:meth:`Dispatcher.defer`): when an append to the same peer leaves first it carries that
 commit index (or a newer one) and the deferred one is dropped, which saves a message and its
@@ -37,7 +44,7 @@ import trio
 from trio_raft.core.messages import PRIORITY_MESSAGE_TYPES, Message, MessageType
 from trio_raft.engine import stages
 from trio_raft.engine.types import Peer
-from trio_raft.transport.base import Transport, TransportPeer, error_code
+from trio_raft.transport.base import DirectSend, Transport, TransportPeer, error_code
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +74,11 @@ def error_code_name(exc: BaseException) -> str:
 
 
 class DispatchStats:
-    __slots__ = ("drop_count", "error_count", "errors_by_code")
+    __slots__ = ("direct_sends", "drop_count", "error_count", "errors_by_code")
 
     def __init__(self) -> None:
+        #: Messages written by the transport's ``send_nowait``, without a sender task.
+        self.direct_sends = 0
         self.drop_count = 0
         self.error_count = 0
         self.errors_by_code: dict[str, int] = {}
@@ -142,6 +151,8 @@ class Dispatcher:
         stage: stages.StageSink | None = None,
     ) -> None:
         self.transport = transport
+        #: The transport's send that completes without yielding, if it has one.
+        self._direct = transport.send_nowait if isinstance(transport, DirectSend) else None
         #: Told of the ``send`` and ``send_handoff`` stages (None: nothing is timed).
         self.stage = stage
         #: When each timed append was written to each follower (``stages.REPLICATE``).
@@ -245,15 +256,39 @@ class Dispatcher:
             self._report(m.to, failure_report(m))
             return
         timed = self.stage is not None and _timed(m)
+        lane = lanes.lane_for(m)
+        if self._direct is not None and self._send_direct(m, lane, timed):
+            return
         if timed:
             lanes.handed[id(m)] = time.perf_counter()
         try:
-            lanes.lane_for(m).send_nowait(m)
+            lane.send_nowait(m)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             if timed:
                 lanes.handed.pop(id(m), None)
             self.stats.record_drop()
             self._report(m.to, failure_report(m))
+
+    def _send_direct(self, m: Message, lane: trio.MemorySendChannel[Message],
+                     timed: bool) -> bool:
+        """Write ``m`` through the transport's :class:`DirectSend` when its lane is idle: its
+        sender task waits on an empty lane, so nothing handed to the lane before ``m`` is still
+        unsent (a message given to a waiting task leaves the task's wait at once, so the lane
+        no longer counts as idle). Returns whether it was written."""
+        if m.type is MessageType.SNAP:
+            return False
+        stats = lane.statistics()
+        if stats.current_buffer_used or stats.tasks_waiting_receive != 1:
+            return False
+        assert self._direct is not None
+        handed = time.perf_counter() if timed else 0.0
+        written = self._direct(m)
+        if written is None:
+            return False
+        self.stats.direct_sends += 1
+        if timed:
+            self._timed_send(m, handed, handed, written)
+        return True
 
     async def _worker(
         self, lanes: PeerLanes, recv: trio.MemoryReceiveChannel[Message]

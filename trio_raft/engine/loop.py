@@ -317,7 +317,7 @@ class RunLoop:
                 self._send(rd)
             if rd.snapshot is not None:
                 await self.applier.install_snapshot(rd.snapshot)
-            await self.log_writer.persist(rd, parallel=early)
+            await self.log_writer.persist(rd)
             if rd.entries:
                 self.membership.note_appended(rd.entries)
                 self.gate.note_appended(rd.entries)

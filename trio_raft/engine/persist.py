@@ -10,8 +10,11 @@ A hard state that only moves the commit index needs no fsync (the commit index i
 from a quorum after a restart): it is written on the trio thread when no other writer holds the
 WAL, skipping a worker-thread round trip that would cost more than the write. Small Readys are
 written (and fsynced) on the trio thread too while the disk is fast and the thread is idle
-(``diskio.InlineWrites``), except a leader's write made while its appends travel (off the
-commit's critical path); everything else goes to a worker thread.
+(``diskio.InlineWrites``); everything else goes to a worker thread. A leader's appends leave
+before its own write (``loop.py``, Raft thesis §10.2.1), and on an idle lane they are on the
+wire before the write starts (``dispatch.py``, direct writes), so its fsync overlaps the
+followers' instead of costing the two hand-offs of a worker thread (docs/benchmarks.md,
+"Direct writes").
 """
 
 from __future__ import annotations
@@ -52,13 +55,9 @@ class LogWriter:
         #: Tests only: seconds to wait before each WAL write (a slow disk).
         self._test_delay = test_delay
 
-    async def persist(self, rd: Ready, *, parallel: bool = False) -> None:
+    async def persist(self, rd: Ready) -> None:
         """Make ``rd``'s entries, hard state and snapshot marker durable (the snapshot's
-        payload and ``.snap`` file are installed before, by the applier).
-
-        ``parallel``: a leader's write that runs while its appends travel to the followers
-        (``loop.py``, Raft thesis §10.2.1). It is off the commit's critical path, so it always
-        goes to a worker thread: the trio thread stays free for the followers' answers."""
+        payload and ``.snap`` file are installed before, by the applier)."""
         hs = rd.hard_state
         if (
             hs is not None
@@ -75,7 +74,7 @@ class LogWriter:
             delay = self._test_delay()
             if delay > 0:
                 await trio.sleep(delay)
-        if not (rd.snapshot is None and not parallel and await self._write_inline(rd)):
+        if not (rd.snapshot is None and await self._write_inline(rd)):
             _, t = await self._io.run_timed(
                 self._disk.save_ready, hs, rd.entries, rd.snapshot, rd.must_sync)
             if self.inline is not None and rd.snapshot is None:

@@ -145,6 +145,18 @@ class Transport(Protocol):
 
 
 @runtime_checkable
+class DirectSend(Protocol):
+    """What a transport may add to :class:`Transport`: a send that completes without yielding
+    when it can (the engine then skips a sender task's turn, docs/transport.md 3.9)."""
+
+    def send_nowait(self, message: Message) -> float | None:
+        """Write ``message`` (not ``MsgSnap``) now if that needs no waiting: the
+        ``time.perf_counter()`` instant it was written, or ``None`` when it was not sent (the
+        engine then gives it to :meth:`Transport.send`, which reports any failure). Never
+        raises for a message it does not send."""
+
+
+@runtime_checkable
 class ServingTransport(Transport, Protocol):
     """A transport the engine may own: it runs it with ``nursery.start`` and closes it."""
 
@@ -161,6 +173,7 @@ class ServingTransport(Transport, Protocol):
 __all__ = [
     "GRPC_CODE_NAMES",
     "RECEIVED_AT",
+    "DirectSend",
     "DispatchError",
     "ErrorCounter",
     "Handler",

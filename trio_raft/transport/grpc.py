@@ -451,6 +451,26 @@ class GRPCTransport:
         self._counters.dispatched += 1
         return written
 
+    def send_nowait(self, message: Message) -> float | None:
+        """Send ``message`` now without yielding when its native lane is open and free: the
+        instant it was written, or ``None`` when it was not sent (:meth:`send` then takes it,
+        and reports any failure)."""
+        native = self._native
+        if native is None or message.type == MessageType.SNAP or self._closed:
+            return None
+        peer = self._peers.get(message.to)
+        if peer is None:
+            return None
+        try:
+            frame = encode_message(message, max_bytes=self._max_message_bytes)
+        except CodecError:
+            return None
+        written = native.send_nowait(peer.address, frame,
+                                     message.type in PRIORITY_MESSAGE_TYPES)
+        if written is not None:
+            self._counters.dispatched += 1
+        return written
+
     async def send_snapshot(self, message: Message) -> None:
         """Stream a ``MsgSnap`` and its payload: the ``.fsm`` file its token names (through the
         attached exchange), else ``Snapshot.data`` itself. The payload is read here, in trio

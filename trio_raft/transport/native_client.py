@@ -2,13 +2,14 @@
 ``SendStream`` or ``PriorityStream`` call on it, written on trio's thread with ``h2``.
 
 A message goes from the engine's sender task to the socket without crossing a thread
-(docs/transport.md, "Native lanes"). Each :class:`NativeStream` has a reader task in the
-transport's nursery that takes the peer's SETTINGS, window updates and pings, and the end of
-the call. Whatever ends the call (the peer's status, a reset, a lost connection, a failed or
-cancelled write, which leaves a message half-written) makes the stream terminal and closes its
-connection: the next send on the lane raises what ended it (a status other than OK as
-:class:`grpclib.exceptions.GRPCError`), the one after opens a new connection. Opening is
-single-flight per lane and address.
+(docs/transport.md, "Native lanes"), or from the run loop itself when the stream is free
+(:meth:`NativeStream.try_send`, docs/transport.md 3.9). Each :class:`NativeStream` has a
+reader task in the transport's nursery that takes the peer's SETTINGS, window updates and
+pings, and the end of the call. Whatever ends the call (the peer's status, a reset, a lost
+connection, a failed or cancelled write, which leaves a message half-written) makes the stream
+terminal and closes its connection: the next send on the lane raises what ended it (a status
+other than OK as :class:`grpclib.exceptions.GRPCError`), the one after opens a new connection.
+Opening is single-flight per lane and address.
 
 A peer that answers the lane's route UNIMPLEMENTED (a server without that RPC) is marked for
 ``reprobe_after`` seconds; meanwhile :meth:`NativeClient.usable` is false and the transport
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -82,6 +84,10 @@ class NativeStream:
         self._send_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._credit = trio.Event()
+        #: Bytes a direct write (:meth:`try_send`) could not hand to the socket at once: the
+        #: next flush writes them before anything else.
+        self._backlog = b""
+        self._nursery: trio.Nursery | None = None
         self.closed = False
         self.error: BaseException | None = None
         #: True when the peer (or the connection) ended the call, not a local close.
@@ -98,6 +104,7 @@ class NativeStream:
         h2.initiate_connection()
         h2.send_headers(_PROBE, headers, end_stream=True)
         await self._flush()
+        self._nursery = nursery
         nursery.start_soon(self._read)
         await self._probed.wait()
         if self._probe is None or self._probe[0] is not Status.OK:
@@ -111,6 +118,8 @@ class NativeStream:
         await _acquire(self._write_lock)
         try:
             out = self._h2.data_to_send()
+            if self._backlog:
+                out, self._backlog = self._backlog + out, b""
             if out:
                 await self._sock.send_all(out)
         finally:
@@ -216,6 +225,51 @@ class NativeStream:
         finally:
             self._send_lock.release()
 
+    def try_send(self, frame: bytes) -> float | None:
+        """Write one message now, without yielding: when the call is open on a plain TCP
+        connection, no send or flush holds it, nothing is left over from the last direct write
+        and the flow-control windows take the message whole. Returns the instant it was handed
+        to the socket, or ``None`` when nothing was written (the caller sends it with
+        :meth:`send`, which waits as needed). What the socket does not take at once stays in
+        ``_backlog``; a flush task writes it before any other byte (every write goes through
+        :meth:`_flush`), and direct writes wait until it has. A failed write closes the call
+        and raises ``OSError`` (no byte of the message left)."""
+        if (self.closed or self._backlog or self._send_lock.locked()
+                or self._write_lock.locked() or type(self._sock) is not trio.SocketStream
+                or self._nursery is None):
+            return None
+        h2, sid = self._h2, self._sid
+        data = frame_raft_message(frame)
+        if len(data) > min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size):
+            return None
+        try:
+            h2.send_data(sid, data)
+        except H2Error:
+            return None
+        out = h2.data_to_send()
+        try:
+            n = os.write(self._sock.socket.fileno(), out)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.close()
+            raise
+        written = time.perf_counter()
+        if n < len(out):
+            self._backlog = out[n:]
+            try:
+                self._nursery.start_soon(self._flush_backlog)
+            except RuntimeError:  # the transport is closing: so is this call
+                self.close()
+        return written
+
+    async def _flush_backlog(self) -> None:
+        try:
+            await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self.close()  # a message is half-written: the call cannot go on
+            log.debug("native lane to %s: write failed: %r", self.address, exc)
+
     async def _write(self, data: bytes) -> None:
         h2, sid = self._h2, self._sid
         pos, size = 0, len(data)
@@ -300,6 +354,20 @@ class NativeClient:
                      key[1], key[0])
             self._unsupported[key] = trio.current_time()
         return GRPCError(err.status, err.message, err.details)
+
+    def try_deliver(self, lane: Lane, address: str, frame: bytes) -> float | None:
+        """:meth:`deliver` without yielding, on an open stream that is free now (see
+        :meth:`NativeStream.try_send`); ``None``: not sent."""
+        stream = self.streams.get((lane.name, address))
+        if stream is None:
+            return None
+        try:
+            written = stream.try_send(frame)
+        except OSError:
+            return None
+        if written is not None:
+            self.counters.lane_message(lane)
+        return written
 
     async def _stream(self, key: _Key, lane: Lane, address: str) -> NativeStream:
         lock = self._opening.setdefault(key, trio.Lock())

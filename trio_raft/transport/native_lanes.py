@@ -76,6 +76,14 @@ class NativeLanes:
                 return None
             raise
 
+    def send_nowait(self, address: str, frame: bytes, priority: bool) -> float | None:
+        """:meth:`send` without yielding, when the lane's stream is open and free now: the
+        instant it was written, or ``None`` (not sent)."""
+        client, policy = self.client, self._policy
+        if client is None or not (policy.priority_stream if priority else policy.send_stream):
+            return None
+        return client.try_deliver(client.lane_for(priority), address, frame)
+
     def hand_over(self, sock: socket.socket, data: bytes) -> None:
         """From the gRPC server's loop: serve a native lane's connection here."""
         server = self.server

@@ -51,6 +51,7 @@ from trio_raft.transport.native_wire import (
     RESPONSE_HEADERS,
     MessageReader,
     WireError,
+    raft_message_frame,
     trailers,
 )
 
@@ -121,6 +122,9 @@ class NativeServer:
 
 def _frame_of(body: bytes) -> bytes:
     """The raft frame a ``RaftMessage`` carries (``protos/transport.proto``)."""
+    frame = raft_message_frame(body)
+    if frame is not None:
+        return frame
     try:
         frame = RaftMessage.parse(body).message
     except Exception as exc:  # betterproto2 raises many kinds on bad input

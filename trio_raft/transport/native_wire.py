@@ -20,7 +20,6 @@ import hpack
 from grpclib.const import Status
 
 from trio_raft.errors.transport import TransportError
-from trio_raft.transport._proto.trio_raft.transport.v1 import RaftMessage
 from trio_raft.transport.grpc_limits import MESSAGE_PREFIX, ReceiveBudget
 from trio_raft.transport.routes import PRIORITY_ROUTE, STREAM_ROUTE
 
@@ -126,10 +125,45 @@ def status_of(headers: dict[str, str]) -> tuple[Status, str] | None:
     return status, unquote(headers.get("grpc-message", ""))
 
 
+#: The key of ``RaftMessage.message`` (field 1, length-delimited): ``protos/transport.proto``.
+_MESSAGE_KEY = 0x0A
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def frame_raft_message(frame: bytes) -> bytes:
-    """One gRPC message (prefix and body) carrying a ``RaftMessage`` around ``frame``."""
-    body = bytes(RaftMessage(message=frame))
-    return _PREFIX.pack(0, len(body)) + body
+    """One gRPC message (prefix and body) carrying a ``RaftMessage`` around ``frame``: the
+    bytes betterproto2 writes for it (``tests/transport/test_native_wire.py`` compares), built
+    directly, since this runs for every message a native lane sends."""
+    if not frame:
+        return EMPTY_MESSAGE  # protobuf leaves a default (empty) field out
+    length = _varint(len(frame))
+    return b"".join((_PREFIX.pack(0, 1 + len(length) + len(frame)), b"\x0a", length, frame))
+
+
+def raft_message_frame(body: bytes) -> bytes | None:
+    """The frame of a ``RaftMessage`` body in the one form :func:`frame_raft_message` (and
+    betterproto2) writes: the ``message`` field alone, non-empty. ``None`` for any other
+    body, which betterproto2 then reads with protobuf's full rules."""
+    if len(body) < 2 or body[0] != _MESSAGE_KEY:
+        return None
+    length = shift = 0
+    pos = 1
+    while pos < len(body) and pos <= 5:
+        byte = body[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return body[pos:] if length and pos + length == len(body) else None
+        shift += 7
+    return None
 
 
 class MessageReader:

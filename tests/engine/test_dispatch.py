@@ -194,6 +194,10 @@ async def test_commit_only_append_without_delay_leaves_at_once():
         await trio.sleep(0)
         await trio.testing.wait_all_tasks_blocked()
         assert [m.commit for m in sent] == [20]
+        d.send(app(20, 2, 1, commit=21))  # a transport without DirectSend: its sender task
+        assert [m.commit for m in sent] == [20]  # writes it, not this turn
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.commit for m in sent] == [20, 21] and d.stats.direct_sends == 0
         nursery.cancel_scope.cancel()
 
 
@@ -283,16 +287,3 @@ async def test_an_idle_lane_writes_directly_and_a_busy_one_keeps_the_order():
         assert d.stats.direct_sends == 3
         nursery.cancel_scope.cancel()
 
-
-async def test_a_transport_without_direct_send_uses_its_sender_tasks():
-    d, sent = recording_dispatcher()
-    async with trio.open_nursery() as nursery:
-        d.start(nursery)
-        d.add_peer(peer(2))
-        await trio.testing.wait_all_tasks_blocked()
-        d.send(app(10, 2, 1, commit=1))
-        assert sent == []  # not on this turn
-        await trio.testing.wait_all_tasks_blocked()
-        assert [m.commit for m in sent] == [1]
-        assert d.stats.direct_sends == 0
-        nursery.cancel_scope.cancel()

@@ -83,7 +83,7 @@ from trio_raft.transport.snapshot_transfer import (
     InlinePayload,
     TransferRegistry,
     land_snapshot,
-    pump_payload,
+    stream_through_loop,
 )
 
 log = logging.getLogger(__name__)
@@ -495,43 +495,18 @@ class GRPCTransport:
                                             keep_token=opened is not None)
             payload: OutgoingPayload | InlinePayload = (
                 opened if opened is not None else InlinePayload(snap.data))
-            await self._stream_snapshot(bridge, client, peer.address, header, payload)
-        except CodecError as exc:
+
+            async def write(queue: asyncio.Queue[bytes | None]) -> None:  # on the loop
+                await client.send_snapshot(peer.address, header, queue, self._snapshot_timeout)
+
+            await stream_through_loop(bridge, payload, self._chunk_bytes, write)
+        except Exception as exc:
             raise self._failure(exc) from None
         finally:
             if opened is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(opened.close)
         self._counters.snapshots_dispatched += 1
-
-    async def _stream_snapshot(self, bridge: AsyncioBridge, client: ClientSide, address: str,
-                               header: bytes, payload: OutgoingPayload | InlinePayload) -> None:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
-        failures: list[Exception] = []
-
-        async def put(item: bytes | None) -> None:
-            await bridge.run(queue.put, item)
-
-        async with trio.open_nursery() as nursery:
-            async def pump() -> None:
-                try:
-                    await pump_payload(payload, self._chunk_bytes, put)
-                except Exception as exc:
-                    failures.append(exc)
-                    nursery.cancel_scope.cancel()
-
-            async def stream() -> None:
-                try:
-                    await bridge.run(client.send_snapshot, address, header, queue,
-                                     self._snapshot_timeout)
-                except Exception as exc:
-                    failures.append(exc)
-                    nursery.cancel_scope.cancel()
-
-            nursery.start_soon(pump)
-            nursery.start_soon(stream)
-        if failures:
-            raise self._failure(failures[0]) from None
 
     # -- receiving (called through the portal, in trio) --------------------------------------------
 

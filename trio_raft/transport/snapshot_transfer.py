@@ -16,7 +16,8 @@ left open, and nothing half-written was handed to the handler.
 
 Sending (:func:`pump_payload`, in a trio task of the caller): reads the payload in chunks (file
 reads in worker threads) and puts them, then ``None``, into a bounded queue that the transport's
-sender drains. Cancelling the caller cancels the pump; the caller closes the payload.
+sender drains (for the gRPC transport, an asyncio queue: :func:`stream_through_loop`).
+Cancelling the caller cancels the pump; the caller closes the payload.
 
 :class:`TransferRegistry` lets ``detach`` cancel every landing task of a transport and wait until
 they are gone.
@@ -44,7 +45,7 @@ from trio_raft.errors import (
 from trio_raft.storage import descriptor
 from trio_raft.storage.snapshot_exchange import OutgoingPayload, SnapshotExchange
 from trio_raft.transport.base import Handler
-from trio_raft.transport.bridge import TrioPortal
+from trio_raft.transport.bridge import AsyncioBridge, TrioPortal
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,40 @@ async def pump_payload(payload: OutgoingPayload | InlinePayload, chunk_bytes: in
             await put(None)
             return
         await put(data)
+
+
+async def stream_through_loop(bridge: AsyncioBridge, payload: OutgoingPayload | InlinePayload,
+                              chunk_bytes: int,
+                              write: Callable[[asyncio.Queue[bytes | None]], Awaitable[None]],
+                              ) -> None:
+    """Send ``payload`` on the gRPC transport's asyncio loop: it is pumped here, in trio
+    (:func:`pump_payload`), into a one-slot asyncio queue that ``write`` (run on the loop)
+    drains onto the stream. The first failure of either side cancels the other and is raised."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
+    failures: list[Exception] = []
+
+    async def put(item: bytes | None) -> None:
+        await bridge.run(queue.put, item)
+
+    async with trio.open_nursery() as nursery:
+        async def pump() -> None:
+            try:
+                await pump_payload(payload, chunk_bytes, put)
+            except Exception as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+
+        async def stream() -> None:
+            try:
+                await bridge.run(write, queue)
+            except Exception as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pump)
+        nursery.start_soon(stream)
+    if failures:
+        raise failures[0]
 
 
 @attrs.define(eq=False)
